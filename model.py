@@ -1,0 +1,383 @@
+"""
+The two diffusion transformers of iREPA: SiT (latent space, v-prediction) and JiT (pixel space,
+x-prediction). Each keeps its official input convention and parameter names, so official
+checkpoints load with strict=True (JiT: strip the "net." prefix of the official Denoiser).
+
+    model = models["SiT-B/2"]()                    # ImageNet 256: 1000 classes + null class 1000
+    out, h = model(x, t, y, align_depth=4)         # h: (B, T, D) hidden tokens after block 4
+
+SiT: x (B, 4, R/8, R/8) SD-VAE latents, t in [0, 1] with t=0 data and t=1 noise, out = velocity.
+JiT: x (B, 3, R, R) pixels in [-1, 1], t in [0, 1] with t=1 data and t=0 noise, out = clean image.
+No projector lives here: align.py owns it, so the same networks train with or without REPA.
+
+    python model.py     # prints the parameter count of every configuration
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Pieces both families share (DiT lineage)
+
+
+def modulate(x, shift, scale):
+    # x (B, T, D), shift/scale (B, D): adaLN
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2D sin-cos table (grid*grid, dim): first half encodes the column, second the row (MAE)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def emb1d(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    return torch.cat([emb1d(cols), emb1d(rows)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t -> 256-d sinusoid [cos | sin] (max period 1e4) -> Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """num_classes + 1 rows: the last row is the null class used for classifier-free guidance.
+    Label dropout happens in train.py, for both families alike."""
+
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+def unpatchify(x, p, c):
+    # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
+    B, T, _ = x.shape
+    g = math.isqrt(T)
+    x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, c, g * p, g * p)
+
+
+def check_input(model, x):
+    want = (model.in_channels, model.input_size, model.input_size)
+    if tuple(x.shape[1:]) != want:
+        raise ValueError(f"{type(model).__name__} built for inputs (B, {', '.join(map(str, want))}) "
+                         f"but got {tuple(x.shape)}: pass image_size= when building the model")
+
+
+def init_dit_weights(model):
+    """The DiT initialisation both official codebases use; ends with adaLN-Zero (output 0 at init)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+# -----------------------------------------------------------------------------
+# SiT: Scalable interpolant Transformer on SD-VAE latents (same network as DiT)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), flash kernel on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiTBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class SiTFinalLayer(nn.Module):
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SiT(nn.Module):
+    def __init__(self, image_size=256, patch_size=2, hidden_size=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8):
+        super().__init__()
+        self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
+        self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
+        self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # frozen, but a Parameter (not a buffer) so the official checkpoints' "pos_embed" key lines up
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        # (the official SiT-S builds this with width 768 and crashes; ours uses hidden_size)
+        self.final_layer = SiTFinalLayer(hidden_size, patch_size, in_channels)
+        init_dit_weights(self)
+        w = self.x_embedder.proj.weight  # patch embedding initialised like a Linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+    def forward(self, x, t, y, align_depth=None):
+        check_input(self, x)
+        x = self.x_embedder(x) + self.pos_embed      # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        h = None
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)
+            if i + 1 == align_depth:
+                h = x                                # (B, T, D) what REPA aligns
+        x = self.final_layer(x, c)                   # (B, T, p*p*C)
+        return unpatchify(x, self.patch_size, self.in_channels), h
+
+# -----------------------------------------------------------------------------
+# JiT: "Just image Transformers", pixel-space x-prediction
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, computed in fp32 whatever the input dtype (as the official)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return (self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)).to(x.dtype)
+
+
+def rope_tables(head_dim, grid, prefix=0):
+    """2D RoPE (cos, sin), each (prefix + grid*grid, head_dim): the first half of the head dims
+    rotates with the row index, the second half with the column; frequencies repeat in pairs for
+    the interleaved rotation. `prefix` rows of identity (cos 1, sin 0) leave class tokens unrotated."""
+    dim = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    pos = torch.arange(grid) / grid * grid               # float32 grid positions, as the official
+    f = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (grid, dim)
+    f = torch.cat([f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)], dim=-1)
+    f = f.reshape(grid * grid, head_dim)
+    cos = torch.cat([torch.ones(prefix, head_dim), f.cos()])
+    sin = torch.cat([torch.zeros(prefix, head_dim), f.sin()])
+    return cos, sin
+
+
+def apply_rope(x, cos, sin):
+    # x (B, heads, T, hd); rotate each interleaved pair (x1, x2) -> (-x2, x1)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
+
+
+class JiTAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = int(hidden * 2 / 3)  # keeps the parameter count of a 4x GELU MLP
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class JiTBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = JiTAttention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, cos, sin):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """p x p patch -> low-rank bottleneck (no bias) -> hidden: keeps the embedding small at p=16/32."""
+
+    def __init__(self, patch_size, in_channels, bottleneck, hidden_size):
+        super().__init__()
+        self.proj1 = nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size, bias=False)
+        self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
+
+    def forward(self, x):
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+class JiTFinalLayer(nn.Module):
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = RMSNorm(dim)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class JiT(nn.Module):
+    def __init__(self, image_size=256, patch_size=16, hidden_size=768, depth=12, num_heads=12,
+                 bottleneck=128, in_context_len=32, in_context_start=4, mlp_ratio=4.0,
+                 num_classes=1000, in_channels=3):
+        super().__init__()
+        self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
+        self.input_size = image_size
+        self.grid = image_size // patch_size
+        self.in_context_len, self.in_context_start = in_context_len, in_context_start
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck, hidden_size)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
+        # the class tokens: label embedding + a learned position each, prepended before block in_context_start
+        self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
+        for name, prefix in (("rope", 0), ("rope_ctx", in_context_len)):
+            cos, sin = rope_tables(hidden_size // num_heads, self.grid, prefix)
+            self.register_buffer(name + "_cos", cos, persistent=False)  # not in the official state dict
+            self.register_buffer(name + "_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([JiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = JiTFinalLayer(hidden_size, patch_size, in_channels)
+        init_dit_weights(self)
+        for w in (self.x_embedder.proj1.weight, self.x_embedder.proj2.weight):
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj2.bias)
+
+    def forward(self, x, t, y, align_depth=None):
+        check_input(self, x)
+        y_emb = self.y_embedder(y)
+        c = self.t_embedder(t) + y_emb                # (B, D)
+        x = self.x_embedder(x) + self.pos_embed       # (B, T, D)
+        n_ctx, h = 0, None
+        for i, block in enumerate(self.blocks):
+            if i == self.in_context_start and self.in_context_len > 0:
+                ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, 32, D)
+                x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
+            rope = (self.rope_ctx_cos, self.rope_ctx_sin) if n_ctx else (self.rope_cos, self.rope_sin)
+            x = block(x, c, *rope)
+            if i + 1 == align_depth:
+                h = x[:, n_ctx:]                      # (B, T, D) patch tokens only
+        x = self.final_layer(x[:, n_ctx:], c)         # class tokens never reach the output
+        return unpatchify(x, self.patch_size, self.in_channels), h
+
+# -----------------------------------------------------------------------------
+# Official names -> constructors. models[name]() is the ImageNet-256 configuration; pass
+# image_size=512 (or a small size for tests), num_classes=... to change it.
+
+SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+JIT_SIZES = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 1280, 16, 256, 10)}
+
+
+def _sit(size, p):
+    depth, hidden, heads = SIT_SIZES[size]
+    return lambda image_size=256, num_classes=1000: SiT(image_size, p, hidden, depth, heads, num_classes=num_classes)
+
+
+def _jit(size, p):
+    depth, hidden, heads, bottleneck, start = JIT_SIZES[size]
+    return lambda image_size=256, num_classes=1000: JiT(image_size, p, hidden, depth, heads, bottleneck,
+                                                        in_context_start=start, num_classes=num_classes)
+
+
+models = {f"SiT-{s}/{p}": _sit(s, p) for s in SIT_SIZES for p in (2, 4, 8)}
+models.update({f"JiT-{s}/{p}": _jit(s, p) for s in JIT_SIZES for p in (16, 32)})
+# Small JiT for the offline CPU demo and tests (not in the paper): 8 layers of width 256.
+models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
+    image_size, 16, 256, 8, 4, bottleneck=64, in_context_len=4, in_context_start=2, num_classes=num_classes)
+
+
+def build_model(name, image_size=256, num_classes=1000):
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(models)}")
+    return models[name](image_size=image_size, num_classes=num_classes)
+
+
+if __name__ == "__main__":
+    for name in models:
+        with torch.device("meta"):
+            m = build_model(name)
+        n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        print(f"{name:12s} trainable {n:>13,d}   grid {m.grid}x{m.grid}")

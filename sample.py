@@ -1,0 +1,216 @@
+"""Sample from SiT (latent) or JiT (pixel) checkpoints with the official samplers.
+
+  python sample.py --ckpt ckpt.pt                                        # 8x8 PNG grid: samples.png
+  python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM-format npz for fid.py
+  torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
+  python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
+
+Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
+Sample i belongs to shard i // batch-size; a shard's labels and noise come from a generator seeded with
+(seed, shard), so the npz does not depend on the number of processes or on interruptions. Finished shards are
+kept in <out>.shards/ and a rerun with the same flags generates only the missing ones.
+"""
+import argparse, json, math, os, shutil, time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from model import models
+
+
+def guided(model, x, t, y, cfg_scale, on, dtype):
+    """Network output at state x (B, ...) and time t; with guidance on, the conditional and null-class rows go
+    through one forward of the doubled batch and are mixed as uncond + cfg_scale * (cond - uncond)."""
+    if on:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
+    t_in = torch.full((len(x),), float(t), dtype=dtype, device=x.device)
+    out = model(x.to(dtype), t_in, y)[0].to(x.dtype)
+    if not on:
+        return out
+    cond, uncond = out.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):
+    """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun correction on all but the last step.
+    Guidance applies where guidance_low <= t <= guidance_high (t of the step start, for both Heun evaluations)."""
+    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    x = noise.to(torch.float64)
+    for i in range(num_steps):
+        t, t_next = ts[i], ts[i + 1]
+        on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
+        v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
+        x_next = x + (t_next - t) * v
+        if heun and i < num_steps - 1:
+            v_next = guided(model, x_next, t_next, y, cfg_scale, on, noise.dtype)
+            x_next = x + (t_next - t) * (0.5 * v + 0.5 * v_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                           generator=None):
+    """SiT SDE with diffusion w(t) = 2t on linspace(1, 0.04, N), then one drift-only step to t=0 (N evaluations).
+    On the linear path the score is s = -(x + (1-t) v) / t, so the drift v - w s / 2 is (2 - t) v + x."""
+    ts = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
+    x = noise.to(torch.float64)
+    for i in range(num_steps):
+        t, dt = ts[i], ts[i + 1] - ts[i]  # dt < 0
+        on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
+        v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
+        x_next = x + ((2 - t) * v + x) * dt
+        if i < num_steps - 1:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+            x_next = x_next + math.sqrt(2 * t) * math.sqrt(abs(dt)) * eps
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0), t_eps=0.05):
+    """JiT ODE on a float32 linspace(0, 1, N+1): Heun steps then a last Euler step (2N-1 evaluations; heun=False:
+    all Euler). Velocity from the x-prediction, v = (x - z) / max(1 - t, t_eps). Guidance on where
+    low < t < high (no lower bound when low == 0), compared in float32 as the official code."""
+    ts = torch.linspace(0, 1, num_steps + 1)  # 0-d float32 entries keep the official arithmetic
+
+    def velocity(z, t):
+        on = cfg_scale != 1.0 and bool(t < interval[1]) and (interval[0] == 0 or bool(t > interval[0]))
+        return (guided(model, z, t, y, cfg_scale, on, z.dtype) - z) / (1.0 - t).clamp_min(t_eps)
+
+    z = noise
+    for i in range(num_steps):
+        t, t_next = ts[i], ts[i + 1]
+        v = velocity(z, t)
+        if heun and i < num_steps - 1:
+            v = 0.5 * (v + velocity(z + (t_next - t) * v, t_next))
+        z = z + (t_next - t) * v
+    return z
+
+
+def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0, generator=None):
+    """Run the sampler for labels y (B,) from noise drawn with generator: SiT latents (float64) or JiT pixels."""
+    noise = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, generator=generator,
+                        device=y.device)
+    if family == "jit":
+        return jit_sampler(model, noise_scale * noise, y, num_steps, mode == "heun", cfg_scale, interval)
+    if mode == "sde":
+        return euler_maruyama_sampler(model, noise, y, num_steps, cfg_scale, *interval, generator=generator)
+    return euler_sampler(model, noise, y, num_steps, mode == "heun", cfg_scale, *interval)
+
+
+def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
+             noise_scale=1.0, generator=None):
+    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun.
+    SiT latents are decoded by vae. Official conversions: SiT truncates 127.5 (x + 1), JiT rounds."""
+    x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale, generator)
+    with torch.no_grad():
+        x = vae.decode(vae.unscale(x.float())) if family == "sit" else x
+    x = (x.float() + 1) / 2 * 255
+    x = x.round() if family == "jit" else x
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(images, path):
+    """Write uint8 images (N, H, W, 3) or (N, 3, H, W) (numpy or torch) as one PNG of ceil(sqrt(N)) columns."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.ndim != 4 or 3 not in (x.shape[1], x.shape[3]):
+        raise ValueError(f"save_grid wants uint8 (N,H,W,3) or (N,3,H,W), got {tuple(x.shape)} {x.dtype}")
+    x = x if x.shape[3] == 3 else x.permute(0, 2, 3, 1)
+    n, h, w, _ = x.shape
+    cols = math.ceil(math.sqrt(n))
+    grid = torch.zeros(math.ceil(n / cols) * h, cols * w, 3, dtype=torch.uint8)
+    for i in range(n):
+        grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = x[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+
+def sampling_defaults(name):
+    """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG, interval (0.1, 1]."""
+    if name.startswith("SiT"):
+        return "sde", 250, 1.0, 0.0, 1.0
+    return "heun", 50, {"B": 3.0, "L": 2.4, "H": 2.2}[name[4]], 0.1, 1.0
+
+
+def shard_seed(seed, shard):
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sample_to_file(model, vae, args, rank=0, world_size=1):
+    """Generate args.num_samples images shard by shard (rank r takes every world_size-th missing shard), then rank 0
+    writes args.out: an npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) or a PNG grid; --grid also writes a preview."""
+    family = args.model.split("-")[0].lower()
+    device = next(model.parameters()).device
+    shard_dir, n, bs = args.out + ".shards", args.num_samples, args.batch_size
+    settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("out", "grid", "compile")})
+    if rank == 0:
+        os.makedirs(shard_dir, exist_ok=True)
+        path = os.path.join(shard_dir, "settings.json")
+        if os.path.exists(path) and open(path).read() != settings:
+            raise SystemExit(f"{shard_dir} holds shards made with other flags ({open(path).read()}); "
+                             "rerun with those flags or delete the folder")
+        with open(path, "w") as f:
+            f.write(settings)
+    barrier()
+    shard_path = lambda s: os.path.join(shard_dir, f"{s:06d}.npz")
+    todo = [s for s in range(math.ceil(n / bs)) if not os.path.exists(shard_path(s))]
+    barrier()  # every rank lists the same missing shards before any is written
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    for s in tqdm(todo[rank::world_size], desc=f"sampling ({len(todo)} of {math.ceil(n / bs)} shards left)",
+                  disable=rank != 0):
+        g = torch.Generator(device).manual_seed(shard_seed(args.seed, s))
+        idx = torch.arange(s * bs, min(s * bs + bs, n))
+        if args.labels == "balanced":  # class i * C // N: each class equally often (JiT protocol)
+            y = idx * model.num_classes // n
+        else:  # uniform random (SiT protocol)
+            y = torch.randint(model.num_classes, (len(idx),), generator=torch.Generator().manual_seed(g.initial_seed()))
+        with autocast:
+            images = generate(model, y.to(device), family, vae, args.mode, args.num_steps, args.cfg_scale,
+                              (args.guidance_low, args.guidance_high), args.noise_scale, g)
+        np.savez(shard_path(s)[:-4] + ".tmp.npz", images=images.numpy(), labels=y.numpy())
+        os.replace(shard_path(s)[:-4] + ".tmp.npz", shard_path(s))  # a shard file is complete or absent
+    barrier()
+    if rank != 0:
+        return
+    shards = [np.load(shard_path(s)) for s in range(math.ceil(n / bs))]
+    images = np.concatenate([sh["images"] for sh in shards])
+    labels = np.concatenate([sh["labels"] for sh in shards])
+    if args.out.endswith(".npz"):
+        np.savez(args.out, arr_0=images, arr_1=labels)
+        if args.grid:
+            save_grid(images[:args.grid], args.out[:-4] + ".png")
+    else:
+        save_grid(images, args.out)
+    shutil.rmtree(shard_dir)
+    print(f"wrote {args.out}: {images.shape[0]} images {images.shape[1:]}")
+
+
+def bench(model, args, device):
+    """Time the sampler alone (no VAE) on one batch in fp32 (+TF32) and in bf16 from the same noise; print img/s,
+    peak GPU memory and the relative L2 distance of the bf16 samples to the fp32 ones."""
+    family, interval = args.model.split("-")[0].lower(), (args.guidance_low, args.guidance_high)
+    y = torch.randint(model.num_classes, (args.batch_size,), generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+            sample_latents(model, y, family, args.mode, 2, args.cfg_scale, interval)  # warm-up (and compile)
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            t0 = time.time()
+            results[precision] = sample_latents(model, y, family, args.mode, args.num_steps, args.cfg_scale, interval,
+                                                args.noise_scale, torch.Generator(device).manual_seed(args.seed))
+            torch.cuda.synchronize()
+        print(f"{args.model} {args.mode}-{args.num_steps} cfg {args.cfg_scale} batch {args.batch_size} {precision}: "
+              f"{args.batch_size / (time.time() - t0):.2f} img/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    fp32, bf16 = results["fp32"].double(), results["bf16"].double()
+    print(f"bf16 vs fp32 relative L2 of the samples: {((bf16 - fp32).norm() / fp32.norm()).item():.3e}")
