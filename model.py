@@ -364,9 +364,9 @@ def _jit(size, p):
 
 models = {f"SiT-{s}/{p}": _sit(s, p) for s in SIT_SIZES for p in (2, 4, 8)}
 models.update({f"JiT-{s}/{p}": _jit(s, p) for s in JIT_SIZES for p in (16, 32)})
-# Small JiT for the offline CPU demo and tests (not in the paper): 8 layers of width 256.
+# Small JiT for the offline CPU demo and tests (not in the paper): 6 layers of width 128, 4 class tokens.
 models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
-    image_size, 16, 256, 8, 4, bottleneck=64, in_context_len=4, in_context_start=2, num_classes=num_classes)
+    image_size, 16, 128, 6, 4, bottleneck=32, in_context_len=4, in_context_start=2, num_classes=num_classes)
 
 
 def build_model(name, image_size=256, num_classes=1000):

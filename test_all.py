@@ -3,6 +3,7 @@ The whole test suite, grouped by file. CPU, fixed seeds, small shapes; GPU-only 
 
     python -m pytest -q test_all.py
 """
+import json
 import math
 import os
 import sys
@@ -276,3 +277,154 @@ def test_align_model_and_projector_learn_tiny_batch(family, conv):
         first = first or (dl.item(), rl.item())
         last = (dl.item(), rl.item())
     assert last[0] < 0.7 * first[0] and last[1] < first[1] - 0.2
+
+# =============================================================================
+# train.py
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import train  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+# a tiny, fast run: the demo JiT at 32 px (2x2 tokens), 8 images per step, no sample grids
+_TINY = ["--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8", "--num-generated", "64",
+         "--log-every", "2", "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2"]
+
+
+def _train_cmd(*extra):
+    return [sys.executable, os.path.join(_ROOT, "train.py"), *_TINY, *extra]
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_train_generated_images_deterministic_and_class_coloured():
+    a, la = train.generated_images(20, 32, seed=3)
+    b, lb = train.generated_images(20, 32, seed=3)
+    assert a.dtype == torch.uint8 and a.shape == (20, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
+    assert sorted(set(la.tolist())) == list(range(train.NUM_GENERATED_CLASSES))
+    # each class has its own colour: the most saturated pixels of a red-class image are red
+    red = a[la == 0].float()
+    assert (red[:, 0] - red[:, 2]).amax(dim=(1, 2)).min() > 100
+
+
+def test_train_center_crop_is_adm():
+    from PIL import Image
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 700, 3), dtype=np.uint8))
+    out = train.center_crop(img, 64)
+    assert out.shape == (64, 64, 3)
+    # reference: two box halvings (700x300 -> 350x150 -> 175x75), bicubic to short side 64, center crop
+    ref = img.resize((350, 150), Image.BOX).resize((175, 75), Image.BOX)
+    ref = np.asarray(ref.resize((round(175 * 64 / 75), 64), Image.BICUBIC))
+    x0 = (ref.shape[1] - 64) // 2
+    assert np.array_equal(out, ref[:, x0:x0 + 64])
+
+
+def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(full)), check=True,
+                   capture_output=True)
+    proc = subprocess.Popen(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(killed)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "0000002.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(os.listdir(killed / "checkpoints"))
+    assert "0000012.pt" not in done, "the run finished before it could be killed"
+    subprocess.run(_train_cmd("--resume", str(killed)), check=True, capture_output=True)
+    a, b = _state(full / "checkpoints" / "0000012.pt"), _state(killed / "checkpoints" / "0000012.pt")
+    for key in ("model", "ema", "ema2"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    la = [json.loads(line) for line in open(full / "log.jsonl")]
+    lb = [json.loads(line) for line in open(killed / "log.jsonl")]
+    assert [r["loss"] for r in la][-4:] == [r["loss"] for r in lb][-4:]
+
+
+def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoints" / "0000001.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dying_save(obj, f):
+        open(f, "wb").write(b"half a checkp")
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(_state(path)["w"], torch.ones(3))
+    assert train.find_checkpoint(str(tmp_path)) == path  # the .tmp leftover is never picked up
+
+
+def test_train_ddp_gloo_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        os.path.join(_ROOT, "train.py"), *_TINY, "--steps", "6", "--ckpt-every", "6",
+                        "--out-dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "replicas identical across 2 ranks: True" in r.stdout
+    assert os.listdir(out / "checkpoints") == ["0000006.pt"]
+    assert len(open(out / "log.jsonl").readlines()) == 3
+
+
+def test_train_ddp_batch_not_divisible(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                        os.path.join(_ROOT, "train.py"), *_TINY, "--batch-size", "7", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
+
+
+def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    forward = train.Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x, y, target):
+        calls["n"] += 1
+        loss, d, r = forward(self, x, y, target)
+        return (loss * float("nan"), d, r) if calls["n"] > 5 else (loss, d, r)
+    monkeypatch.setattr(train.Objective, "forward", poisoned)
+    with pytest.raises(SystemExit, match="loss is nan around step 6.*0000004.pt"):
+        train.main([*_TINY, "--steps", "12", "--ckpt-every", "4", "--out-dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000004.pt"]
+    assert all(torch.isfinite(v).all() for v in _state(tmp_path / "checkpoints" / "0000004.pt")["model"].values())
+
+
+def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
+    from PIL import Image
+    imgs, labels = train.generated_images(16, 40, seed=0)
+    for i, (im, k) in enumerate(zip(imgs, labels)):
+        os.makedirs(tmp_path / "data" / f"class{k.item() % 2}", exist_ok=True)
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"class{k.item() % 2}" / f"{i}.png")
+    bad = tmp_path / "data" / "class1" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    train.main([*_TINY, "--data-path", str(tmp_path / "data"), "--num-classes", "2", "--steps", "2",
+                "--ckpt-every", "2", "--num-workers", "0", "--out-dir", str(tmp_path / "run"),
+                "--prepared-dir", str(tmp_path / "prep")])
+    assert str(bad) in capsys.readouterr().err
+    assert np.load(tmp_path / "prep" / "images.npy").shape == (16, 3, 32, 32)
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "0000002.pt")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "SiT-Q/2"], "unknown model"),
+    (["--encoder", "dinov9"], "unknown encoder"),
+    (["--model", "JiT-B/32", "--image-size", "256", "--encoder", "dinov2-vit-b"], "8x8 token grid"),
+    (["--data-path", "/does/not/exist"], "does not exist"),
+])
+def test_train_bad_input_fails_before_training(argv, msg, tmp_path):
+    with pytest.raises((SystemExit, ValueError), match=msg):
+        train.main([*argv, "--out-dir", str(tmp_path), "--steps", "1"])
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_train_sample_grid_written(tmp_path):
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--sample-every", "2", "--out-dir", str(tmp_path)])
+    from PIL import Image
+    assert Image.open(tmp_path / "samples" / "0000002.png").size == (8 * 32, 8 * 32)

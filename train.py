@@ -1,0 +1,518 @@
+"""
+Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo to multi-node DDP.
+
+    python train.py                                                   # offline demo, generated data, CPU ok
+    python train.py --encoder dinov2-vit-s --encoder-weights random --irepa   # the iREPA path, offline
+    torchrun --nproc_per_node=8 train.py --encoder dinov2-vit-b --irepa --data-path /imagenet/train
+    torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa --data-path ...
+    python train.py --resume out/demo                                 # continue exactly where it stopped
+
+Presets: without --model and --data-path the small offline demo runs (JiT-demo/16, 64 px, generated
+shapes); otherwise the model family's paper recipe (SPEC.md). A flag given explicitly always wins.
+With --data-path (ImageNet-style class folders) the first run prepares memory-mapped arrays once
+(ADM center crops as uint8, labels, and for SiT the SD-VAE posterior mean/std); later runs reuse them.
+Randomness is a function of (seed, step, rank): the noise of step s is drawn after reseeding with
+them, and the data order is a permutation seeded by (seed, epoch), so a resumed run repeats the
+uninterrupted one exactly and the checkpoint's step is its data and RNG position.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import align
+from model import build_model
+from sample import generate, save_grid
+
+# -----------------------------------------------------------------------------
+# Generated data: class-conditional shapes and colours the project draws itself, so that everything
+# runs offline. Class k has its own shape and colour; position, size and background vary per image.
+
+NUM_GENERATED_CLASSES = 10
+_SHAPES = ["circle", "square", "triangle", "diamond", "ring", "cross", "hbar", "vbar", "star", "half"]
+_COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220),
+            (40, 220, 230), (250, 140, 20), (120, 40, 160), (245, 245, 245), (20, 20, 20)]
+
+
+def _draw(k, size, rng):
+    bg = tuple(int(v) for v in rng.integers(70, 170, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = size * rng.uniform(0.35, 0.65, 2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    c, shape = _COLOURS[k], _SHAPES[k]
+    if shape == "circle":
+        d.ellipse(box, fill=c)
+    elif shape == "square":
+        d.rectangle(box, fill=c)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=c)
+    elif shape == "ring":
+        d.ellipse(box, outline=c, width=max(1, int(r / 3)))
+    elif shape == "cross":
+        d.line([box[0], box[1], box[2], box[3]], fill=c, width=max(1, int(r / 3)))
+        d.line([box[0], box[3], box[2], box[1]], fill=c, width=max(1, int(r / 3)))
+    elif shape == "hbar":
+        d.rectangle([box[0], cy - r / 3, box[2], cy + r / 3], fill=c)
+    elif shape == "vbar":
+        d.rectangle([cx - r / 3, box[1], cx + r / 3, box[3]], fill=c)
+    elif shape == "star":
+        pts = [(cx + (r if i % 2 == 0 else r / 2.5) * math.cos(math.pi * i / 5 - math.pi / 2),
+                cy + (r if i % 2 == 0 else r / 2.5) * math.sin(math.pi * i / 5 - math.pi / 2)) for i in range(10)]
+        d.polygon(pts, fill=c)
+    else:
+        d.pieslice(box, 180, 360, fill=c)
+    return np.asarray(img)
+
+
+def generated_images(n, image_size, seed=0):
+    """n deterministic images -> (uint8 (n, 3, R, R), long (n,)), labels cycling through the classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % NUM_GENERATED_CLASSES
+    imgs = np.stack([_draw(int(k), image_size, rng) for k in labels])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
+
+# -----------------------------------------------------------------------------
+# ImageNet-style folders -> memory-mapped arrays, once
+
+
+def center_crop(pil, size):
+    """ADM center crop: halve with a box filter while large, bicubic to the short side, center crop."""
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+def prepare(data_path, out, image_size, vae, device, batch=64):
+    """Class folders (sorted names -> labels 0..C-1) -> out/{images.npy (N,3,R,R) uint8, labels.npy,
+    [latents.npy (N,8,R/8,R/8) float32: VAE posterior mean|std]}. Corrupt files are reported and skipped."""
+    classes = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d)))
+    files = [(os.path.join(data_path, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(data_path, c)))]
+    if not files:
+        raise SystemExit(f"no images under {data_path}: expected one sub-folder of images per class")
+    os.makedirs(out, exist_ok=True)
+    imgs = np.lib.format.open_memmap(os.path.join(out, "images.tmp.npy"), "w+", np.uint8,
+                                     (len(files), 3, image_size, image_size))
+    labels, n = [], 0
+    for path, label in tqdm(files, desc=f"preparing {data_path}"):
+        try:
+            with Image.open(path) as im:
+                imgs[n] = center_crop(im.convert("RGB"), image_size).transpose(2, 0, 1)
+        except (OSError, ValueError, SyntaxError) as e:
+            print(f"skipping unreadable image {path}: {e}", file=sys.stderr)
+            continue
+        labels.append(label)
+        n += 1
+    imgs.flush()
+    np.save(os.path.join(out, "labels.npy"), np.array(labels, dtype=np.int64))
+    if vae is not None:
+        lat = np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float32,
+                                        (n, 8, image_size // 8, image_size // 8))
+        for i in tqdm(range(0, n, batch), desc="SD-VAE posterior"):
+            x = torch.from_numpy(np.asarray(imgs[i:i + batch])).to(device).float() / 127.5 - 1
+            with torch.no_grad():
+                mean, std = vae.encode(x)
+            lat[i:i + batch] = torch.cat([mean, std], 1).cpu().numpy()
+        lat.flush()
+    del imgs
+    final = np.load(os.path.join(out, "images.tmp.npy"), mmap_mode="r")[:n]
+    np.save(os.path.join(out, "images.npy"), final)  # drops the skipped slots at the end
+    os.remove(os.path.join(out, "images.tmp.npy"))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"source": os.path.abspath(data_path), "image_size": image_size, "classes": classes}, f)
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item s = this rank's slice of global batch s: (uint8 images, labels, latents or None).
+    Order: a permutation per epoch seeded by (seed, epoch); JiT's flips seeded by (seed, step)."""
+
+    def __init__(self, images, labels, latents, global_batch, rank, world, seed, flip):
+        self.images, self.labels, self.latents = images, labels, latents
+        self.n, self.B, self.b, self.rank = len(labels), global_batch, global_batch // world, rank
+        self.seed, self.flip = seed, flip
+        if self.n < global_batch:
+            raise SystemExit(f"the dataset has {self.n} images, fewer than one global batch of {global_batch}")
+
+    def __len__(self):
+        return 2 ** 62
+
+    def __getitem__(self, step):
+        per_epoch = self.n // self.B
+        epoch, i = divmod(step, per_epoch)
+        perm = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        idx = np.sort(perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b])
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        if self.flip:
+            flips = np.random.default_rng((self.seed, 1, step)).random(self.B)[self.rank * self.b:][:self.b] < 0.5
+            x[torch.from_numpy(flips)] = x[torch.from_numpy(flips)].flip(-1)
+        lat = torch.from_numpy(np.ascontiguousarray(self.latents[idx])) if self.latents is not None else None
+        return x, torch.from_numpy(np.asarray(self.labels[idx])), lat
+
+# -----------------------------------------------------------------------------
+# The training objective: denoising loss (SiT or JiT) + coeff * REPA/iREPA alignment
+
+
+class Objective(nn.Module):
+    """Holds the network and the projector, so DDP and torch.compile see one module."""
+
+    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0):
+        super().__init__()
+        self.net, self.proj, self.family = net, projector, family
+        self.align_depth, self.gamma, self.coeff, self.noise_scale = align_depth, gamma, coeff, noise_scale
+
+    def forward(self, x, y, target):
+        B = x.shape[0]
+        if self.family == "SiT":  # linear interpolant, t=0 data, t=1 noise, v-prediction
+            t = torch.rand(B, device=x.device)
+            eps = torch.randn_like(x)
+            tt = t.view(-1, 1, 1, 1)
+            out, h = self.net((1 - tt) * x + tt * eps, t, y, self.align_depth if self.proj else None)
+            denoise = ((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)).mean()
+        else:  # JiT: t ~ logit-normal(-0.8, 0.8), t=1 data, x-prediction, loss on velocity
+            t = torch.sigmoid(torch.randn(B, device=x.device) * 0.8 - 0.8)
+            tt = t.view(-1, 1, 1, 1)
+            z = tt * x + (1 - tt) * torch.randn_like(x) * self.noise_scale
+            out, h = self.net(z, t, y, self.align_depth if self.proj else None)
+            v, v_pred = (x - z) / (1 - tt).clamp_min(0.05), (out.float() - z) / (1 - tt).clamp_min(0.05)
+            denoise = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
+        if self.proj is None:
+            return denoise, denoise, torch.zeros_like(denoise)
+        rep = align.alignment_loss(self.proj, h, target, self.gamma)
+        return denoise + self.coeff * rep, denoise, rep
+
+# -----------------------------------------------------------------------------
+# Configuration: presets per recipe, explicit flags win
+
+PRESETS = {
+    "demo": dict(model="JiT-demo/16", image_size=64, batch_size=64, lr=1e-3, steps=500, log_every=25,
+                 ckpt_every=250, sample_every=250, warmup_steps=50),
+    "SiT": dict(model="SiT-B/2", image_size=256, batch_size=256, lr=1e-4, steps=400_000, log_every=100,
+                ckpt_every=50_000, sample_every=10_000, warmup_steps=0),
+    "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
+                ckpt_every=50_000, sample_every=10_000, warmup_steps=None),
+}
+FAMILY = {  # the parts of each recipe that are not flags (SPEC.md)
+    "SiT": dict(betas=(0.9, 0.999), clip=1.0, emas=(0.9999,), flip=False),
+    "JiT": dict(betas=(0.9, 0.95), clip=None, emas=(0.9999, 0.9996), flip=True),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="SiT-{S,B,L,XL}/{2,4,8}, JiT-{B,L,H}/{16,32} or JiT-demo/16 (default: SiT-B/2, "
+                   "or the demo when no --data-path)")
+    p.add_argument("--encoder", default="none", help="target encoder name (encoders.py) or 'none' for no alignment")
+    p.add_argument("--encoder-weights", help="encoder weights: a local file, or 'random' (tests, benchmarks); "
+                   "default: timm's pretrained download")
+    p.add_argument("--vae-weights", help="SD-VAE (SiT): a local diffusers safetensors file, or 'random'; "
+                   "default: stabilityai/sd-vae-ft-mse from the HF hub")
+    p.add_argument("--vae-stats", help="SiT: per-channel latent statistics file (iREPA/REPA-E); default scale 0.18215")
+    p.add_argument("--irepa", action="store_true", help="iREPA: conv projector + spatial norm, family's paper defaults")
+    p.add_argument("--proj", choices=["mlp", "conv"], help="projector (default: mlp, conv with --irepa)")
+    p.add_argument("--spnorm-gamma", type=float, help="spatial-norm gamma of the target tokens (default: none, "
+                   "0.6 SiT / 0.8 JiT with --irepa; a negative value disables it)")
+    p.add_argument("--proj-coeff", type=float, help="weight of the alignment loss (default: the paper's)")
+    p.add_argument("--encoder-depth", type=int, help="align the tokens after this block (default: 4 for B, 8 for L/XL)")
+    p.add_argument("--data-path", help="ImageNet-style class folders (prepared once into --prepared-dir)")
+    p.add_argument("--prepared-dir", help="where prepared arrays live (default: <out-dir>/../prepared-<name>-<size>)")
+    p.add_argument("--num-classes", type=int, help="default: 1000 with --data-path, 10 for generated data")
+    p.add_argument("--num-generated", type=int, default=2000, help="size of the generated dataset")
+    p.add_argument("--batch-size", type=int, help="global batch size, split over ranks")
+    p.add_argument("--lr", type=float, help="learning rate (JiT default: 5e-5 * batch / 256)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup (JiT default: 5 epochs, SiT: none)")
+    p.add_argument("--steps", type=int, help="total optimisation steps")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--sample-every", type=int, help="PNG sample grid from the EMA every N steps and at the end (0: never)")
+    p.add_argument("--log-every", type=int, help="reduce, print and log every N steps")
+    p.add_argument("--out-dir", help="run directory (default: out/<model>-<encoder>)")
+    p.add_argument("--resume", help="a run directory (latest checkpoint) or a checkpoint file")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--image-size", type=int, help="image side in pixels; the token grid follows it")
+    p.add_argument("--seed", type=int, default=0, help="global seed")
+    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--bench", type=int, default=0, help="benchmark: time N steps after warmup, print img/s, MFU, memory")
+    args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
+    if args.resume:  # the checkpoint's configuration, then the flags given now
+        saved = torch.load(find_checkpoint(args.resume), map_location="cpu", weights_only=False)["args"]
+        for k, v in saved.items():
+            if k not in given or k in ("resume",):
+                setattr(args, k, v)
+        args.resume = find_checkpoint(vars(p.parse_args(argv))["resume"])
+        return args
+    preset = "demo" if args.model is None and args.data_path is None else ("JiT" if (args.model or "").startswith("JiT") else "SiT")
+    for k, v in PRESETS[preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    fam = "JiT" if args.model.startswith("JiT") else "SiT"
+    method = align.IREPA[fam] if args.irepa else align.REPA[fam]
+    args.proj = args.proj or method["proj"]
+    args.spnorm_gamma = method["gamma"] if args.spnorm_gamma is None else args.spnorm_gamma
+    args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
+    args.proj_coeff = method["coeff"] if args.proj_coeff is None else args.proj_coeff
+    args.encoder_depth = args.encoder_depth or align.encoder_depth_default(args.model)
+    args.num_classes = args.num_classes or (1000 if args.data_path else NUM_GENERATED_CLASSES)
+    args.lr = args.lr or 5e-5 * args.batch_size / 256
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
+    return args
+
+
+def find_checkpoint(path):
+    if os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
+    if not found:
+        raise SystemExit(f"--resume {path}: no checkpoints/*.pt there")
+    return found[-1]
+
+
+def save_checkpoint(state, path):
+    """Atomic: a killed write leaves the previous checkpoint and no half file under the final name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# Main loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    family = "JiT" if args.model.startswith("JiT") else "SiT"
+    fam = FAMILY[family]
+
+    # ---- everything that can be wrong is checked before any training (cheap checks first)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise SystemExit(f"--data-path {args.data_path} does not exist")
+    if args.encoder != "none":
+        import encoders
+        if args.encoder not in encoders.ENCODERS:
+            raise SystemExit(f"unknown encoder {args.encoder!r}; choose one of: {', '.join(encoders.ENCODERS)}")
+        grid = args.image_size // int(args.model.split("/")[-1]) // (8 if family == "SiT" else 1)
+        if grid != args.image_size // 16:
+            raise SystemExit(f"{args.model} at {args.image_size} px has a {grid}x{grid} token grid but {args.encoder} "
+                             f"gives {args.image_size // 16}x{args.image_size // 16} tokens: use a model with 16-pixel "
+                             "tokens (SiT-*/2, JiT-*/16) or --encoder none")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every rerun
+    net = build_model(args.model, args.image_size, args.num_classes).to(device)
+    encoder = vae = projector = None
+    if args.encoder != "none":
+        encoder = encoders.load_encoder(args.encoder, resolution=args.image_size, weights=args.encoder_weights).to(device)
+        d_model = net.blocks[0].adaLN_modulation[1].in_features
+        projector = align.make_projector(d_model, encoder.embed_dim, args.proj == "conv").to(device)
+    if family == "SiT":
+        import encoders
+        vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
+
+    # ---- data
+    if args.data_path:
+        prep = args.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_dir)),
+                                                 f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}")
+        need = ["images.npy", "labels.npy"] + (["latents.npy"] if family == "SiT" else [])
+        if rank == 0 and not all(os.path.exists(os.path.join(prep, f)) for f in need):
+            prepare(args.data_path, prep, args.image_size, vae, device)
+        if ddp:
+            dist.barrier()
+        images = np.load(os.path.join(prep, "images.npy"), mmap_mode="r")
+        labels = np.load(os.path.join(prep, "labels.npy"))
+        latents = np.load(os.path.join(prep, "latents.npy"), mmap_mode="r") if family == "SiT" else None
+        if labels.max() >= args.num_classes:
+            raise SystemExit(f"{prep} has {labels.max() + 1} classes but --num-classes is {args.num_classes}")
+    else:
+        images, labels = generated_images(args.num_generated, args.image_size, seed=1234)
+        images, labels, latents = images.numpy(), labels.numpy(), None
+        if family == "SiT":  # the posterior of the generated images, computed once
+            mom = []
+            for i in range(0, len(images), 64):
+                with torch.no_grad():
+                    mean, std = vae.encode(torch.from_numpy(images[i:i + 64]).to(device).float() / 127.5 - 1)
+                mom.append(torch.cat([mean, std], 1).cpu())
+            latents = torch.cat(mom).numpy()
+    data = Batches(images, labels, latents, args.batch_size, rank, world, args.seed, fam["flip"])
+    warmup = args.warmup_steps if args.warmup_steps is not None else 5 * (data.n // args.batch_size)
+
+    # ---- model, EMA(s), optimiser
+    objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
+                          noise_scale=2.0 if family == "JiT" and args.image_size >= 512 else 1.0)
+    emas = [copy.deepcopy(net).requires_grad_(False) for _ in fam["emas"]]
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0,
+                            fused=device.type == "cuda")
+    step = 0
+    if args.bench:
+        args.steps, args.log_every = 5 + args.bench, 5 + args.bench
+    if args.resume:
+        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["model"])
+        for ema, key in zip(emas, ("ema", "ema2")):
+            ema.load_state_dict(ck[key])
+        if projector is not None:
+            projector.load_state_dict(ck["proj"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None) if ddp else objective
+    step_fn = torch.compile(train_obj) if args.compile else train_obj
+    trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed stays out of the EMA
+    ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad] for ema in emas]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(json.dumps(vars(args), indent=1, default=str))
+        n_par = sum(p.numel() for p in params)
+        print(f"{args.model}: {n_par:,} trainable parameters (incl. projector), {world} rank(s), device {device}")
+
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.num_workers if args.data_path else 0,
+                                         sampler=range(step, args.steps), pin_memory=device.type == "cuda",
+                                         persistent_workers=False, prefetch_factor=4 if args.data_path and args.num_workers else None)
+    flops_per_img = count_flops(objective, encoder, data, device, amp, family, vae) if device.type == "cuda" else None
+    acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the last log
+    t0, last_log = time.time(), step
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
+    timing = {}  # --bench only
+    for x, y, lat in loader:
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad():
+            target = None
+            if encoder is not None:
+                with amp:
+                    target = encoder(x)                              # (B, T, Dz) from uint8 images
+            if family == "SiT":
+                lat = lat.to(device, non_blocking=True)
+                mean, std = lat.chunk(2, dim=1)
+                inp = vae.scale(mean + std * torch.randn_like(mean))  # posterior re-sampled every step
+            else:
+                inp = x.float() / 127.5 - 1
+            y = torch.where(torch.rand(y.shape, device=device) < 0.1, args.num_classes, y)  # CFG label drop
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+        with amp:
+            loss, denoise, rep = step_fn(inp, y, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, fam["clip"] if fam["clip"] else float("inf"))
+        opt.step()
+        with torch.no_grad():
+            for ema_p, decay in zip(ema_params, fam["emas"]):
+                torch._foreach_lerp_(ema_p, trainable, 1 - decay)
+            acc += torch.stack([loss.detach().float(), denoise.detach().float(), rep.detach().float(), gnorm.float()])
+        step += 1
+        bar.update(1)
+        if args.bench and step == 5:  # bench: time the steps after warmup and compilation
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            timing["start"], timing["step"] = time.time(), step
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:  # never save a NaN
+            if ddp:
+                dist.all_reduce(acc)
+                acc /= world
+            loss_avg, den_avg, rep_avg, g_avg = (acc / (step - last_log)).tolist()
+            if not math.isfinite(loss_avg):
+                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; the last good checkpoint is "
+                                 f"{(sorted(glob.glob(os.path.join(args.out_dir, 'checkpoints', '*.pt'))) or ['none'])[-1]}")
+            dt = time.time() - t0
+            ips = (step - last_log) * args.batch_size / dt / world
+            rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
+                       lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
+            if flops_per_img:
+                rec["mfu"] = ips * flops_per_img / 800e12  # H100 bf16 dense peak ~800 TFLOP/s (SPEC.md)
+            if rank == 0:
+                bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
+                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            acc.zero_()
+            t0, last_log = time.time(), step
+        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps) and not args.bench:
+            sample_grid(emas[0], family, vae, args, step, device)
+        if (step % args.ckpt_every == 0 or step == args.steps) and not args.bench:
+            if rank == 0:
+                state = dict(model=net.state_dict(), ema=emas[0].state_dict(), opt=opt.state_dict(), args=vars(args),
+                             step=step, data_pos=step * args.batch_size, rng=dict(seed=args.seed, step=step),
+                             proj=projector.state_dict() if projector is not None else None)
+                if len(emas) > 1:
+                    state["ema2"] = emas[1].state_dict()
+                save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
+            if ddp:
+                dist.barrier()
+    bar.close()
+    if ddp:  # every replica must hold the same weights: compare per-tensor checksums across ranks
+        sums = torch.stack([p.detach().double().sum() for p in objective.parameters()])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if rank == 0:
+            print(f"replicas identical across {world} ranks: {bool(torch.equal(lo, hi))}")
+    if args.bench and rank == 0 and "start" in timing:
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        n = step - timing["step"]
+        ips = n * args.batch_size / (time.time() - timing["start"]) / world
+        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        mfu = ips * flops_per_img / 800e12 if flops_per_img else float("nan")
+        print(f"BENCH {args.model} enc={args.encoder} proj={args.proj} batch={args.batch_size} world={world} "
+              f"compile={args.compile} {args.precision}: {ips:.1f} img/s per GPU, MFU {mfu:.1%}, "
+              f"peak memory {mem:.1f} GiB, {flops_per_img / 1e9 if flops_per_img else float('nan'):.0f} GFLOP/img")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def count_flops(objective, encoder, data, device, amp, family, vae):
+    """Training FLOPs per image (network forward+backward, encoder forward), counted by torch on 2 images."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y, lat = data[0]
+    x, y = x[:2].to(device), y[:2].to(device)
+    inp = vae.scale(lat[:2].to(device).chunk(2, 1)[0]) if family == "SiT" else x.float() / 127.5 - 1
+    with FlopCounterMode(display=False) as fc, amp:
+        target = encoder(x) if encoder is not None else None
+        objective(inp, y, target)[0].backward()
+    objective.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2
+
+
+def sample_grid(ema, family, vae, args, step, device):
+    """A grid from the EMA network in eval mode: one row of each class (at most 8 classes x 8)."""
+    k = min(args.num_classes, 8)
+    y = torch.arange(k, device=device).repeat_interleave(8)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    ema.eval()
+    imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode",
+                    num_steps=50 if family == "JiT" else 50, generator=gen)
+    path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_grid(imgs, path)
+
+
+if __name__ == "__main__":
+    main()
