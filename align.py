@@ -41,6 +41,10 @@ class MLPProjector(nn.Module):
         super().__init__()
         self.projection_layer = nn.Sequential(nn.Linear(d_model, width), nn.SiLU(),
                                               nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d_enc))
+        for m in self.projection_layer:  # the official SiT/JiT init (Xavier, zero bias) reaches the projector too
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, h):
         return self.projection_layer(h)

@@ -11,7 +11,6 @@ Sample i belongs to shard i // batch-size; a shard's labels and noise come from 
 kept in <out>.shards/ and a rerun with the same flags generates only the missing ones.
 """
 import argparse, json, math, os, shutil, time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -104,14 +103,13 @@ def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise
     return euler_sampler(model, noise, y, num_steps, mode == "heun", cfg_scale, *interval)
 
 
+@torch.no_grad()
 def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
              noise_scale=1.0, generator=None):
     """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun.
     SiT latents are decoded by vae. Official conversions: SiT truncates 127.5 (x + 1), JiT rounds."""
     x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale, generator)
-    with torch.no_grad():
-        x = vae.decode(vae.unscale(x.float())) if family == "sit" else x
-    x = (x.float() + 1) / 2 * 255
+    x = ((vae.decode(vae.unscale(x.float())) if family == "sit" else x).float() + 1) / 2 * 255
     x = x.round() if family == "jit" else x
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
@@ -134,7 +132,7 @@ def sampling_defaults(name):
     """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG, interval (0.1, 1]."""
     if name.startswith("SiT"):
         return "sde", 250, 1.0, 0.0, 1.0
-    return "heun", 50, {"B": 3.0, "L": 2.4, "H": 2.2}[name[4]], 0.1, 1.0
+    return "heun", 50, {"B": 3.0, "L": 2.4, "H": 2.2}.get(name[4], 1.0), 0.1, 1.0  # no CFG for non-paper sizes
 
 
 def shard_seed(seed, shard):
@@ -149,9 +147,10 @@ def barrier():
 def sample_to_file(model, vae, args, rank=0, world_size=1):
     """Generate args.num_samples images shard by shard (rank r takes every world_size-th missing shard), then rank 0
     writes args.out: an npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) or a PNG grid; --grid also writes a preview."""
-    family = args.model.split("-")[0].lower()
-    device = next(model.parameters()).device
-    shard_dir, n, bs = args.out + ".shards", args.num_samples, args.batch_size
+    family, device = args.model.split("-")[0].lower(), next(model.parameters()).device
+    n, bs, shard_dir = args.num_samples, args.batch_size, args.out + ".shards"
+    num_shards = math.ceil(n / bs)
+    shard_path = lambda s: os.path.join(shard_dir, f"{s:06d}.npz")
     settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("out", "grid", "compile")})
     if rank == 0:
         os.makedirs(shard_dir, exist_ok=True)
@@ -159,40 +158,34 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
         if os.path.exists(path) and open(path).read() != settings:
             raise SystemExit(f"{shard_dir} holds shards made with other flags ({open(path).read()}); "
                              "rerun with those flags or delete the folder")
-        with open(path, "w") as f:
-            f.write(settings)
+        open(path, "w").write(settings)
     barrier()
-    shard_path = lambda s: os.path.join(shard_dir, f"{s:06d}.npz")
-    todo = [s for s in range(math.ceil(n / bs)) if not os.path.exists(shard_path(s))]
+    todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
     barrier()  # every rank lists the same missing shards before any is written
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    for s in tqdm(todo[rank::world_size], desc=f"sampling ({len(todo)} of {math.ceil(n / bs)} shards left)",
-                  disable=rank != 0):
-        g = torch.Generator(device).manual_seed(shard_seed(args.seed, s))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    for s in tqdm(todo[rank::world_size], desc=f"{len(todo)} of {num_shards} shards to sample", disable=rank != 0):
+        seed = shard_seed(args.seed, s)
         idx = torch.arange(s * bs, min(s * bs + bs, n))
-        if args.labels == "balanced":  # class i * C // N: each class equally often (JiT protocol)
+        if args.labels == "balanced":  # class i * C // N: every class equally often (JiT protocol)
             y = idx * model.num_classes // n
         else:  # uniform random (SiT protocol)
-            y = torch.randint(model.num_classes, (len(idx),), generator=torch.Generator().manual_seed(g.initial_seed()))
+            y = torch.randint(model.num_classes, (len(idx),), generator=torch.Generator().manual_seed(seed))
         with autocast:
             images = generate(model, y.to(device), family, vae, args.mode, args.num_steps, args.cfg_scale,
-                              (args.guidance_low, args.guidance_high), args.noise_scale, g)
+                              (args.guidance_low, args.guidance_high), args.noise_scale,
+                              torch.Generator(device).manual_seed(seed))
         np.savez(shard_path(s)[:-4] + ".tmp.npz", images=images.numpy(), labels=y.numpy())
         os.replace(shard_path(s)[:-4] + ".tmp.npz", shard_path(s))  # a shard file is complete or absent
     barrier()
-    if rank != 0:
-        return
-    shards = [np.load(shard_path(s)) for s in range(math.ceil(n / bs))]
-    images = np.concatenate([sh["images"] for sh in shards])
-    labels = np.concatenate([sh["labels"] for sh in shards])
-    if args.out.endswith(".npz"):
-        np.savez(args.out, arr_0=images, arr_1=labels)
-        if args.grid:
-            save_grid(images[:args.grid], args.out[:-4] + ".png")
-    else:
-        save_grid(images, args.out)
-    shutil.rmtree(shard_dir)
-    print(f"wrote {args.out}: {images.shape[0]} images {images.shape[1:]}")
+    if rank == 0:
+        shards = [np.load(shard_path(s)) for s in range(num_shards)]
+        images, labels = (np.concatenate([sh[k] for sh in shards]) for k in ("images", "labels"))
+        if args.out.endswith(".npz"):
+            np.savez(args.out, arr_0=images, arr_1=labels)
+        if args.grid or args.out.endswith(".png"):
+            save_grid(images[:args.grid or n], args.out[:-4] + ".png")
+        shutil.rmtree(shard_dir)
+        print(f"wrote {args.out}: {images.shape[0]} images {images.shape[1:]}")
 
 
 def bench(model, args, device):
@@ -200,17 +193,132 @@ def bench(model, args, device):
     peak GPU memory and the relative L2 distance of the bf16 samples to the fp32 ones."""
     family, interval = args.model.split("-")[0].lower(), (args.guidance_low, args.guidance_high)
     y = torch.randint(model.num_classes, (args.batch_size,), generator=torch.Generator().manual_seed(0)).to(device)
-    results = {}
+    out = {}
     for precision in ("fp32", "bf16"):
         with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
             sample_latents(model, y, family, args.mode, 2, args.cfg_scale, interval)  # warm-up (and compile)
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
             t0 = time.time()
-            results[precision] = sample_latents(model, y, family, args.mode, args.num_steps, args.cfg_scale, interval,
-                                                args.noise_scale, torch.Generator(device).manual_seed(args.seed))
+            out[precision] = sample_latents(model, y, family, args.mode, args.num_steps, args.cfg_scale, interval,
+                                            args.noise_scale, torch.Generator(device).manual_seed(args.seed)).double()
             torch.cuda.synchronize()
+        speed, mem = args.batch_size / (time.time() - t0), torch.cuda.max_memory_allocated() / 2**30
         print(f"{args.model} {args.mode}-{args.num_steps} cfg {args.cfg_scale} batch {args.batch_size} {precision}: "
-              f"{args.batch_size / (time.time() - t0):.2f} img/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    fp32, bf16 = results["fp32"].double(), results["bf16"].double()
-    print(f"bf16 vs fp32 relative L2 of the samples: {((bf16 - fp32).norm() / fp32.norm()).item():.3e}")
+              f"{speed:.2f} img/s, peak {mem:.1f} GiB")
+    print(f"bf16 vs fp32 relative L2 of the samples: {((out['bf16'] - out['fp32']).norm() / out['fp32'].norm()):.3e}")
+
+
+def load_checkpoint(path, ema):
+    """(state dict, saved settings) from our checkpoints ({ema, args: dict}), official SiT/REPA/iREPA ones
+    ({model, ema, opt, args, steps}) or official JiT ones ({model, model_ema1, model_ema2, args}, keys under
+    'net.'). Projector weights are dropped: sampling does not use them."""
+    if not os.path.isfile(path):
+        parser.error(f"--ckpt {path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces
+    key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
+    if key not in ckpt:
+        parser.error(f"--ckpt {path} has no '{key}' weights (keys: {sorted(ckpt)})")
+    a = ckpt.get("args") or {}
+    a = a if isinstance(a, dict) else vars(a)
+    saved = dict(model=a.get("model"), image_size=a.get("image_size", a.get("resolution", a.get("img_size"))),
+                 num_classes=a.get("num_classes", a.get("class_num")), vae_weights=a.get("vae_weights"),
+                 vae_stats=a.get("vae_stats"), noise_scale=a.get("noise_scale"))
+    sd = {k.removeprefix("net."): v for k, v in ckpt[key].items()}
+    return {k: v for k, v in sd.items() if not k.startswith("projectors.")}, saved
+
+
+parser = argparse.ArgumentParser(description="Sample images from SiT / JiT checkpoints (see the module docstring).")
+add = parser.add_argument
+add("--ckpt", help="checkpoint: ours, official iREPA/REPA SiT or official JiT")
+add("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (JiT: the first EMA)")
+add("--model", help="model name as in model.py, e.g. SiT-XL/2, JiT-B/16 (default: from the checkpoint)")
+add("--image-size", type=int, help="image resolution (default: from the checkpoint, else 256)")
+add("--num-classes", type=int, help="classes; the null class is this index (default: from the checkpoint, else 1000)")
+add("--vae-weights", help="SD-VAE weights for SiT (default: from the checkpoint)")
+add("--vae-stats", help="per-channel latent stats file as the official iREPA (default: from the checkpoint)")
+add("--mode", choices=["sde", "ode", "heun"], help="SiT: sde (default), ode (Euler) or heun (ODE); "
+    "JiT: heun (default, last step Euler) or ode (Euler)")
+add("--num-steps", type=int, help="sampling steps (default: SiT 250, JiT 50)")
+add("--cfg-scale", type=float, help="classifier-free guidance scale (default: SiT 1.0, JiT B 3.0, L 2.4, H 2.2)")
+add("--guidance-low", type=float, help="guidance interval low end in the family's time: SiT guides low <= t <= high "
+    "(t=1 noise), JiT low < t < high (t=1 data; low 0: no lower bound) (default: SiT 0, JiT 0.1)")
+add("--guidance-high", type=float, help="guidance interval high end (default: 1)")
+add("--noise-scale", type=float, help="JiT initial noise std (default: from the checkpoint, else 1, 2 from 512 px)")
+add("--labels", choices=["uniform", "balanced"], help="uniform random (SiT protocol, SiT default) or class "
+    "i * C // N for sample i (JiT protocol, JiT default)")
+add("--num-samples", type=int, default=64, help="number of images")
+add("--out", default="samples.png", help=".npz (ADM format for fid.py) or .png (a grid of all samples)")
+add("--grid", type=int, default=0, help="PNG grid of the first N samples (.npz --out: beside it; .png: default all)")
+add("--batch-size", type=int, default=256, help="images per forward and per shard, on each process")
+add("--seed", type=int, default=0, help="global seed; shard s draws from a generator seeded with (seed, s)")
+add("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 (+TF32 matmuls, official) or bf16 autocast")
+add("--compile", action="store_true", help="torch.compile the model")
+add("--bench", action="store_true", help="time one batch, fp32 vs bf16 (GPU; random weights without --ckpt)")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    sd = None
+    if args.ckpt:
+        sd, saved = load_checkpoint(args.ckpt, args.ema)
+        for k, v in saved.items():
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    elif not args.bench:
+        parser.error("--ckpt is required (or --bench with --model for a random-init model)")
+    if args.model not in models:
+        parser.error(f"--model {args.model} is not one of {sorted(models)}")
+    args.image_size, args.num_classes = args.image_size or 256, args.num_classes or 1000
+    family = args.model.split("-")[0].lower()
+    for k, v in zip(["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high"], sampling_defaults(args.model)):
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.noise_scale = args.noise_scale or (2.0 if args.image_size >= 512 else 1.0)
+    args.labels = args.labels or ("uniform" if family == "sit" else "balanced")
+    if family == "jit" and args.mode == "sde":
+        parser.error("JiT samples with --mode heun or ode; sde is for SiT")
+    if not args.out.endswith((".npz", ".png")):
+        parser.error(f"--out {args.out} must end in .npz or .png")
+    if not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
+        parser.error(f"--out {args.out}: its folder does not exist or is not writable")
+    if args.grid > args.num_samples:
+        parser.error(f"--grid {args.grid} asks for more images than --num-samples {args.num_samples}")
+    if family == "sit" and not args.bench and not args.vae_weights:
+        parser.error("SiT needs --vae-weights (sd-vae-ft-mse); the checkpoint does not name any")
+
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if args.bench and device.type != "cuda":
+        parser.error("--bench needs a GPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official fp32 sampling: TF32
+    rank, world_size = 0, 1
+    if "WORLD_SIZE" in os.environ:  # torchrun; ranks share the folder of --out
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = models[args.model](image_size=args.image_size, num_classes=args.num_classes)
+    if sd is not None:
+        own = model.state_dict()  # official JiT files also hold the RoPE tables, which we recompute
+        sd = {k: v for k, v in sd.items() if k in own or not k.endswith(("freqs_cos", "freqs_sin"))}
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            parser.error(f"--ckpt {args.ckpt} does not fit --model {args.model} --image-size {args.image_size} "
+                         f"--num-classes {args.num_classes}: {str(e)[:1500]}")
+    elif args.bench:  # random weights: a fresh adaLN-Zero model outputs 0, which would compare nothing
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    model = model.to(device).eval().requires_grad_(False)
+    model = torch.compile(model) if args.compile else model
+    if args.bench:
+        return bench(model, args, device)
+    vae = None
+    if family == "sit":
+        from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
+        vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
+    sample_to_file(model, vae, args, rank, world_size)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -428,3 +428,811 @@ def test_train_sample_grid_written(tmp_path):
     train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--sample-every", "2", "--out-dir", str(tmp_path)])
     from PIL import Image
     assert Image.open(tmp_path / "samples" / "0000002.png").size == (8 * 32, 8 * 32)
+
+# =============================================================================
+# encoders.py
+
+import warnings  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import encoders  # noqa: E402
+
+
+_ENCODERS_REPO = os.path.dirname(os.path.abspath(encoders.__file__))
+
+# Independent expectations, read off the official iREPA code and the model cards: token width D and the number of
+# prefix tokens (CLS + registers / storage tokens) the official code drops.
+_ENCODERS_EXPECTED = {  # name: (D, prefix tokens)
+    "dinov2-vit-s": (384, 1), "dinov2-vit-b": (768, 1), "dinov2-vit-l": (1024, 1), "dinov2-vit-g": (1536, 1),
+    "dinov2reg-vit-s": (384, 5), "dinov2reg-vit-b": (768, 5), "dinov2reg-vit-l": (1024, 5),
+    "dinov2reg-vit-g": (1536, 5), "dinov3-vit-s16": (384, 5), "dinov3-vit-s16plus": (384, 5),
+    "dinov3-vit-b16": (768, 5), "dinov3-vit-l16": (1024, 5), "dinov3-vit-h16plus": (1280, 5),
+    "dinov3-vit-7b16": (4096, 5), "dino-vit-s": (384, 1), "dino-vit-b": (768, 1), "clip-vit-L": (1024, 1),
+    "mae-vit-l": (1024, 1), "jepa-vit-h": (1280, 0), "mocov3-vit-b": (768, 1), "mocov3-vit-l": (1024, 1),
+    "webssl-vit-dino300m_full2b_224": (1024, 1), "webssl-vit-dino1b_full2b_224": (1536, 1),
+    "webssl-vit-dino2b_full2b_224": (2688, 1), "webssl-vit-dino3b_full2b_224": (3072, 1),
+    "webssl-vit-dino5b_full2b_224": (3584, 1), "webssl-vit-dino7b_full8b_224": (4096, 1),
+    "siglip-vit-b": (768, 0), "siglip-vit-l": (1024, 0), "siglip-vit-so400m": (1152, 0),
+    "siglip2-vit-b": (768, 0), "siglip2-vit-l": (1024, 0), "siglip2-vit-so400m": (1152, 0),
+    "siglip2-vit-g": (1536, 0), "pe-vit-t": (192, 1), "pe-vit-s": (384, 1), "pe-vit-b": (768, 1),
+    "pe-vit-l": (1024, 1), "pe-vit-g": (1536, 0), "spatialpe-vit-b": (768, 1), "spatialpe-vit-l": (1024, 1),
+    "spatialpe-vit-g": (1536, 0), "langpe-vit-l": (1024, 1), "langpe-vit-g": (1536, 0), "sam2-vit-s": (768, 0),
+    "sam2-vit-b": (896, 0), "sam2-vit-l": (1152, 0), "cradio-vit-b": (768, 8), "cradio-vit-l": (1024, 8),
+    "cradio-vit-h": (1280, 8), "cradio-vit-g": (1536, 8),
+}
+# the official code reads tokens before the final LayerNorm (CLIP: no ln_post; MAE: forward_features without norm;
+# PE: forward_features(norm=False)); C-RADIO and SAM2's Hiera have no final norm; all others apply it
+_ENCODERS_PRENORM = ("clip-", "mae-", "pe-", "spatialpe-", "langpe-")
+_ENCODERS_NO_NORM = ("cradio-", "sam2-")
+
+
+def _encoders_build_meta(name, resolution):
+    """Random-init encoder on the meta device: shapes only, no memory, no compute."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        try:
+            return encoders.load_encoder(name, resolution, weights="random")
+        except RuntimeError as err:
+            if "lacks" in str(err):
+                pytest.skip(str(err))
+            raise
+
+
+def _encoders_random(name, resolution):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return encoders.load_encoder(name, resolution, weights="random")
+
+
+def test_encoders_registry_has_the_official_names():
+    wanted = ([f"dinov2{r}-vit-{s}" for r in ("", "reg") for s in "sblg"]
+              + [f"dinov3-vit-{s}" for s in ("s16", "s16plus", "b16", "l16", "h16plus", "7b16")]
+              + ["dino-vit-s", "dino-vit-b", "clip-vit-L", "mae-vit-l", "jepa-vit-h", "mocov3-vit-b", "mocov3-vit-l"]
+              + [f"siglip-vit-{s}" for s in ("b", "l", "so400m")] + [f"siglip2-vit-{s}" for s in ("b", "l", "so400m", "g")]
+              + [f"pe-vit-{s}" for s in "tsblg"] + [f"spatialpe-vit-{s}" for s in "blg"] + ["langpe-vit-l", "langpe-vit-g"]
+              + [f"sam2-vit-{s}" for s in "sbl"] + [f"cradio-vit-{s}" for s in "blhg"]
+              + [f"webssl-vit-{s}" for s in ("dino300m_full2b_224", "dino1b_full2b_224", "dino2b_full2b_224",
+                                             "dino3b_full2b_224", "dino5b_full2b_224", "dino7b_full8b_224")])
+    assert sorted(wanted) == sorted(encoders.ENCODERS) == sorted(_ENCODERS_EXPECTED)
+
+
+def test_encoders_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="dinov2-vit-b.*sam2-vit-s"):
+        encoders.load_encoder("dinov2-vit-x")
+
+
+@pytest.mark.parametrize("name", list(encoders.ENCODERS))
+def test_encoders_every_encoder_builds_with_right_tokens_and_norm(name):
+    # Cheap check for all, giants included: full-depth model built on the meta device, its forward cut to the first
+    # block (blocks keep the shape; the real forward of a representative subset is tested below). Hiera stays whole.
+    enc = _encoders_build_meta(name, 256)
+    dim, prefix = _ENCODERS_EXPECTED[name]
+    assert (enc.embed_dim, enc.num_prefix) == (dim, prefix)
+    norm = getattr(enc.model, "norm", torch.nn.Identity())
+    assert isinstance(norm, torch.nn.Identity) == name.startswith(_ENCODERS_PRENORM + _ENCODERS_NO_NORM), norm
+    assert all(not p.requires_grad for p in enc.parameters()) and not enc.training
+    if not name.startswith("sam2"):
+        enc.model.blocks = enc.model.blocks[:1]
+    with torch.device("meta"):
+        out = enc(torch.empty(2, 3, 256, 256, dtype=torch.uint8))
+    assert tuple(out.shape) == (2, 256, dim) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["dinov2reg-vit-b", "dinov3-vit-b16", "siglip-vit-so400m", "pe-vit-l",
+                                  "sam2-vit-s", "cradio-vit-b", "mocov3-vit-b", "jepa-vit-h"])
+def test_encoders_512px_gives_32x32_tokens(name):
+    enc = _encoders_build_meta(name, 512)
+    if not name.startswith("sam2"):
+        enc.model.blocks = enc.model.blocks[:1]
+    with torch.device("meta"):
+        out = enc(torch.empty(2, 3, 512, 512, dtype=torch.uint8))
+    assert tuple(out.shape) == (2, 1024, _ENCODERS_EXPECTED[name][0])
+
+
+def test_encoders_real_forward_small_models():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for name in ("dinov2-vit-s", "dinov3-vit-s16", "pe-vit-t", "sam2-vit-s"):
+        enc = _encoders_random(name, 32)
+        out = enc(x)
+        assert out.shape == (2, 4, _ENCODERS_EXPECTED[name][0]) and torch.isfinite(out).all() and not out.requires_grad
+        # timm inits LayerNorm to weight 1, bias 0: normed tokens have zero mean and unit variance over channels
+        normed = torch.allclose(out.mean(-1), torch.zeros(2, 4), atol=1e-4) and torch.allclose(
+            out.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-2)
+        assert normed == (name in ("dinov2-vit-s", "dinov3-vit-s16")), name  # PE: before the norm; Hiera: none
+    with pytest.raises(ValueError, match="uint8"):
+        enc(x.float())
+
+
+def _encoders_official_preprocess(name, x, R):
+    """The official iREPA recipe per encoder family (ldm/vision_encoder.py), written out independently."""
+    from torchvision.transforms import Normalize, Resize
+    imagenet = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    clip = Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    x = x / 255.
+    family = name.split("-")[0]
+    if family in ("dinov2", "dinov2reg", "jepa", "webssl"):
+        return F.interpolate(imagenet(x), 224 * (R // 256), mode="bicubic")
+    if family == "dino":
+        return F.interpolate(imagenet(x), R, mode="bicubic")
+    if family == "dinov3":
+        return imagenet(Resize((R, R), antialias=True)(x))
+    if family == "siglip":
+        return F.interpolate(imagenet(x), (14 if name.endswith("so400m") else 16) * (R // 16), mode="bicubic")
+    if family == "siglip2":
+        return F.interpolate(imagenet(x), R, mode="bicubic")
+    if family == "clip":
+        return clip(F.interpolate(x, 224 * (x.shape[-1] // 256), mode="bicubic"))
+    if family in ("mocov3", "mae"):
+        return imagenet(x)
+    if family in ("pe", "spatialpe", "langpe"):
+        patch = 16 if name[-1] in "tsb" else 14
+        return Normalize([0.5] * 3, [0.5] * 3)(F.interpolate(x, patch * (R // 16), mode="bilinear"))
+    if family == "sam2":
+        return imagenet(F.interpolate(x, R * 2, mode="bicubic"))
+    if family == "cradio":  # RADIO's own input conditioner normalises with the CLIP statistics
+        return clip(F.interpolate(x, 16 * (R // 16), mode="bilinear", align_corners=False))
+    raise KeyError(name)
+
+
+def test_encoders_preprocessing_matches_official_recipe_bit_exactly():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    dummy = torch.nn.Module()
+    dummy.num_features = 1
+    for name, spec in encoders.ENCODERS.items():
+        ours = encoders.Encoder(dummy, spec, 256).preprocess(x)
+        assert torch.equal(ours, _encoders_official_preprocess(name, x, 256)), name
+    # the check is sharp enough to see the order: normalising after the 224 resize differs in the last bits
+    ref = _encoders_official_preprocess("dinov2-vit-b", x, 256)
+    swapped = (F.interpolate(x / 255., 224, mode="bicubic") - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) \
+        / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    assert torch.allclose(swapped, ref, atol=1e-5) and not torch.equal(swapped, ref)
+
+
+def test_encoders_missing_weights_fail_fast_naming_the_flags(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(hf, "ENDPOINT", "https://hub.invalid")  # a real connection attempt that cannot succeed
+    for load in (lambda: encoders.load_encoder("dinov2-vit-b"), lambda: encoders.load_vae()):
+        t = time.time()
+        with pytest.raises(RuntimeError) as err:
+            load()
+        assert time.time() - t < 10
+        assert "PATH" in str(err.value) and "random" in str(err.value)
+    with pytest.raises(RuntimeError, match="encoder dinov2-vit-b: weights timm/vit_base_patch14_dinov2.lvd142m/"
+                                           "model.safetensors .*`--encoder-weights PATH`.*`--encoder-weights random`"):
+        encoders.load_encoder("dinov2-vit-b")
+    with pytest.raises(RuntimeError, match="sd-vae-ft-mse.*`--vae-weights PATH`"):
+        encoders.load_vae()
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+        encoders.load_encoder("siglip-vit-b")
+    with pytest.raises(RuntimeError, match="--encoder-weights PATH"):  # no hub weights at all
+        encoders.load_encoder("mocov3-vit-b")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        encoders.load_encoder("dino-vit-s", weights=str(tmp_path / "nope.pth"))
+    with pytest.warns(UserWarning, match="RANDOM"), torch.device("meta"):
+        encoders.load_encoder("dino-vit-s", weights="random")
+
+
+def test_encoders_mocov3_checkpoint_rename(monkeypatch, tmp_path):
+    import timm
+    kw = dict(embed_dim=32, depth=15, num_heads=2)  # a tiny ViT with blocks 13 and 14, misnamed in the official file
+    monkeypatch.setitem(encoders.ENCODERS, "mocov3-vit-b", dict(encoders.ENCODERS["mocov3-vit-b"], kw=kw))
+    src = timm.create_model("vit_base_patch16_224", num_classes=0, **kw).state_dict()  # 224 px: 14x14 table
+    sd = {"module.base_encoder." + k: v for k, v in src.items()}
+    for a, b in (("13.norm1", "13.norm13"), ("13.mlp.fc1", "13.mlp.fc13"), ("14.norm2", "14.norm14"),
+                 ("14.mlp.fc2", "14.mlp.fc14")):
+        for t in ("weight", "bias"):
+            sd[f"module.base_encoder.blocks.{b}.{t}"] = sd.pop(f"module.base_encoder.blocks.{a}.{t}")
+    sd["module.base_encoder.head.0.weight"] = torch.zeros(4, 32)  # projection head and momentum encoder: dropped
+    sd["module.momentum_encoder.cls_token"] = torch.zeros(1, 1, 32)
+    torch.save({"state_dict": sd, "epoch": 300}, tmp_path / "vit-b-300ep.pth.tar")
+    enc = encoders.load_encoder("mocov3-vit-b", 32, weights=str(tmp_path / "vit-b-300ep.pth.tar"))
+    assert torch.equal(enc.model.blocks[13].norm1.weight, src["blocks.13.norm1.weight"])
+    assert torch.equal(enc.model.blocks[14].mlp.fc2.weight, src["blocks.14.mlp.fc2.weight"])
+    cls, grid = src["pos_embed"][:, :1], src["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+    grid = F.interpolate(F.interpolate(grid, (16, 16), mode="bicubic", antialias=True), (2, 2), mode="bicubic",
+                         antialias=True)  # official: 14 -> 16 at load, then 16 -> the run's grid, both with timm
+    assert torch.allclose(enc.model.pos_embed, torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1), atol=1e-6)
+    assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, 32)
+
+
+def test_encoders_webssl_transformers_checkpoint_rename(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+    name, D, depth = "webssl-vit-dino1b_full2b_224", 32, 2
+    hidden = (int(D * 4 * 2 / 3) + 7) // 8 * 8  # DINOv2 SwiGLU width (88 here)
+    monkeypatch.setitem(encoders.ENCODERS, name, dict(encoders.ENCODERS[name], kw=dict(
+        encoders.ENCODERS[name]["kw"], embed_dim=D, depth=depth, num_heads=2, mlp_ratio=(2 * hidden + 0.5) / D)))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    sd = {"embeddings.cls_token": r(1, 1, D), "embeddings.mask_token": r(1, D),
+          "embeddings.position_embeddings": r(1, 1 + 16 * 16, D),
+          "embeddings.patch_embeddings.projection.weight": r(D, 3, 14, 14),
+          "embeddings.patch_embeddings.projection.bias": r(D), "layernorm.weight": r(D), "layernorm.bias": r(D)}
+    for i in range(depth):
+        p = f"encoder.layer.{i}."
+        for m, shape in (("norm1", (D,)), ("norm2", (D,)), ("attention.attention.query", (D, D)),
+                         ("attention.attention.key", (D, D)), ("attention.attention.value", (D, D)),
+                         ("attention.output.dense", (D, D)), ("mlp.weights_in", (2 * hidden, D)),
+                         ("mlp.weights_out", (D, hidden))):
+            sd[p + m + ".weight"], sd[p + m + ".bias"] = r(*shape), r(shape[0])
+        sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"] = r(D), r(D)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    enc = encoders.load_encoder(name, 32, weights=str(tmp_path / "model.safetensors"))  # strict load inside
+    b = enc.model.blocks[1]
+    assert torch.equal(b.attn.qkv.weight, torch.cat([sd[f"encoder.layer.1.attention.attention.{t}.weight"]
+                                                     for t in ("query", "key", "value")]))
+    assert torch.equal(b.ls2.gamma, sd["encoder.layer.1.layer_scale2.lambda1"])
+    assert torch.equal(b.mlp.fc1.weight, sd["encoder.layer.1.mlp.weights_in.weight"])
+    assert torch.equal(enc.model.norm.weight, sd["layernorm.weight"]) and enc.model.pos_embed.shape == (1, 5, D)
+    assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, D)
+
+
+def _encoders_fixture():
+    f = torch.load(os.path.join(_ENCODERS_REPO, "fixtures", "vae_fixture.pt"), weights_only=True)
+    return f, {k: v.float() for k, v in f["state_dict"].items()}
+
+
+def _encoders_rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_encoders_vae_matches_diffusers_fixture():
+    f, sd = _encoders_fixture()
+    vae = encoders.VAE(**f["config"]).load_diffusers(sd).eval()
+    mean, std = vae.encode(f["x"].float())
+    assert mean.shape == (2, 4, 4, 4) and _encoders_rel(mean, f["mean"]) <= 1e-5 and _encoders_rel(std, f["std"]) <= 1e-5
+    assert _encoders_rel(vae.decode(f["z"].float()), f["decoded"]) <= 1e-5
+    renamed = {}  # pre-2023 diffusers files name the attention weights query/key/value/proj_attn
+    for k, v in sd.items():
+        for a, b in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+            k = k.replace(a, b)
+        renamed[k] = v
+    assert len(renamed) == len(sd) and "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
+    assert _encoders_rel(encoders.VAE(**f["config"]).load_diffusers(renamed).decode(f["z"].float()), f["decoded"]) <= 1e-5
+    decoder_only = encoders.VAE(**f["config"]).load_diffusers(
+        {k: v for k, v in sd.items() if not k.startswith(("encoder.", "quant_conv."))})
+    assert _encoders_rel(decoder_only.decode(f["z"].float()), f["decoded"]) <= 1e-5
+    with pytest.raises(RuntimeError, match="decoder-only"):
+        decoder_only.encode(f["x"].float())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        encoders.VAE(**f["config"]).load_diffusers({k: v for k, v in sd.items() if "mid_block" not in k})
+
+
+def test_encoders_vae_full_size_layout_and_parameter_count():
+    f, _ = _encoders_fixture()
+    with torch.device("meta"):
+        vae = encoders.VAE()
+    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == f["full_size_shapes"]  # diffusers' own list
+    assert sum(torch.Size(s).numel() for s in f["full_size_shapes"].values()) == 83_653_863
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+
+
+def test_encoders_load_vae_file_and_latent_scaling(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+    f, sd = _encoders_fixture()
+    small = encoders.VAE
+    monkeypatch.setattr(encoders, "VAE", lambda: small(**f["config"]))  # load_vae builds the small fixture model
+    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    vae = encoders.load_vae(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+    assert _encoders_rel(vae.decode(f["z"].float()), f["decoded"]) <= 1e-5
+    z = torch.randn(2, 4, 4, 4)
+    assert torch.allclose(vae.scale(z), z * 0.18215) and torch.allclose(vae.unscale(vae.scale(z)), z, atol=1e-6)
+    scale, bias = torch.tensor([0.5, 1.0, 2.0, 4.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
+    torch.save({"latents_scale": scale, "latents_bias": bias}, tmp_path / "stats.pt")  # official stats file layout
+    with pytest.warns(UserWarning, match="RANDOM"):
+        vae = encoders.load_vae("random", stats=str(tmp_path / "stats.pt"))
+    want = (z - bias.view(1, 4, 1, 1)) * scale.view(1, 4, 1, 1)  # official: (z - latents_bias) * latents_scale
+    assert torch.allclose(vae.scale(z), want) and torch.allclose(vae.unscale(want), z, atol=1e-6)
+
+
+def test_encoders_pretrained_file_and_hub_cache_load_like_official_pe(monkeypatch, tmp_path):
+    # PE-Core-T checkpoint at its native 384 px (24x24 table) in timm's hub layout, read from a local HF cache
+    import huggingface_hub.constants as hf
+    import timm
+    from safetensors.torch import save_file
+    src = timm.create_model("vit_pe_core_tiny_patch16_384", num_classes=0).state_dict()
+    snapshot = tmp_path / "models--timm--vit_pe_core_tiny_patch16_384.fb" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file(src, str(snapshot / "model.safetensors"))
+    (tmp_path / "models--timm--vit_pe_core_tiny_patch16_384.fb" / "refs").mkdir()
+    (tmp_path / "models--timm--vit_pe_core_tiny_patch16_384.fb" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf, "ENDPOINT", "https://hub.invalid")  # must not be needed
+    cls, grid = src["pos_embed"][:, :1], src["pos_embed"][:, 1:].reshape(1, 24, 24, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, (2, 2), mode="bilinear", align_corners=False)  # official PE: on the fly, no antialias
+    for weights in (None, str(snapshot / "model.safetensors")):
+        enc = encoders.load_encoder("pe-vit-t", 32, weights=weights)
+        assert torch.equal(enc.model.blocks[3].attn.qkv.weight, src["blocks.3.attn.qkv.weight"])
+        assert torch.allclose(enc.model.pos_embed, torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1), atol=1e-6)
+        assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, 192)
+
+# =============================================================================
+# sample.py
+
+import argparse  # noqa: E402
+import socket  # noqa: E402
+from PIL import Image  # noqa: E402
+import sample  # noqa: E402
+
+
+class _sample_Toy(nn.Module):
+    """Deterministic nonlinear stand-in for SiT / JiT: depends on x, t and y (null class included);
+    records (t, batch size) of every call."""
+
+    def __init__(self, channels=4, size=4, num_classes=10, fail_after=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.in_channels, self.input_size, self.num_classes = channels, size, num_classes
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.emb = nn.Embedding(num_classes + 1, channels)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.calls, self.fail_after = [], fail_after
+
+    def forward(self, x, t, y):
+        if self.fail_after is not None and len(self.calls) == self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls.append((t[0].item(), len(x)))
+        return torch.tanh(self.conv(x)) * (1 + self.emb(y)[:, :, None, None]) + torch.sin(3 * t)[:, None, None, None] * x, None
+
+
+def _sample_inputs(channels=4):
+    return torch.randn(3, channels, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 4, 9])
+
+
+def _sample_run(name, net, noise, y, steps, cfg=1.0, low=0.0, high=1.0):
+    if name == "euler":
+        return sample.euler_sampler(net, noise, y, steps, False, cfg, low, high)
+    if name == "heun":
+        return sample.euler_sampler(net, noise, y, steps, True, cfg, low, high)
+    if name == "sde":
+        return sample.euler_maruyama_sampler(net, noise, y, steps, cfg, low, high, torch.Generator().manual_seed(2))
+    return sample.jit_sampler(net, noise, y, steps, name == "jit-heun", cfg, (low, high))
+
+
+def test_sample_network_evaluations():
+    noise, y = _sample_inputs()
+    for name, steps, want in [("euler", 7, 7), ("heun", 7, 13), ("sde", 40, 40), ("jit-heun", 50, 99),
+                              ("jit-euler", 9, 9)]:
+        for cfg in (1.0, 2.0):
+            net = _sample_Toy()
+            out = _sample_run(name, net, noise, y, steps, cfg)
+            assert len(net.calls) == want, (name, cfg)
+            assert out.shape == noise.shape and out.dtype == (torch.float32 if "jit" in name else torch.float64)
+            assert all(b == (6 if cfg != 1.0 else 3) for _, b in net.calls)  # CFG doubles the batch, one forward
+
+
+def test_sample_cfg_scale_one_is_no_cfg_and_mixes_cond_uncond():
+    noise, y = _sample_inputs()
+    net = _sample_Toy()
+    for name in ("euler", "heun", "sde", "jit-heun"):
+        plain = _sample_run(name, net, noise, y, 5)
+        assert torch.equal(_sample_run(name, net, noise, y, 5, 1.0, 0.2, 0.8), plain)
+        assert not torch.allclose(_sample_run(name, net, noise, y, 5, 2.5), plain)
+    # one guided evaluation == uncond + s (cond - uncond) from two separate forwards
+    x, t = noise.double(), 0.37
+    tt = torch.full((3,), t)
+    cond = net(x.float(), tt, y)[0].double()
+    uncond = net(x.float(), tt, torch.full_like(y, 10))[0].double()
+    got = sample.guided(net, x, t, y, 2.5, True, torch.float32)
+    assert torch.allclose(got, uncond + 2.5 * (cond - uncond), atol=1e-6)
+
+
+def test_sample_guidance_interval_switches_as_official():
+    noise, y = _sample_inputs(3)
+    net = _sample_Toy(3)
+    _sample_run("jit-heun", net, noise, y, 50, 3.0, 0.1, 1.0)
+    guided_t = sorted({t for t, b in net.calls if b == 6})
+    plain_t = {t for t, b in net.calls if b == 3}
+    assert guided_t[0] == pytest.approx(0.12) and any(t == pytest.approx(0.1) for t in plain_t)
+    assert max(plain_t) < 0.11 and guided_t[-1] == pytest.approx(0.98)
+    net = _sample_Toy()  # SiT: low <= t <= high, both ends included; the step's t decides for both Heun calls
+    _sample_run("heun", net, noise.new_zeros(3, 4, 4, 4) + 1, y, 10, 2.0, 0.3, 0.6)
+    assert sorted(round(t, 6) for t, b in net.calls if b == 6) == [0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6]
+
+
+def test_sample_ode_exact_for_point_mass():
+    # data = one point mu: v(x, t) = (x - mu) / t is exact, and Euler / Heun on the straight paths land on mu
+    mu = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    class Ideal(nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y):
+            return (x - mu) / t[:, None, None, None], None
+
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    for heun in (False, True):
+        out = sample.euler_sampler(Ideal(), noise, torch.tensor([1, 2]), 8, heun)
+        assert torch.allclose(out, mu.double(), atol=1e-6)
+
+
+def test_sample_save_grid_layout(tmp_path):
+    imgs = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 4, 3).contiguous() * 40
+    for layout in (imgs, imgs.permute(0, 3, 1, 2).numpy()):
+        sample.save_grid(layout, tmp_path / "g.png")
+        g = np.asarray(Image.open(tmp_path / "g.png"))
+        assert g.shape == (4, 12, 3)  # 5 images -> 3 columns, 2 rows of 2x4 tiles
+        assert g[2, 4, 0] == 4 * 40 and g[0, 8, 0] == 2 * 40 and g[3, 11, 0] == 0
+    with pytest.raises(ValueError):
+        sample.save_grid(imgs.float(), tmp_path / "g.png")
+
+
+def _sample_args(out, n, labels="balanced", extra=()):
+    return sample.parser.parse_args(["--model", "JiT-toy", "--mode", "heun", "--num-steps", "2", "--cfg-scale", "2.0",
+                                     "--guidance-low", "0.0", "--guidance-high", "1.0", "--noise-scale", "1.0",
+                                     "--labels", labels, "--num-samples", str(n), "--batch-size", "4",
+                                     "--out", str(out), *extra])
+
+
+def _sample_worker(rank, port, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    sample.sample_to_file(_sample_Toy(3, 8), None, _sample_args(out, 10, "uniform"), rank, 2)
+    torch.distributed.destroy_process_group()
+
+
+def test_sample_two_processes_write_the_same_npz(tmp_path):
+    sample.sample_to_file(_sample_Toy(3, 8), None, _sample_args(tmp_path / "one.npz", 10, "uniform"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_sample_worker, (port, str(tmp_path / "two.npz")), nprocs=2, start_method="fork")
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert one["arr_0"].shape == (10, 8, 8, 3) and one["arr_0"].dtype == np.uint8
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    assert len(set(map(bytes, one["arr_0"]))) == 10 and not os.path.exists(tmp_path / "two.npz.shards")
+
+
+def test_sample_interrupted_run_resumes(tmp_path):
+    full = _sample_args(tmp_path / "full.npz", 10)
+    sample.sample_to_file(_sample_Toy(3, 8), None, full)
+    args = _sample_args(tmp_path / "cut.npz", 10)
+    with pytest.raises(KeyboardInterrupt):  # 3 evaluations per shard: dies inside the third shard
+        sample.sample_to_file(_sample_Toy(3, 8, fail_after=7), None, args)
+    assert sorted(os.listdir(tmp_path / "cut.npz.shards")) == ["000000.npz", "000001.npz", "settings.json"]
+    with pytest.raises(SystemExit, match="other flags"):
+        sample.sample_to_file(_sample_Toy(3, 8), None, _sample_args(tmp_path / "cut.npz", 10, extra=["--seed", "1"]))
+    net = _sample_Toy(3, 8)
+    sample.sample_to_file(net, None, args)
+    assert len(net.calls) == 3  # only the missing (last, 2-image) shard
+    a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "cut.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert a["arr_1"].tolist() == [i * 10 // 10 for i in range(10)]  # balanced labels: class i * C // N
+
+
+def _sample_ckpt(tmp_path, official=False):
+    torch.manual_seed(0)
+    net = model.models["JiT-demo/16"](image_size=32, num_classes=10)
+    for p in net.parameters():  # adaLN-Zero makes a fresh model output 0: give it weights that do something
+        nn.init.normal_(p, std=0.05)
+    sd = net.state_dict()
+    if official:  # official JiT file: Denoiser keys under 'net.', projector + RoPE tables, Namespace args
+        sd = {"net." + k: v for k, v in sd.items()}
+        sd.update({"net.projectors.0.weight": torch.zeros(3), "net.feat_rope.freqs_cos": torch.zeros(3)})
+        ckpt = {"model": sd, "model_ema1": sd, "model_ema2": sd, "epoch": 1,
+                "args": argparse.Namespace(model="JiT-demo/16", img_size=32, class_num=10, noise_scale=1.0)}
+    else:
+        ckpt = {"model": sd, "ema": sd, "args": {"model": "JiT-demo/16", "image_size": 32, "num_classes": 10}}
+    path = tmp_path / ("official.pth" if official else "ours.pt")
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_sample_cli_npz_and_official_checkpoint(tmp_path):
+    flags = ["--num-steps", "2", "--num-samples", "6", "--batch-size", "4", "--cfg-scale", "2.0", "--grid", "4"]
+    sample.main(["--ckpt", _sample_ckpt(tmp_path), "--out", str(tmp_path / "a.npz"), *flags])
+    sample.main(["--ckpt", _sample_ckpt(tmp_path, True), "--out", str(tmp_path / "b.npz"), *flags])
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["arr_0"].shape == (6, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+    assert a["arr_0"].std() > 3  # not a constant image
+    assert a["arr_1"].tolist() == [0, 1, 3, 5, 6, 8]  # balanced by default for JiT: i * 10 // 6
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    # shard 1 (samples 4, 5) again by hand: labels, noise and sampler from its own (seed 0, shard 1) generator
+    net = model.models["JiT-demo/16"](image_size=32, num_classes=10)
+    net.load_state_dict(torch.load(_sample_ckpt(tmp_path), weights_only=False)["ema"])
+    g = torch.Generator().manual_seed(sample.shard_seed(0, 1))
+    want = sample.generate(net.eval(), torch.tensor([6, 8]), "jit", None, "heun", 2, 2.0, (0.1, 1.0), 1.0, g)
+    assert np.array_equal(a["arr_0"][4:], want.numpy())
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    sample.main(["--ckpt", _sample_ckpt(tmp_path), "--out", str(tmp_path / "g.png"), *flags[:-2]])
+    assert Image.open(tmp_path / "g.png").size == (96, 64)
+
+
+def test_sample_bad_input_is_named(tmp_path, capsys):
+    ckpt = _sample_ckpt(tmp_path)
+    for argv, msg in [(["--num-classes", "20"], "does not fit --model JiT-demo/16"),
+                      (["--num-samples", "4", "--grid", "8"], "--grid 8 asks for more images"),
+                      (["--out", str(tmp_path / "no" / "x.npz")], "not writable"),
+                      (["--out", str(tmp_path / "x.jpg")], "must end in .npz or .png"),
+                      (["--mode", "sde"], "sde is for SiT")]:
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", ckpt, "--num-steps", "1", *argv])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "missing.pt")])
+    assert "no such file" in capsys.readouterr().err
+
+
+class _sample_FakeVAE(nn.Module):
+    """Stands in for the SD-VAE: 'decodes' (B, 4, r, r) latents to (B, 3, 8r, 8r) images in [-1, 1]."""
+
+    def unscale(self, z):
+        return z / 0.18215
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).tanh()
+
+
+def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys):
+    tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
+    monkeypatch.setitem(sample.models, "SiT-B/2", tiny)  # the name an official checkpoint carries
+    import encoders
+    monkeypatch.setattr(encoders, "load_vae", lambda weights, stats: _sample_FakeVAE(), raising=False)
+    torch.manual_seed(0)
+    net = tiny(32, 10)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.05)
+    sd = {**net.state_dict(), "projectors.0.projection_layer.weight": torch.zeros(3)}
+    torch.save({"model": {}, "ema": sd, "opt": {}, "steps": 5,
+                "args": argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)}, tmp_path / "o.pt")
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "o.pt"), "--num-steps", "3"])
+    assert "needs --vae-weights" in capsys.readouterr().err
+    sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--num-steps", "3", "--num-samples", "5",
+                 "--batch-size", "2", "--out", str(tmp_path / "s.npz")])
+    out = np.load(tmp_path / "s.npz")
+    assert out["arr_0"].shape == (5, 32, 32, 3) and out["arr_0"].dtype == np.uint8 and out["arr_0"].std() > 3
+    assert out["arr_1"].dtype == np.int64 and 0 <= out["arr_1"].min() and out["arr_1"].max() < 10
+    assert len(set(out["arr_1"].tolist())) > 1  # uniform random labels by default for SiT
+    # sample 4 = shard 2 alone: SDE from the (seed 0, shard 2) generator, official truncation to uint8
+    g = torch.Generator().manual_seed(sample.shard_seed(0, 2))
+    net.eval()
+    y = torch.randint(10, (1,), generator=torch.Generator().manual_seed(sample.shard_seed(0, 2)))
+    z = sample.euler_maruyama_sampler(net, torch.randn(1, 4, 4, 4, generator=g), y, 3, generator=g)
+    want = (255 * (_sample_FakeVAE().decode(_sample_FakeVAE().unscale(z.float())) + 1) / 2).clamp(0, 255)
+    assert out["arr_1"][4] == y.item() and np.array_equal(out["arr_0"][4], want[0].permute(1, 2, 0).byte().numpy())
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--image-size", "64"])
+    assert "does not fit --model SiT-B/2 --image-size 64" in capsys.readouterr().err
+
+# =============================================================================
+# metrics.py
+
+import csv  # noqa: E402
+import metrics  # noqa: E402
+
+
+def _metrics_smooth(B=4, H=16, D=64, seed=0):
+    # tokens that vary slowly with position: a 4x4 random field upsampled bilinearly to H x H, (B, H*H, D)
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(B, D, 4, 4, generator=g), size=(H, H), mode="bilinear").flatten(2).transpose(1, 2)
+
+
+def _metrics_bruteforce(z, H, W, near, far):
+    # LDS, CDS with explicit loops over token pairs of one image (T, D): independent of the vectorised code
+    u = [v / v.norm() for v in z.double()]
+    pos = [(t // W, t % W) for t in range(H * W)]
+    by_d = {}
+    for t in range(H * W):
+        for s in range(H * W):
+            d = abs(pos[t][0] - pos[s][0]) + abs(pos[t][1] - pos[s][1])
+            by_d.setdefault(d, []).append(float(u[t] @ u[s]))
+    mean = lambda ds: np.mean([c for d in ds for c in by_d[d]])
+    ds = [d for d in range(1, 9) if d in by_d]
+    slope = np.polyfit(ds, [mean([d]) for d in ds], 1)[0]
+    return mean(range(1, near + 1)) - mean([d for d in by_d if d >= far]), -slope
+
+
+def test_metrics_match_bruteforce_loops():
+    z = torch.randn(2, 30, 8) + _metrics_smooth(2, 6, 8)[:, :30]  # a 5x6 grid, not square
+    for b in range(2):
+        want_lds, want_cds = _metrics_bruteforce(z[b], 5, 6, near=1, far=6)
+        assert metrics.lds(z, grid=(5, 6))[b].item() == pytest.approx(want_lds, abs=1e-6)
+        assert metrics.cds(z, grid=(5, 6))[b].item() == pytest.approx(want_cds, abs=1e-6)
+    z = _metrics_smooth(2, 8, 16) + 0.5 * torch.randn(2, 64, 16)
+    want_paper, _ = _metrics_bruteforce(z[0], 8, 8, near=3, far=4)  # appendix B: 0 < d < H/2 vs d >= H/2
+    assert metrics.lds(z, paper=True)[0].item() == pytest.approx(want_paper, abs=1e-6)
+
+
+def test_metrics_srss_matches_bruteforce_loop():
+    H, W = 5, 6
+    z, fg = torch.randn(1, H * W, 8) + _metrics_smooth(1, 6, 8)[:, :H * W], torch.rand(1, H * W) > 0.4
+    deltas = []
+    for t in range(H * W):
+        if not fg[0, t]:
+            continue
+        cos = lambda s: F.cosine_similarity(z[0, t], z[0, s], dim=0).item()
+        d = lambda s: abs(t // W - s // W) + abs(t % W - s % W)
+        pos = [cos(s) for s in range(H * W) if fg[0, s] and d(s) == 1]
+        neg = [cos(s) for s in range(H * W) if not fg[0, s] and d(s) >= 6]
+        if pos and neg:
+            deltas.append(np.mean(pos) - np.mean(neg))
+    assert len(deltas) > 3
+    assert metrics.srss(z, fg, grid=(H, W)).item() == pytest.approx(np.mean(deltas), abs=1e-6)
+
+
+def test_metrics_smooth_field_is_structured():
+    z = _metrics_smooth()
+    assert (metrics.lds(z) > 0.1).all() and (metrics.cds(z) > 0.01).all() and (metrics.lds(z, paper=True) > 0.1).all()
+
+
+def test_metrics_iid_noise_has_no_structure():
+    z = torch.randn(4, 256, 768, generator=torch.Generator().manual_seed(0))
+    assert metrics.lds(z).abs().max() < 0.01 and metrics.cds(z).abs().max() < 0.002
+    # unit vectors in general position: mean_t |u_t - mean u|^2 = 1 - |mean u|^2 ~ 1 - 1/T
+    assert metrics.rmsc(z) == pytest.approx(torch.full((4,), (1 - 1 / 256) ** 0.5), abs=0.01)
+
+
+def test_metrics_identical_tokens_have_zero_rmsc():
+    z = (torch.randn(3, 1, 32) + 2).expand(3, 256, 32)
+    assert metrics.rmsc(z).abs().max() < 1e-6  # the sqrt would turn fp32 cancellation noise into ~1e-4
+    assert metrics.rmsc(_metrics_smooth()).min() > 0.1
+
+
+def test_metrics_global_vector_hides_structure_until_spatial_norm():
+    z = _metrics_smooth() + 4 * torch.randn(1, 1, 64)  # the same global vector in every token
+    raw, normed = metrics.lds(z), metrics.lds(metrics.spatial_norm(z, 1.0))
+    assert (raw < normed).all() and (normed - raw).min() > 0.1
+    assert (metrics.lds(_metrics_smooth()) > raw).all()
+
+
+def test_metrics_srss_two_regions():
+    B, H, D = 3, 16, 64
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(B, 1, D, generator=g), torch.randn(B, 1, D, generator=g)
+    left = (torch.arange(H * H) % H < H // 2)[None].expand(B, -1)  # (B, T) left half = foreground
+    z = torch.where(left[..., None], a, b) + 0.3 * torch.randn(B, H * H, D, generator=g)
+    assert (metrics.srss(z, left) > 0.5).all() and (metrics.srss(z, ~left) > 0.5).all()
+    # uniform tokens: near and far similarity are equal, SRSS ~ 0; no background at all: NaN
+    assert metrics.srss(torch.randn(B, H * H, D), left).abs().max() < 0.02
+    assert metrics.srss(z, torch.ones(B, H * H, dtype=torch.bool)).isnan().all()
+    with pytest.raises(ValueError, match="one foreground flag per token"):
+        metrics.srss(z, left[:, :100])
+
+
+def test_metrics_spatial_metrics_equals_single_functions():
+    z, masks = _metrics_smooth(3) + torch.randn(3, 256, 64), torch.rand(3, 256) > 0.5
+    out = metrics.spatial_metrics(z, masks, paper=True)
+    singles = {"lds": metrics.lds(z, paper=True), "cds": metrics.cds(z), "srss": metrics.srss(z, masks), "rmsc": metrics.rmsc(z)}
+    for k, v in singles.items():
+        torch.testing.assert_close(out[k], v)
+    assert "srss" not in metrics.spatial_metrics(z)
+
+
+def test_metrics_grid_must_be_square_or_given():
+    z = torch.randn(2, 12, 8)
+    with pytest.raises(ValueError, match="not a square grid.*--grid"):
+        metrics.lds(z)
+    with pytest.raises(ValueError, match="do not form a 5x3 grid"):
+        metrics.cds(z, grid=(5, 3))
+    assert metrics.lds(z, grid=(3, 4)).shape == (2,)
+
+
+def test_metrics_pearson_with_gfid(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"enc{i}" for i in range(6)]
+    lds_v, cds_v, lp = rng.normal(size=6), rng.normal(size=6), rng.normal(size=6)
+    gfid = 20 - 5 * lds_v  # exactly linear in LDS: r = -1
+    path = tmp_path / "fid.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["encoder", "gfid", "linear_probe"]] + [[n, g, p] for n, g, p in zip(names, gfid, lp)])
+    means = {n: {"lds": float(a), "cds": float(c), "rmsc": 0.5} for n, a, c in zip(names, lds_v, cds_v)}
+    means["enc0"]["rmsc"] = 0.7
+    means["not-in-table"] = {"lds": 0.0, "cds": 0.0, "rmsc": 0.0}
+    corr, got_gfid = metrics.fid_correlations(metrics.read_fid_table(path), means)
+    assert got_gfid == pytest.approx(gfid)
+    assert corr["LDS"][0] == pytest.approx(-1.0)
+    assert corr["CDS"][0] == pytest.approx(np.corrcoef(cds_v, gfid)[0, 1])
+    assert corr["linear probe"][0] == pytest.approx(np.corrcoef(lp, gfid)[0, 1])
+    assert corr["RMSC"][0] == pytest.approx(np.corrcoef([0.7] + [0.5] * 5, gfid)[0, 1])
+    metrics.draw_scatter(tmp_path / "s.png", corr, got_gfid)
+    assert Image.open(tmp_path / "s.png").size == (240 * 4, 240)
+    with pytest.raises(ValueError, match=">= 3 encoders"):
+        metrics.fid_correlations(metrics.read_fid_table(path), {"enc0": means["enc0"]})
+    (tmp_path / "bad.csv").write_text("name,fid\na,1\n")
+    with pytest.raises(ValueError, match="encoder,gfid"):
+        metrics.read_fid_table(tmp_path / "bad.csv")
+
+
+def test_metrics_load_folder_center_crops(tmp_path):
+    img = np.zeros((512, 1024, 3), np.uint8)
+    img[:, :512] = (255, 0, 0)  # left half red, right half blue
+    img[:, 512:] = (0, 0, 255)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    x, masks = metrics.load_folder(tmp_path)  # box-halved to 512x256, then the centre 256 columns: 128..384
+    assert x.shape == (1, 3, 256, 256) and x.dtype == torch.uint8 and masks is None
+    assert (x[0, :, :, :120] == torch.tensor([255, 0, 0])[:, None, None]).all()
+    assert (x[0, :, :, 136:] == torch.tensor([0, 0, 255])[:, None, None]).all()
+
+
+def _metrics_toy_encoder(name, resolution=256, weights=None):
+    # stands in for encoders.load_encoder: a fixed random 16x16 patch embedding plus a global vector, (B, 256, 32)
+    g = torch.Generator().manual_seed(len(name))
+    w, bias = torch.randn(32, 3, 16, 16, generator=g) / 40, torch.randn(32, generator=g)
+    enc = torch.nn.Module()
+    enc.forward = lambda x: F.conv2d(x.float() / 255, w, stride=16).flatten(2).transpose(1, 2) + bias
+    return enc
+
+
+def _metrics_write_images(folder, masks_folder, n=5):
+    folder.mkdir()
+    masks_folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 300 + 20 * i, 400
+        img = np.kron(rng.integers(0, 255, (h // 20 + 1, w // 20 + 1, 3)), np.ones((20, 20, 1)))[:h, :w].astype(np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = 1  # values 0/1 like label maps
+        Image.fromarray(img).save(folder / f"im{i}.png")
+        Image.fromarray(mask).save(masks_folder / f"im{i}.png")
+
+
+def test_metrics_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    names = ["toy-a", "toy-bb", "toy-ccc"]
+    for n in names:
+        monkeypatch.setitem(metrics.ENCODERS, n, None)
+    monkeypatch.setattr(metrics, "load_encoder", _metrics_toy_encoder)
+    _metrics_write_images(tmp_path / "img", tmp_path / "mask")
+    with open(tmp_path / "fid.csv", "w") as f:
+        f.write("encoder,gfid\ntoy-a,10\ntoy-bb,12\ntoy-ccc,15\n")
+    out = tmp_path / "out"
+    metrics.main(["--encoder", *names, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"),
+                  "--batch-size", "2", "--spnorm-gamma", "0.6", "--save", f"{out}.json", "--viz", f"{out}.png",
+                  "--fid-table", str(tmp_path / "fid.csv")])
+    printed = capsys.readouterr().out
+    assert "toy-bb +spnorm(0.6)" in printed and "SRSS" in printed and "Pearson r with gFID (3 encoders)" in printed
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["num_images"] == 5 and len(result["means"]) == 6
+    # the CLI's means = the metric functions on the same crops, masks pooled to 16x16 (any foreground pixel)
+    images, masks = metrics.load_folder(tmp_path / "img", tmp_path / "mask")
+    z = _metrics_toy_encoder("toy-a")(images)
+    patch_masks = masks.view(5, 16, 16, 16, 16).any(4).any(2).flatten(1)
+    assert 0 < patch_masks.float().mean() < 1
+    want = {k: torch.nanmean(v).item() for k, v in metrics.spatial_metrics(z, patch_masks).items()}
+    assert result["means"]["toy-a"] == pytest.approx(want, abs=1e-6)
+    metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--save", f"{out}.csv", "--lds", "paper"])
+    rows = list(csv.DictReader(open(f"{out}.csv")))
+    assert [r["encoder"] for r in rows] == ["toy-a"] and "srss" not in rows[0]
+    assert float(rows[0]["lds"]) == pytest.approx(metrics.lds(z, paper=True).mean().item(), abs=1e-6)
+    assert "SRSS omitted" in capsys.readouterr().out
+    assert Image.open(f"{out}.png").height == 20 + 3 * 116
+    assert Image.open(tmp_path / "fid.pearson.png").size == (240 * 4, 240)
+
+
+def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
+    name = next(iter(metrics.ENCODERS))
+    (tmp_path / "empty").mkdir()
+    _metrics_write_images(tmp_path / "img", tmp_path / "mask", n=2)
+
+    def fails(argv, message):
+        with pytest.raises(SystemExit):
+            metrics.main(argv)
+        assert message in capsys.readouterr().err
+
+    fails(["--encoder", "no-such-encoder"], "unknown encoder(s) no-such-encoder")
+    fails([], "give --encoder")
+    fails(["--encoder", name, "--images", str(tmp_path / "empty")], "no images")
+    fails(["--encoder", name, "--masks", str(tmp_path / "mask")], "--masks needs --images")
+    fails(["--encoder", name, "--encoder-weights", "a", "b"], "one value or one per encoder")
+    (tmp_path / "mask" / "im1.png").rename(tmp_path / "mask" / "other.png")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask for image im1.png")
+    Image.new("L", (10, 10)).save(tmp_path / "mask" / "im1.png")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "mask im1.png is 10x10, image im1.png is 400x320")
+    enc = torch.nn.Module()
+    enc.forward = lambda x: torch.randn(len(x), 200, 8)  # 200 tokens: no square grid
+    monkeypatch.setattr(metrics, "load_encoder", lambda *a, **k: enc)
+    with pytest.raises(ValueError, match="200 tokens are not a square grid"):
+        metrics.main(["--encoder", name, "--images", str(tmp_path / "img")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_metrics_gpu_matches_cpu():
+    z, masks = _metrics_smooth(8, 16, 768) + torch.randn(8, 256, 768), torch.rand(8, 256) > 0.5
+    cpu, gpu = metrics.spatial_metrics(z, masks), metrics.spatial_metrics(z.cuda(), masks.cuda())
+    for k in cpu:
+        torch.testing.assert_close(gpu[k].cpu(), cpu[k], atol=1e-5, rtol=0)
