@@ -1236,3 +1236,246 @@ def test_metrics_gpu_matches_cpu():
     cpu, gpu = metrics.spatial_metrics(z, masks), metrics.spatial_metrics(z.cuda(), masks.cuda())
     for k in cpu:
         torch.testing.assert_close(gpu[k].cpu(), cpu[k], atol=1e-5, rtol=0)
+
+# =============================================================================
+# fid.py
+
+import fid  # noqa: E402
+
+
+def _fid_oracle_fd(mu1, s1, mu2, s2):
+    # float64 oracle through a symmetric route: tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), both via eigh
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(m, 0, None)).sum())
+
+
+def _fid_spd(rng, d, n):
+    a = rng.standard_normal((n, d))
+    return np.cov(a, rowvar=False), a.mean(0)
+
+
+def test_fid_frechet_identical_is_zero():
+    s, mu = _fid_spd(np.random.default_rng(0), 16, 100)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-8
+
+
+def test_fid_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(1)
+    a, b, mu1, mu2 = rng.random(20) + 0.1, rng.random(20) + 0.1, rng.standard_normal(20), rng.standard_normal(20)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want, rtol=1e-10)
+
+
+def test_fid_frechet_random_spd_matches_oracle():
+    rng = np.random.default_rng(2)
+    for d in (3, 64):
+        (s1, mu1), (s2, mu2) = _fid_spd(rng, d, 4 * d), _fid_spd(rng, d, 3 * d)
+        assert np.isclose(fid.frechet_distance(mu1, s1, mu2, s2), _fid_oracle_fd(mu1, s1, mu2, s2), rtol=1e-8)
+    (s1, mu1), (s2, mu2) = _fid_spd(rng, 64, 10), _fid_spd(rng, 64, 12)  # rank-deficient covariances (n < d)
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(got) and np.isclose(got, _fid_oracle_fd(mu1, s1, mu2, s2), rtol=1e-4)
+    with pytest.raises(ValueError, match="do not match"):
+        fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def test_fid_frechet_rank_deficient_2048_stays_finite():
+    rng = np.random.default_rng(3)
+    a, b = np.r_[rng.random(1024), np.zeros(1024)], rng.random(2048)  # sigma1 has rank 1024 of 2048
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's / our singular-product warnings
+        got = fid.frechet_distance(np.zeros(2048), np.diag(a), np.ones(2048), np.diag(b))
+    assert np.isfinite(got)
+    assert np.isclose(got, 2048 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rtol=1e-6)
+
+
+def test_fid_inception_score_synthetic():
+    assert np.isclose(fid.inception_score(np.zeros((100, 1008))), 1.0)
+    k = 10
+    onehot = np.eye(1008)[np.arange(1000) % k] * 60.0  # near one-hot, k balanced classes
+    assert np.isclose(fid.inception_score(onehot), k, rtol=1e-6)
+    # consecutive splits: first split a single class (IS 1), second k balanced classes (IS k) -> mean
+    two = np.concatenate([np.eye(1008)[np.zeros(50, int)], np.eye(1008)[np.arange(50) % k]]) * 60.0
+    assert np.isclose(fid.inception_score(two, split_size=50), (1 + k) / 2, rtol=1e-6)
+
+
+def _fid_oracle_pr(ref, smp, k):
+    d = lambda a, b: ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
+    radius = lambda x: np.array([np.sort(np.delete(d(x, x)[i], i))[k - 1] for i in range(len(x))])  # self excluded
+    r_ref, r_smp = radius(ref), radius(smp)
+    precision = np.mean([(d(s[None], ref)[0] <= r_ref).any() for s in smp])
+    recall = np.mean([(d(r[None], smp)[0] <= r_smp).any() for r in ref])
+    return precision, recall
+
+
+def test_fid_precision_recall_matches_bruteforce():
+    rng = np.random.default_rng(4)
+    # small integers: fp16 distances are exact, so ADM's fp16 path must equal the float64 oracle, ties included
+    ref = rng.integers(0, 4, (40, 16)).astype(np.float32)
+    smp = rng.integers(0, 3, (33, 16)).astype(np.float32)  # a narrower set: recall < 1
+    smp[::5] += 3  # outliers: precision < 1
+    want = _fid_oracle_pr(ref, smp, 3)
+    got = fid.precision_recall(torch.from_numpy(ref), torch.from_numpy(smp), k=3)
+    assert got == pytest.approx(want, abs=1e-12) and 0 < want[0] < 1 and 0 < want[1] < 1
+    blocked = fid.precision_recall(torch.from_numpy(ref), torch.from_numpy(smp), k=3, batch=7)
+    assert blocked == got
+    # values too large for fp16 -> the block falls back to fp32, still equal to the oracle
+    big_ref, big_smp = rng.standard_normal((30, 8)) * 300, rng.standard_normal((25, 8)) * 300 + 100
+    got = fid.precision_recall(torch.tensor(big_ref, dtype=torch.float32), torch.tensor(big_smp, dtype=torch.float32))
+    assert got == pytest.approx(_fid_oracle_pr(big_ref, big_smp, 3), abs=1e-12)
+    with pytest.raises(ValueError, match="more than 3"):
+        fid.precision_recall(torch.zeros(3, 4), torch.zeros(10, 4))
+
+
+def test_fid_tf1_resize_matches_numpy_loop():
+    rng = np.random.default_rng(5)
+    img = (rng.random((2, 3, 11, 13)) * 255).astype(np.float32)
+    for size in (7, 29):
+        want = np.zeros((2, 3, size, size), np.float32)
+        sy, sx = np.float32(11) / np.float32(size), np.float32(13) / np.float32(size)
+        for y in range(size):
+            fy = np.float32(y) * sy
+            y0, y1, ly = int(np.floor(fy)), min(int(np.ceil(fy)), 10), fy - np.floor(fy)
+            for x in range(size):
+                fx = np.float32(x) * sx
+                x0, x1, lx = int(np.floor(fx)), min(int(np.ceil(fx)), 12), fx - np.floor(fx)
+                top = img[:, :, y0, x0] + (img[:, :, y0, x1] - img[:, :, y0, x0]) * lx
+                bot = img[:, :, y1, x0] + (img[:, :, y1, x1] - img[:, :, y1, x0]) * lx
+                want[:, :, y, x] = top + (bot - top) * ly
+        np.testing.assert_allclose(fid.tf1_resize(torch.from_numpy(img), size).numpy(), want, rtol=0, atol=1e-4)
+    x = torch.from_numpy(img[:, :, :, :11].copy())
+    assert torch.equal(fid.tf1_resize(x, 11), x)  # same size is the identity
+
+
+def test_fid_state_dict_matches_published_layout():
+    with open(os.path.join(os.path.dirname(fid.__file__), "fixtures", "inception_keys.txt")) as f:
+        want = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    got = [f"{k} {tuple(v.shape)}" for k, v in fid.FIDInception().state_dict().items()]
+    assert got == want
+
+
+def test_fid_inception_outputs_spatial_order_and_batch_invariance():
+    torch.manual_seed(0)
+    model = fid.FIDInception().eval()
+    model.fc.bias.data.fill_(5.0)  # must not reach the logits
+    seen = {}
+    model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.__setitem__("nchw", o))
+    x = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        pool, spatial, logits = model(x)
+        pool1, spatial1, _ = model(x[1:])
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
+    want = seen["nchw"][:1, :7].numpy().transpose(0, 2, 3, 1).reshape(1, -1)  # (1,17,17,7) in H,W,C
+    np.testing.assert_array_equal(spatial1.numpy(), want)
+    torch.testing.assert_close(logits, pool @ model.fc.weight.T)
+    assert pool.std(0).mean() > 0 and (pool >= 0).all()  # ReLU features that vary with the image
+    torch.testing.assert_close(pool1, pool[1:], rtol=1e-5, atol=1e-5 * pool.abs().max().item())
+    torch.testing.assert_close(spatial1, spatial[1:], rtol=1e-5, atol=1e-5 * spatial.abs().max().item())
+
+
+def test_fid_npz_streaming_equals_np_load(tmp_path):
+    imgs = np.random.default_rng(6).integers(0, 256, (11, 5, 6, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        path = str(tmp_path / f"{save.__name__}.npz")
+        save(path, imgs, labels=np.arange(11))
+        shape, read = fid.open_images(path)
+        assert shape == imgs.shape
+        np.testing.assert_array_equal(np.concatenate(list(read(0, 11, 4))), np.load(path)["arr_0"])
+        np.testing.assert_array_equal(np.concatenate(list(read(3, 8, 2))), imgs[3:8])
+
+
+def test_fid_png_folder(tmp_path):
+    imgs = np.random.default_rng(7).integers(0, 256, (3, 8, 9, 3), dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
+    shape, read = fid.open_images(str(tmp_path))
+    assert shape == (3, 8, 9, 3)
+    np.testing.assert_array_equal(np.concatenate(list(read(0, 3, 2))), imgs)
+
+
+def test_fid_bad_inputs(tmp_path, monkeypatch):
+    cases = {"float32": (np.zeros((4, 8, 8, 3), np.float32), "uint8"), "nchw": (np.zeros((4, 3, 8, 8), np.uint8), "NCHW"),
+             "unit": (np.ones((4, 8, 8, 3), np.uint8), r"not \[0,1\]")}
+    for name, (arr, msg) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", arr)
+        with pytest.raises(ValueError, match=msg):
+            fid.features(None, str(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "noarr.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="no arr_0"):
+        fid.open_images(str(tmp_path / "noarr.npz"))
+    np.savez(tmp_path / "badref.npz", mu=np.zeros(2048))
+    with pytest.raises(ValueError, match="needs arr_0 .* or mu and sigma"):
+        fid.evaluate(None, str(tmp_path / "unit.npz"), str(tmp_path / "badref.npz"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
+        fid.load_inception()
+
+
+def _fid_fake_forward(self, x):
+    # cheap deterministic stand-in for the Inception forward, same output shapes: (B,H,W,3) uint8 -> pool, spatial, logits
+    g = torch.Generator().manual_seed(0)
+    f = x[:, :4, :4].reshape(len(x), -1).float() / 255  # (B,48)
+    pool = torch.relu(f @ torch.randn(48, 2048, generator=g))
+    return pool, f @ torch.randn(48, 2023, generator=g), pool @ self.fc.weight.T
+
+
+def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(8)
+    samples, ref = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)
+    stored_mu, stored_sigma = rng.standard_normal(2048), np.eye(2048)
+    np.savez(tmp_path / "s.npz", samples)
+    np.savez(tmp_path / "ref.npz", ref, mu=stored_mu, sigma=stored_sigma)  # no mu_s: sFID from arr_0 features
+    torch.manual_seed(0)
+    sd = {k: v for k, v in fid.FIDInception().state_dict().items() if "num_batches_tracked" not in k}  # legacy file
+    torch.save(sd, tmp_path / "w.pth")
+    monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
+    fd_stub = lambda m1, s1, m2, s2: float(np.abs(m1 - m2).sum() + np.abs(s1 - s2).mean())  # a 2048-d sqrtm is slow
+    monkeypatch.setattr(fid, "frechet_distance", fd_stub)
+    args = [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "w.pth"),
+            "--json", str(tmp_path / "m.json"), "--save-stats", str(tmp_path / "st.npz"), "--batch-size", "5"]
+    with pytest.warns(UserWarning) as record:
+        fid.main(args)
+    assert any("50,000" in str(w.message) for w in record) and any("resolution" in str(w.message) for w in record)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    metrics = json.load(open(tmp_path / "m.json"))
+    assert [float(line.split(": ")[1]) for line in lines] == [metrics[line.split(": ")[0]] for line in lines]
+    model = fid.FIDInception()
+    model.load_state_dict(sd, strict=False)
+    ps, ss, _ = (t.detach().numpy() for t in _fid_fake_forward(model, torch.from_numpy(samples)))
+    pr, sr, _ = (t.detach().numpy() for t in _fid_fake_forward(model, torch.from_numpy(ref)))
+    st = np.load(tmp_path / "st.npz")
+    np.testing.assert_allclose(st["mu"], ps.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st["sigma_s"], np.cov(ss, rowvar=False), rtol=1e-5, atol=1e-6)
+    assert metrics["FID"] == fd_stub(st["mu"], st["sigma"], stored_mu, stored_sigma)
+    assert np.isclose(metrics["sFID"], fd_stub(st["mu_s"], st["sigma_s"], sr.mean(0), np.cov(sr, rowvar=False)))
+    assert np.isclose(metrics["Inception Score"], fid.inception_score(ps @ sd["fc.weight"].numpy().T), rtol=1e-6)
+    assert (metrics["Precision"], metrics["Recall"]) == fid.precision_recall(torch.from_numpy(pr), torch.from_numpy(ps))
+
+
+def _fid_ddp_worker(rank, world, port, path, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    fid.FIDInception.forward = _fid_fake_forward
+    pool, spatial, shape = fid.features(fid.FIDInception(), path, batch_size=2)
+    if rank == 0:
+        np.savez(out, pool=pool, spatial=spatial)
+    else:
+        assert pool is None and shape[0] == 7
+    dist.destroy_process_group()
+
+
+def test_fid_ddp_gather_keeps_order(tmp_path, monkeypatch):
+    import socket
+    import torch.multiprocessing as mp
+    np.savez(tmp_path / "s.npz", np.random.default_rng(9).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fid_ddp_worker, args=(2, port, str(tmp_path / "s.npz"), str(tmp_path / "out.npz")), nprocs=2)
+    monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
+    pool, spatial, _ = fid.features(fid.FIDInception(), str(tmp_path / "s.npz"), batch_size=3)
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(got["pool"], pool)
+    np.testing.assert_array_equal(got["spatial"], spatial)

@@ -385,6 +385,7 @@ def main(argv=None):
         step = ck["step"]
     train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None) if ddp else objective
     step_fn = torch.compile(train_obj) if args.compile else train_obj
+    encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
     trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed stays out of the EMA
     ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad] for ema in emas]
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -395,9 +396,9 @@ def main(argv=None):
         n_par = sum(p.numel() for p in params)
         print(f"{args.model}: {n_par:,} trainable parameters (incl. projector), {world} rank(s), device {device}")
 
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.num_workers if args.data_path else 0,
-                                         sampler=range(step, args.steps), pin_memory=device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if args.data_path and args.num_workers else None)
+    workers = args.num_workers if device.type == "cuda" else 0  # CPU runs: no worker start-up cost
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, sampler=range(step, args.steps),
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     flops_per_img = count_flops(objective, encoder, data, device, amp, family, vae) if device.type == "cuda" else None
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the last log
     t0, last_log = time.time(), step
@@ -410,7 +411,7 @@ def main(argv=None):
             target = None
             if encoder is not None:
                 with amp:
-                    target = encoder(x)                              # (B, T, Dz) from uint8 images
+                    target = encode(x)                               # (B, T, Dz) from uint8 images
             if family == "SiT":
                 lat = lat.to(device, non_blocking=True)
                 mean, std = lat.chunk(2, dim=1)
