@@ -13,6 +13,17 @@ for what in "${@:-train-eager train encoders sample fid metrics}"; do for w in $
     run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 256 --bench 30 --compile ;;
   train-xl) run python train.py --model SiT-XL/2 $R --vae-weights random --batch-size 256 --bench 10 --compile ;;
+  scaling)  # same per-GPU batch on 1 and on all GPUs of the host
+    n=$(nvidia-smi -L | wc -l)
+    CUDA_VISIBLE_DEVICES=0 run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 30 --compile
+    run torchrun --nproc_per_node=$n train.py --model SiT-B/2 $R --vae-weights random --batch-size $((256 * n)) --bench 30 --compile ;;
+  ddp-resume)  # the used-by command on all GPUs: identical replicas, one checkpoint, resume continues the losses
+    n=$(nvidia-smi -L | wc -l); o=/tmp/ddp; rm -rf $o $o-r
+    C="torchrun --nproc_per_node=$n train.py --encoder dinov2-vit-b --irepa --model SiT-B/2 --encoder-weights random --vae-weights random --num-generated 1024 --batch-size $((64 * n)) --log-every 2 --sample-every 0"
+    $C --steps 12 --ckpt-every 12 --out-dir $o 2>&1 | grep -E "replicas|Error"; ls $o/checkpoints
+    $C --steps 6 --ckpt-every 6 --out-dir $o-r 2>&1 | grep -E "replicas|Error"
+    torchrun --nproc_per_node=$n train.py --resume $o-r --steps 12 2>&1 | grep -E "replicas|Error"
+    python -c "import json; a, b = ([json.loads(l)['loss'] for l in open(f'$o{s}/log.jsonl')] for s in ('', '-r')); print('losses', a, b, 'identical' if a == b else 'DIFFERENT')" ;;
   encoders) run python encoders.py --bench ;;
   sample) run python sample.py --bench --model SiT-B/2 --batch-size 256 ;;
   fid) run python fid.py --bench ;;

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Pieces both families share (DiT lineage)
@@ -169,6 +170,7 @@ class SiT(nn.Module):
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
         self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
+        self.recompute = 0                           # activation checkpointing of the first N blocks (train.py)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -188,7 +190,8 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         h = None
         for i, block in enumerate(self.blocks):
-            x = block(x, c)
+            # the first `recompute` blocks keep no activations and recompute them in backward (saves memory)
+            x = checkpoint(block, x, c, use_reentrant=False) if i < self.recompute and self.training else block(x, c)
             if i + 1 == align_depth:
                 h = x                                # (B, T, D) what REPA aligns
         x = self.final_layer(x, c)                   # (B, T, p*p*C)
@@ -308,6 +311,7 @@ class JiT(nn.Module):
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.input_size = image_size
         self.grid = image_size // patch_size
+        self.recompute = 0
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -337,7 +341,8 @@ class JiT(nn.Module):
                 ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, 32, D)
                 x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
             rope = (self.rope_ctx_cos, self.rope_ctx_sin) if n_ctx else (self.rope_cos, self.rope_sin)
-            x = block(x, c, *rope)
+            x = checkpoint(block, x, c, *rope, use_reentrant=False) if i < self.recompute and self.training \
+                else block(x, c, *rope)
             if i + 1 == align_depth:
                 h = x[:, n_ctx:]                      # (B, T, D) patch tokens only
         x = self.final_layer(x[:, n_ctx:], c)         # class tokens never reach the output

@@ -140,6 +140,21 @@ def test_model_sincos_pos_embed_matches_formula():
     assert torch.allclose(row, expect, atol=1e-6)
 
 
+@pytest.mark.parametrize("build", [_tiny_sit, _tiny_jit])
+def test_model_recompute_gives_the_same_gradients(build):
+    torch.manual_seed(0)
+    m = _randomize(build())
+    x = torch.randn(2, m.in_channels, m.input_size, m.input_size)
+    grads = []
+    for recompute in (0, 3):
+        m.recompute = recompute
+        m.zero_grad()
+        out, h = m(x, torch.rand(2, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2]), align_depth=2)
+        (out.square().sum() + h.sum()).backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_model_unknown_name_lists_valid():
     with pytest.raises(ValueError, match="SiT-B/2.*JiT-B/16"):
         model.build_model("SiT-Q/2")
@@ -346,6 +361,18 @@ def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     la = [json.loads(line) for line in open(full / "log.jsonl")]
     lb = [json.loads(line) for line in open(killed / "log.jsonl")]
     assert [r["loss"] for r in la][-4:] == [r["loss"] for r in lb][-4:]
+
+
+def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
+    # the checkpoint's configuration (encoder, projector, ...) comes back; flags given now (--steps) win
+    run = str(tmp_path / "run")
+    common = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa", "--ckpt-every", "2"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        train.main([*_TINY, *common, "--steps", "2", "--out-dir", run])
+        train.main(["--resume", run, "--steps", "4"])
+    ck = _state(os.path.join(run, "checkpoints", "0000004.pt"))
+    assert ck["args"]["encoder"] == "dinov2-vit-s" and ck["args"]["proj"] == "conv" and ck["proj"] is not None
+    assert [r["step"] for r in map(json.loads, open(os.path.join(run, "log.jsonl")))] == [2, 4]
 
 
 def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):

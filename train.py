@@ -203,16 +203,16 @@ class Objective(nn.Module):
 # Configuration: presets per recipe, explicit flags win
 
 PRESETS = {
-    "demo": dict(model="JiT-demo/16", image_size=64, batch_size=64, lr=1e-3, steps=500, log_every=25,
-                 ckpt_every=250, sample_every=250, warmup_steps=50),
+    "demo": dict(model="JiT-demo/16", image_size=64, batch_size=64, lr=1e-3, steps=1000, log_every=50,
+                 ckpt_every=500, sample_every=500, warmup_steps=50, ema="0.99,0.98"),  # short run: short EMAs
     "SiT": dict(model="SiT-B/2", image_size=256, batch_size=256, lr=1e-4, steps=400_000, log_every=100,
-                ckpt_every=50_000, sample_every=10_000, warmup_steps=0),
+                ckpt_every=50_000, sample_every=10_000, warmup_steps=0, ema="0.9999"),
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
-                ckpt_every=50_000, sample_every=10_000, warmup_steps=None),
+                ckpt_every=50_000, sample_every=10_000, warmup_steps=None, ema="0.9999,0.9996"),
 }
 FAMILY = {  # the parts of each recipe that are not flags (SPEC.md)
-    "SiT": dict(betas=(0.9, 0.999), clip=1.0, emas=(0.9999,), flip=False),
-    "JiT": dict(betas=(0.9, 0.95), clip=None, emas=(0.9999, 0.9996), flip=True),
+    "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
+    "JiT": dict(betas=(0.9, 0.95), clip=None, flip=True),
 }
 
 
@@ -239,6 +239,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch size, split over ranks")
     p.add_argument("--lr", type=float, help="learning rate (JiT default: 5e-5 * batch / 256)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup (JiT default: 5 epochs, SiT: none)")
+    p.add_argument("--ema", help="EMA decay(s), comma-separated; samples use the first (SiT 0.9999; JiT 0.9999,0.9996)")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and at the end)")
     p.add_argument("--sample-every", type=int, help="PNG sample grid from the EMA every N steps and at the end (0: never)")
@@ -250,9 +251,12 @@ def get_args(argv=None):
     p.add_argument("--image-size", type=int, help="image side in pixels; the token grid follows it")
     p.add_argument("--seed", type=int, default=0, help="global seed")
     p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--recompute", type=int, default=0, help="activation checkpointing of the first N blocks: "
+                   "less memory (e.g. SiT-XL/2 at batch 256 per H100), more compute")
     p.add_argument("--bench", type=int, default=0, help="benchmark: time N steps after warmup, print img/s, MFU, memory")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None}
+    given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
     if args.resume:  # the checkpoint's configuration, then the flags given now
         saved = torch.load(find_checkpoint(args.resume), map_location="cpu", weights_only=False)["args"]
         for k, v in saved.items():
@@ -367,13 +371,14 @@ def main(argv=None):
     # ---- model, EMA(s), optimiser
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
                           noise_scale=2.0 if family == "JiT" and args.image_size >= 512 else 1.0)
-    emas = [copy.deepcopy(net).requires_grad_(False) for _ in fam["emas"]]
+    decays = [float(d) for d in args.ema.split(",")]
+    emas = [copy.deepcopy(net).requires_grad_(False) for _ in decays]
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0,
                             fused=device.type == "cuda")
     step = 0
-    if args.bench:
-        args.steps, args.log_every = 5 + args.bench, 5 + args.bench
+    if args.bench:  # 5 warmup/compile steps, N timed steps, then 3 steps under the profiler
+        args.steps, args.log_every = 8 + args.bench, 8 + args.bench
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=False)
         net.load_state_dict(ck["model"])
@@ -400,10 +405,11 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, sampler=range(step, args.steps),
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     flops_per_img = count_flops(objective, encoder, data, device, amp, family, vae) if device.type == "cuda" else None
+    net.recompute = args.recompute  # after counting: MFU counts useful FLOPs, not recomputed ones
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the last log
     t0, last_log = time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
-    timing = {}  # --bench only
+    timing = {}  # --bench only: step -> time, and the profiler
     for x, y, lat in loader:
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -428,14 +434,17 @@ def main(argv=None):
         gnorm = torch.nn.utils.clip_grad_norm_(params, fam["clip"] if fam["clip"] else float("inf"))
         opt.step()
         with torch.no_grad():
-            for ema_p, decay in zip(ema_params, fam["emas"]):
+            for ema_p, decay in zip(ema_params, decays):
                 torch._foreach_lerp_(ema_p, trainable, 1 - decay)
             acc += torch.stack([loss.detach().float(), denoise.detach().float(), rep.detach().float(), gnorm.float()])
         step += 1
         bar.update(1)
-        if args.bench and step == 5:  # bench: time the steps after warmup and compilation
+        if args.bench and step in (5, 5 + args.bench):  # bench: time the steps after warmup and compilation
             torch.cuda.synchronize() if device.type == "cuda" else None
-            timing["start"], timing["step"] = time.time(), step
+            timing[step] = time.time()
+            if step > 5 and rank == 0:
+                timing["prof"] = torch.profiler.profile()
+                timing["prof"].start()
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:  # never save a NaN
             if ddp:
                 dist.all_reduce(acc)
@@ -476,10 +485,10 @@ def main(argv=None):
         dist.all_reduce(hi, dist.ReduceOp.MAX)
         if rank == 0:
             print(f"replicas identical across {world} ranks: {bool(torch.equal(lo, hi))}")
-    if args.bench and rank == 0 and "start" in timing:
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        n = step - timing["step"]
-        ips = n * args.batch_size / (time.time() - timing["start"]) / world
+    if args.bench and rank == 0:
+        timing["prof"].stop()
+        print(timing["prof"].key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
+        ips = args.bench * args.batch_size / (timing[5 + args.bench] - timing[5]) / world
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
         mfu = ips * flops_per_img / 800e12 if flops_per_img else float("nan")
         print(f"BENCH {args.model} enc={args.encoder} proj={args.proj} batch={args.batch_size} world={world} "
