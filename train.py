@@ -388,7 +388,8 @@ def main(argv=None):
             projector.load_state_dict(ck["proj"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-    train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None) if ddp else objective
+    train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True) if ddp else objective
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
     trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed stays out of the EMA
