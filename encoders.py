@@ -3,10 +3,8 @@
     python encoders.py --bench          # img/s: DINOv2-B forward (bf16, batch 256), VAE encode/decode (fp32, 256 px)
     python encoders.py --bench --batch-size 4 --vae-batch-size 2 --steps 1     # quick CPU smoke run
 
-load_encoder(name, resolution) maps uint8 images (B,3,R,R) to the encoder's patch tokens (B,(R/16)^2,D), reproducing
-the official iREPA preprocessing: /255, resize to the encoder's own input size, normalise (in the official order),
-prefix tokens (CLS, registers) dropped, final norm applied or not as the official code does.
-load_vae() is a plain-torch AutoencoderKL whose keys follow diffusers, so the hub file loads strictly.
+Encoders reproduce the official iREPA preprocessing and token choice (README, "Target encoders"); the VAE is a
+plain-torch AutoencoderKL whose keys follow diffusers, so the hub file loads strictly.
 """
 import argparse
 import os
@@ -29,7 +27,7 @@ HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def _e(timm_id, px, mode="bicubic", norm_first=True, stats=IMAGENET, prenorm=False, kw=None):
-    # px: encoder input side for 256 px images (scaled by R/256). mode: resize interpolation (never antialiased).
+    # px: input side for 256 px images (scaled by R/256). mode: resize interpolation (never antialiased).
     # norm_first: the official code normalises before resizing. prenorm: tokens are taken before the final norm.
     return dict(timm_id=timm_id, px=px, mode=mode, norm_first=norm_first, stats=stats, prenorm=prenorm, kw=kw or {})
 
@@ -42,15 +40,10 @@ def _webssl(dim, depth, heads):
 
 
 GELU_TANH = dict(act_layer="gelu_tanh")  # HF SigLIP uses tanh-GELU; some timm SigLIP defs default to erf-GELU
+SIZE = dict(s="small", b="base", l="large", h="huge", g="giant")
 ENCODERS = {
-    "dinov2-vit-s": _e("vit_small_patch14_dinov2.lvd142m", 224),
-    "dinov2-vit-b": _e("vit_base_patch14_dinov2.lvd142m", 224),
-    "dinov2-vit-l": _e("vit_large_patch14_dinov2.lvd142m", 224),
-    "dinov2-vit-g": _e("vit_giant_patch14_dinov2.lvd142m", 224),
-    "dinov2reg-vit-s": _e("vit_small_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov2reg-vit-b": _e("vit_base_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov2reg-vit-l": _e("vit_large_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov2reg-vit-g": _e("vit_giant_patch14_reg4_dinov2.lvd142m", 224),
+    **{f"dinov2-vit-{s}": _e(f"vit_{SIZE[s]}_patch14_dinov2.lvd142m", 224) for s in "sblg"},
+    **{f"dinov2reg-vit-{s}": _e(f"vit_{SIZE[s]}_patch14_reg4_dinov2.lvd142m", 224) for s in "sblg"},
     # official: torchvision Resize (bilinear, antialias) to R itself, i.e. never resizes; then normalise
     "dinov3-vit-s16": _e("vit_small_patch16_dinov3_qkvb.lvd1689m", 256, "bilinear", False),
     "dinov3-vit-s16plus": _e("vit_small_plus_patch16_dinov3_qkvb.lvd1689m", 256, "bilinear", False),
@@ -58,14 +51,12 @@ ENCODERS = {
     "dinov3-vit-l16": _e("vit_large_patch16_dinov3_qkvb.lvd1689m", 256, "bilinear", False),
     "dinov3-vit-h16plus": _e("vit_huge_plus_patch16_dinov3_qkvb.lvd1689m", 256, "bilinear", False),
     "dinov3-vit-7b16": _e("vit_7b_patch16_dinov3.lvd1689m", 256, "bilinear", False),
-    "dino-vit-s": _e("vit_small_patch16_224.dino", 256),
-    "dino-vit-b": _e("vit_base_patch16_224.dino", 256),
+    **{f"dino-vit-{s}": _e(f"vit_{SIZE[s]}_patch16_224.dino", 256) for s in "sb"},
     "clip-vit-L": _e("vit_large_patch14_clip_quickgelu_224.openai", 224, norm_first=False, stats=CLIP, prenorm=True),
     "mae-vit-l": _e("vit_large_patch16_224.mae", 256, prenorm=True),
     "jepa-vit-h": _e("vit_huge_patch14_gap_224.in1k_ijepa", 224),
     # no timm weights: the official checkpoint files, renamed (mocov3 vit-{b,l}-300ep.pth.tar, HF facebook/webssl-*)
-    "mocov3-vit-b": _e("vit_base_patch16_224", 256),
-    "mocov3-vit-l": _e("vit_large_patch16_224", 256),
+    **{f"mocov3-vit-{s}": _e(f"vit_{SIZE[s]}_patch16_224", 256) for s in "bl"},
     "webssl-vit-dino300m_full2b_224": _webssl(1024, 24, 16),
     "webssl-vit-dino1b_full2b_224": _webssl(1536, 40, 24),
     "webssl-vit-dino2b_full2b_224": _webssl(2688, 24, 21),
@@ -73,11 +64,9 @@ ENCODERS = {
     "webssl-vit-dino5b_full2b_224": _webssl(3584, 32, 28),
     "webssl-vit-dino7b_full8b_224": _webssl(4096, 32, 32),
     # official feeds SigLIP ImageNet mean/std (not SigLIP's 0.5)
-    "siglip-vit-b": _e("vit_base_patch16_siglip_256.webli", 256, kw=GELU_TANH),
-    "siglip-vit-l": _e("vit_large_patch16_siglip_256.webli", 256, kw=GELU_TANH),
+    **{f"siglip-vit-{s}": _e(f"vit_{SIZE[s]}_patch16_siglip_256.webli", 256, kw=GELU_TANH) for s in "bl"},
     "siglip-vit-so400m": _e("vit_so400m_patch14_siglip_224.webli", 224, kw=GELU_TANH),
-    "siglip2-vit-b": _e("vit_base_patch16_siglip_256.v2_webli", 256, kw=GELU_TANH),
-    "siglip2-vit-l": _e("vit_large_patch16_siglip_256.v2_webli", 256, kw=GELU_TANH),
+    **{f"siglip2-vit-{s}": _e(f"vit_{SIZE[s]}_patch16_siglip_256.v2_webli", 256, kw=GELU_TANH) for s in "bl"},
     "siglip2-vit-so400m": _e("vit_so400m_patch16_siglip_256.v2_webli", 256, kw=GELU_TANH),
     "siglip2-vit-g": _e("vit_giantopt_patch16_siglip_256.v2_webli", 256, kw=GELU_TANH),
     "pe-vit-t": _e("vit_pe_core_tiny_patch16_384.fb", 256, "bilinear", False, HALF, True),
@@ -95,22 +84,18 @@ ENCODERS = {
     "sam2-vit-b": _e("sam2_hiera_base_plus.fb_r896", 512, norm_first=False),
     "sam2-vit-l": _e("sam2_hiera_large.fb_r1024", 512, norm_first=False),
     # the RADIO model normalises inside (CLIP mean/std) after the official bilinear resize to R, a no-op
-    "cradio-vit-b": _e("vit_base_patch16_radio_v3.c_radio", 256, "bilinear", False, CLIP),
-    "cradio-vit-l": _e("vit_large_patch16_radio_v3.c_radio", 256, "bilinear", False, CLIP),
-    "cradio-vit-h": _e("vit_huge_patch16_radio_v3.c_radio", 256, "bilinear", False, CLIP),
-    "cradio-vit-g": _e("vit_giant_patch16_radio_v3.c_radio", 256, "bilinear", False, CLIP),
+    **{f"cradio-vit-{s}": _e(f"vit_{SIZE[s]}_patch16_radio_v3.c_radio", 256, "bilinear", False, CLIP) for s in "blhg"},
 }
 
 
 def _weights_file(what, flag, repo, files):
-    """Local weights file: hub `repo` (first of `files` it has) or, with repo None, the URL files[0]; from the cache,
-    else downloaded. Offline and not cached, it fails within seconds (one socket probe instead of
-    huggingface_hub's ~25 s of retries), naming the file and the flag."""
+    """Hub `repo`'s first file of `files` (repo None: the URL files[0], cached where timm caches URL weights), from
+    the cache, else downloaded. Offline it fails within seconds (one socket probe, not huggingface_hub's ~25 s of
+    retries), naming the file and the flag."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import RemoteEntryNotFoundError
-    if repo is None:  # cached where timm caches URL weights
-        url = files[0]
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if repo is None:
+        url, path = files[0], os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(files[0]))
         cached = path if os.path.isfile(path) else None
     else:
         url = constants.ENDPOINT
@@ -130,12 +115,12 @@ def _weights_file(what, flag, repo, files):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.hub.download_url_to_file(url, path)
         return path
-    for f in files[:-1]:
+    for f in files:
         try:
             return hf_hub_download(repo, f)
         except RemoteEntryNotFoundError:
-            pass
-    return hf_hub_download(repo, files[-1])
+            if f == files[-1]:
+                raise
 
 
 def _read(path):
@@ -147,10 +132,10 @@ def _read(path):
 
 def _mocov3_state_dict(sd, grid):
     """Official MoCo v3 checkpoint (module.base_encoder.*) -> timm ViT keys."""
-    out = {}
+    out, prefix = {}, "module.base_encoder."
     for k, v in sd.get("state_dict", sd).items():
-        if k.startswith("module.base_encoder.") and not k.startswith("module.base_encoder.head"):
-            k = k[len("module.base_encoder."):]  # the official ViT-L file misnames four tensors of blocks 13, 14
+        if k.startswith(prefix) and not k.startswith(prefix + "head"):
+            k = k[len(prefix):]  # the official ViT-L file misnames four tensors of blocks 13, 14
             for a, b in (("13.norm13", "13.norm1"), ("13.mlp.fc13", "13.mlp.fc1"), ("14.norm14", "14.norm2"),
                          ("14.mlp.fc14", "14.mlp.fc2")):
                 k = k.replace(f"blocks.{a}", f"blocks.{b}")
@@ -169,10 +154,9 @@ def _webssl_state_dict(sd, grid):
             continue
         for a, b in (("embeddings.patch_embeddings.projection", "patch_embed.proj"),
                      ("embeddings.cls_token", "cls_token"), ("embeddings.position_embeddings", "pos_embed"),
-                     ("encoder.layer.", "blocks."),
-                     ("attention.output.dense", "attn.proj"), ("layer_scale1.lambda1", "ls1.gamma"),
-                     ("layer_scale2.lambda1", "ls2.gamma"), ("mlp.weights_in", "mlp.fc1"),
-                     ("mlp.weights_out", "mlp.fc2"), ("layernorm.", "norm.")):
+                     ("encoder.layer.", "blocks."), ("attention.output.dense", "attn.proj"),
+                     ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+                     ("mlp.weights_in", "mlp.fc1"), ("mlp.weights_out", "mlp.fc2"), ("layernorm.", "norm.")):
             k = k.replace(a, b)
         if k != "embeddings.mask_token":
             out[k] = v
@@ -206,8 +190,9 @@ class Encoder(nn.Module):
         mean, std = (x.new_tensor(s).view(1, 3, 1, 1) for s in self.spec["stats"])
         if self.size == self.resolution:  # resizing to the same size is the identity in every official mode
             return (x - mean) / std
-        resize = lambda x: F.interpolate(x, size=self.size, mode=self.spec["mode"])  # noqa: E731
-        return resize((x - mean) / std) if self.spec["norm_first"] else (resize(x) - mean) / std
+        if self.spec["norm_first"]:
+            return F.interpolate((x - mean) / std, size=self.size, mode=self.spec["mode"])
+        return (F.interpolate(x, size=self.size, mode=self.spec["mode"]) - mean) / std
 
     @torch.no_grad()
     def forward(self, x):
@@ -217,9 +202,8 @@ class Encoder(nn.Module):
 
 
 def load_encoder(name, resolution=256, weights=None):
-    """Frozen encoder `name` for images of side `resolution` (a multiple of 16).
-    weights: None = pretrained (hub cache, else download), PATH = local checkpoint file,
-    "random" = random init (loud warning; tests and benchmarks only)."""
+    """Frozen encoder `name` for images of side `resolution` (a multiple of 16). weights: None = pretrained (hub
+    cache, else download), PATH = local checkpoint file, "random" = random init (warns; tests and benchmarks only)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODERS)}")
     if resolution <= 0 or resolution % 16:
@@ -229,7 +213,6 @@ def load_encoder(name, resolution=256, weights=None):
     if arch not in timm.list_models(arch):
         raise RuntimeError(f"{name} needs timm model {arch}, which timm {timm.__version__} lacks: upgrade timm")
     size, grid = spec["px"] * resolution // 256, resolution // 16
-    renamed = "." not in tid  # mocov3 / webssl: no timm tag, official files renamed below
     kw = dict(spec["kw"], num_classes=0)
     if arch.startswith("vit_pe_"):  # official PE: RoPE on integer grid positions; table resized after loading
         kw["ref_feat_shape"] = (grid, grid)
@@ -249,9 +232,10 @@ def load_encoder(name, resolution=256, weights=None):
         weights = _weights_file(what, flag, cfg.hf_hub_id, files)
     if weights != "random" and not os.path.isfile(weights):
         raise FileNotFoundError(f"{what}: weights file not found: {weights}")
-    timm_weights = weights != "random" and not renamed
-    model = timm.create_model(arch if renamed else tid, pretrained=timm_weights,
-                              pretrained_cfg_overlay=dict(file=weights) if timm_weights else None, **kw)
+    renamed = "." not in tid  # mocov3 / webssl: no timm tag; timm builds the bare arch, the official file is renamed
+    by_timm = weights != "random" and not renamed
+    model = timm.create_model(tid, pretrained=by_timm, pretrained_cfg_overlay=dict(file=weights) if by_timm else None,
+                              **kw)
     if renamed and weights != "random":
         sd = (_mocov3_state_dict if name.startswith("mocov3") else _webssl_state_dict)(_read(weights), grid)
         model.load_state_dict(sd, strict=True)
@@ -293,32 +277,28 @@ class _Attention(nn.Module):
         return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
 
 
-class _Mid(nn.Module):
-    def __init__(self, c, groups):
-        super().__init__()
-        self.resnets = nn.ModuleList([_Resnet(c, c, groups), _Resnet(c, c, groups)])
-        self.attentions = nn.ModuleList([_Attention(c, groups)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
 class _Level(nn.Module):
-    """diffusers DownEncoderBlock2D / UpDecoderBlock2D: n resnets, then an optional 2x down- or up-sampling conv."""
+    """diffusers DownEncoderBlock2D / UpDecoderBlock2D: n resnets, then an optional 2x down- or up-sampling conv;
+    sampler "mid": UNetMidBlock2D, an attention between its two resnets."""
 
     def __init__(self, cin, c, n, groups, sampler=None):
         super().__init__()
         self.resnets = nn.ModuleList([_Resnet(cin if i == 0 else c, c, groups) for i in range(n)])
-        if sampler:  # parameter names down_blocks.i.downsamplers.0.conv / up_blocks.i.upsamplers.0.conv
-            conv = nn.Conv2d(c, c, 3, stride=2, padding=0) if sampler == "down" else nn.Conv2d(c, c, 3, padding=1)
+        self.sampler = sampler
+        if sampler == "mid":
+            self.attentions = nn.ModuleList([_Attention(c, groups)])
+        elif sampler:  # parameter names down_blocks.i.downsamplers.0.conv / up_blocks.i.upsamplers.0.conv
+            conv = nn.Conv2d(c, c, 3, stride=2) if sampler == "down" else nn.Conv2d(c, c, 3, padding=1)
             setattr(self, f"{sampler}samplers", nn.ModuleList([nn.ModuleDict(dict(conv=conv))]))
 
     def forward(self, x):
-        for m in self.resnets:
+        for i, m in enumerate(self.resnets):
             x = m(x)
-        if hasattr(self, "downsamplers"):  # pad right and bottom only, then the stride-2 conv
+            if i == 0 and self.sampler == "mid":
+                x = self.attentions[0](x)
+        if self.sampler == "down":  # pad right and bottom only, then the stride-2 conv
             x = self.downsamplers[0]["conv"](F.pad(x, (0, 1, 0, 1)))
-        if hasattr(self, "upsamplers"):
+        if self.sampler == "up":
             x = self.upsamplers[0]["conv"](F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return x
 
@@ -333,7 +313,7 @@ class _Coder(nn.Module):
         levels = nn.ModuleList([_Level(w[max(i - 1, 0)], c, layers if down else layers + 1, groups,
                                        i < len(w) - 1 and ("down" if down else "up")) for i, c in enumerate(w)])
         setattr(self, "down_blocks" if down else "up_blocks", levels)
-        self.mid_block = _Mid(w[-1] if down else w[0], groups)
+        self.mid_block = _Level(w[-1] if down else w[0], w[-1] if down else w[0], 2, groups, "mid")
         self.conv_norm_out = nn.GroupNorm(groups, w[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(w[-1], 8 if down else 3, 3, padding=1)  # encoder: posterior mean and log-variance
 
@@ -385,9 +365,9 @@ class VAE(nn.Module):
 
 
 def load_vae(weights=None, stats=None):
-    """Frozen SD-VAE. weights: None = stabilityai/sd-vae-ft-mse from the hub (cache, else download), PATH = a
-    diffusers AutoencoderKL file (.safetensors/.bin; decoder-only allowed), "random" = random init (loud warning).
-    stats: None = scale 0.18215 (REPA), PATH = per-channel latents_scale/latents_bias file (iREPA / REPA-E)."""
+    """Frozen SD-VAE. weights: None = stabilityai/sd-vae-ft-mse (hub cache, else download), PATH = a diffusers
+    AutoencoderKL file (decoder-only allowed), "random" = random init (warns). stats: None = scale 0.18215 (REPA),
+    PATH = per-channel latents_scale/latents_bias file (iREPA / REPA-E)."""
     if weights == "random":
         warnings.warn("SD-VAE has RANDOM weights: latents and decoded images are meaningless (tests/benchmarks only)")
     else:

@@ -32,9 +32,8 @@ from tqdm import tqdm
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 WEIGHT_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHT_FILES[0]
 
-# -----------------------------------------------------------------------------
-# the 2015-12-05 FID Inception (torchvision module names, so the published PyTorch weights load strictly)
 
+# ---- the 2015-12-05 FID Inception (torchvision module names, so the published PyTorch weights load strictly) ----
 
 class BasicConv2d(nn.Module):
     def __init__(self, cin, cout, kernel, stride=1, padding=0):
@@ -46,58 +45,59 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-class Mixed(nn.Module):
-    """An Inception block: branches concatenated on channels. A branch is a chain of convs, each given as
-    (name, cin, cout, kernel, stride=1, padding=0); a list of two convs in a chain forks and concatenates both
-    (Mixed_7b/c). pool 'avg' / 'max' feeds the last branch a 3x3 stride-1 pool of the input (avg without padded
-    zeros, as TF); 'stride2' adds a 3x3 stride-2 max-pool branch (Mixed_6a, Mixed_7a)."""
+POOLS = {"avg": lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),  # TF: padded zeros not averaged
+         "max": lambda x: F.max_pool2d(x, 3, 1, 1), "max/2": lambda x: F.max_pool2d(x, 3, 2)}
 
-    def __init__(self, branches, pool):
+
+class Mixed(nn.Module):
+    """An Inception block: branches concatenated on channels. A branch is a chain of steps, each a conv
+    (name, cin, cout, kernel, stride=1, padding=0), a list of convs on the same input concatenated (Mixed_7b/c),
+    or a 3x3 pool of POOLS."""
+
+    def __init__(self, *branches):
         super().__init__()
-        links = [[l if isinstance(l, list) else [l] for l in b] for b in branches]  # every link a list of convs
-        self.pool, self.branches = pool, [[[c[0] for c in l] for l in b] for b in links]
-        for conv in [c for b in links for l in b for c in l]:
-            self.add_module(conv[0], BasicConv2d(*conv[1:]))
+        self.branches = [[[s] if isinstance(s, tuple) else s for s in chain] for chain in branches]
+        for step in (s for chain in self.branches for s in chain if isinstance(s, list)):
+            for name, *conv in step:
+                self.add_module(name, BasicConv2d(*conv))
 
     def outputs(self, x):
         outs = []
-        for i, chain in enumerate(self.branches):
+        for chain in self.branches:
             y = x
-            if i == len(self.branches) - 1 and self.pool == "avg":
-                y = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-            if i == len(self.branches) - 1 and self.pool == "max":
-                y = F.max_pool2d(x, 3, 1, 1)
-            for link in chain:
-                ys = [getattr(self, name)(y) for name in link]
-                y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
+            for step in chain:
+                if isinstance(step, str):
+                    y = POOLS[step](y)
+                else:
+                    ys = [getattr(self, name)(y) for name, *_ in step]
+                    y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
             outs.append(y)
-        return outs + ([F.max_pool2d(x, 3, 2)] if self.pool == "stride2" else [])
+        return outs
 
     def forward(self, x):
         return torch.cat(self.outputs(x), 1)
 
 
 def _block_a(cin, pool_ch):
-    return [[("branch1x1", cin, 64, 1)], [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
-            [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 1, 1)],
-            [("branch_pool", cin, pool_ch, 1)]], "avg"
+    return Mixed([("branch1x1", cin, 64, 1)], [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
+                 [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                  ("branch3x3dbl_3", 96, 96, 3, 1, 1)], ["avg", ("branch_pool", cin, pool_ch, 1)])
 
 
 def _block_c(c7):
     r, c = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 7x7 factorised into 1x7 and 7x1: (kernel, stride, padding)
-    return [[("branch1x1", 768, 192, 1)],
-            [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *r), ("branch7x7_3", c7, 192, *c)],
-            [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *c), ("branch7x7dbl_3", c7, c7, *r),
-             ("branch7x7dbl_4", c7, c7, *c), ("branch7x7dbl_5", c7, 192, *r)],
-            [("branch_pool", 768, 192, 1)]], "avg"
+    return Mixed([("branch1x1", 768, 192, 1)],
+                 [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *r), ("branch7x7_3", c7, 192, *c)],
+                 [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *c), ("branch7x7dbl_3", c7, c7, *r),
+                  ("branch7x7dbl_4", c7, c7, *c), ("branch7x7dbl_5", c7, 192, *r)],
+                 ["avg", ("branch_pool", 768, 192, 1)])
 
 
 def _block_e(cin, pool):
     fork = lambda a, b: [(a, 384, 384, (1, 3), 1, (0, 1)), (b, 384, 384, (3, 1), 1, (1, 0))]
-    return [[("branch1x1", cin, 320, 1)], [("branch3x3_1", cin, 384, 1), fork("branch3x3_2a", "branch3x3_2b")],
-            [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
-             fork("branch3x3dbl_3a", "branch3x3dbl_3b")],
-            [("branch_pool", cin, 192, 1)]], pool
+    return Mixed([("branch1x1", cin, 320, 1)], [("branch3x3_1", cin, 384, 1), fork("branch3x3_2a", "branch3x3_2b")],
+                 [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
+                  fork("branch3x3dbl_3a", "branch3x3dbl_3b")], [pool, ("branch_pool", cin, 192, 1)])
 
 
 @contextmanager
@@ -135,18 +135,15 @@ class FIDInception(nn.Module):
                 ("Conv2d_3b_1x1", 64, 80, 1), ("Conv2d_4a_3x3", 80, 192, 3)]  # max-pools after 2b and 4a
         for name, *conv in stem:
             self.add_module(name, BasicConv2d(*conv))
-        blocks = {"Mixed_5b": _block_a(192, 32), "Mixed_5c": _block_a(256, 64), "Mixed_5d": _block_a(288, 64),
-                  "Mixed_6a": ([[("branch3x3", 288, 384, 3, 2)], [("branch3x3dbl_1", 288, 64, 1),
-                               ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 2)]], "stride2"),
-                  "Mixed_6b": _block_c(128), "Mixed_6c": _block_c(160), "Mixed_6d": _block_c(160),
-                  "Mixed_6e": _block_c(192),
-                  "Mixed_7a": ([[("branch3x3_1", 768, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
-                               [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
-                                ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)]],
-                               "stride2"),
-                  "Mixed_7b": _block_e(1280, "avg"), "Mixed_7c": _block_e(2048, "max")}
-        for name, (branches, pool) in blocks.items():
-            self.add_module(name, Mixed(branches, pool))
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _block_a(192, 32), _block_a(256, 64), _block_a(288, 64)
+        self.Mixed_6a = Mixed([("branch3x3", 288, 384, 3, 2)], [("branch3x3dbl_1", 288, 64, 1),
+                              ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 2)], ["max/2"])
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_block_c(c7) for c7 in (128, 160, 160, 192))
+        self.Mixed_7a = Mixed([("branch3x3_1", 768, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
+                              [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
+                               ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)],
+                              ["max/2"])
+        self.Mixed_7b, self.Mixed_7c = _block_e(1280, "avg"), _block_e(2048, "max")
         self.fc = nn.Linear(2048, 1008)
         for m in self.modules():  # He init keeps random-weight activations O(1) (tests, --bench); weights replace it
             if isinstance(m, nn.Conv2d):
@@ -171,7 +168,7 @@ class FIDInception(nn.Module):
 def load_inception(path=None, download=False, device="cpu"):
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     if path is None:
-        path = next((os.path.join(hub, f) for f in WEIGHT_FILES if os.path.exists(os.path.join(hub, f))),
+        path = next((p for f in WEIGHT_FILES if os.path.exists(p := os.path.join(hub, f))),
                     os.path.join(hub, WEIGHT_FILES[0]))
         if download and not os.path.exists(path):
             os.makedirs(hub, exist_ok=True)
@@ -182,13 +179,11 @@ def load_inception(path=None, download=False, device="cpu"):
     model = FIDInception()
     sd = torch.load(path, map_location="cpu", weights_only=True)
     # files saved before BatchNorm counted batches lack num_batches_tracked; it is unused in eval mode
-    sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **sd}
-    model.load_state_dict(sd)
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **sd})
     return model.eval().requires_grad_(False).to(device)
 
-# -----------------------------------------------------------------------------
-# metrics, with the semantics of ADM's evaluator
 
+# ---- metrics, with the semantics of ADM's evaluator ----
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -255,9 +250,8 @@ def precision_recall(ref_feats, sample_feats, k=3, batch=10000):
             smp_in[j:j + batch] |= (d <= r_ref[i:i + batch, None]).any(0)
     return smp_in.double().mean().item(), ref_in.double().mean().item()
 
-# -----------------------------------------------------------------------------
-# images in, features out
 
+# ---- images in, features out ----
 
 def open_images(path):
     """((N,H,W,3), read(start, end, batch) -> iterator of uint8 (b,H,W,3) arrays) for a folder of PNGs or an npz's
@@ -325,12 +319,11 @@ def features(model, path, batch_size=250, device="cpu"):
             raise ValueError(f"{path}: pixel values are all 0 or 1; images must be uint8 in 0..255, not [0,1]")
         x = torch.from_numpy(batch.copy())
         x = x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x
-        pool, spatial, _ = model(x)
-        out[i * batch_size:i * batch_size + len(x)] = torch.cat([pool, spatial], 1)
+        out[i * batch_size:i * batch_size + len(x)] = torch.cat(model(x)[:2], 1)
     if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)] if rank == 0 else None
         dist.gather(out, parts, dst=0)
-        out = torch.cat(parts)[:n] if rank == 0 else None  # only the last non-empty shard is partial
+        out = torch.cat(parts) if rank == 0 else None  # only the last non-empty shard is partial
     if out is None:
         return None, None, shape
     out = out[:n].cpu().numpy()
@@ -345,14 +338,14 @@ def statistics(pool, spatial):
 def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     """ADM's five numbers for samples against ref, and the samples' statistics. Every rank calls it; rank 0 gets
     (metrics dict, stats dict), the others (None, None). A stats-only ref gives IS, FID (and sFID with mu_s)."""
-    ref_keys, ref_stats = [], {}
+    ref_files, ref_stats = [], {}
     if ref:
         with np.load(ref) as z:  # stored statistics win over ones recomputed from arr_0, as in ADM
-            ref_keys, ref_stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
-    if ref and "arr_0" not in ref_keys and not {"mu", "sigma"} <= set(ref_keys):
-        raise ValueError(f"reference {ref} holds {ref_keys}; it needs arr_0 (reference images) or mu and sigma")
+            ref_files, ref_stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
+        if "arr_0" not in ref_files and not {"mu", "sigma"} <= set(ref_stats):
+            raise ValueError(f"reference {ref} holds {ref_files}; it needs arr_0 (reference images) or mu and sigma")
     pool, spatial, shape = features(model, samples, batch_size, device)
-    r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if "arr_0" in ref_keys else (None, None, None)
+    r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if "arr_0" in ref_files else [None] * 3
     if pool is None:
         return None, None
     if abs(shape[0] - 50000) > 5000:
@@ -361,15 +354,15 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
         warnings.warn(f"resolution mismatch: samples {shape[1]}x{shape[2]}, reference {r_shape[1]}x{r_shape[2]}")
     stats = statistics(pool, spatial)
     metrics = {"Inception Score": inception_score(pool @ model.fc.weight.detach().T.cpu().numpy())}
+    if r_pool is not None and len(ref_stats) < 4:
+        ref_stats = {**statistics(r_pool, r_spatial), **ref_stats}
     if ref:
-        if r_pool is not None and len(ref_stats) < 4:
-            ref_stats = {**statistics(r_pool, r_spatial), **ref_stats}
         metrics["FID"] = frechet_distance(stats["mu"], stats["sigma"], ref_stats["mu"], ref_stats["sigma"])
-        if "mu_s" in ref_stats and "sigma_s" in ref_stats:
-            metrics["sFID"] = frechet_distance(stats["mu_s"], stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
-        if r_pool is not None:
-            to = lambda a: torch.from_numpy(a).to(device)
-            metrics["Precision"], metrics["Recall"] = precision_recall(to(r_pool), to(pool))
+    if "mu_s" in ref_stats and "sigma_s" in ref_stats:
+        metrics["sFID"] = frechet_distance(stats["mu_s"], stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
+    if r_pool is not None:
+        metrics["Precision"], metrics["Recall"] = precision_recall(torch.from_numpy(r_pool).to(device),
+                                                                   torch.from_numpy(pool).to(device))
     return metrics, stats
 
 
@@ -403,6 +396,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=250, help="images per Inception forward (per GPU)")
     p.add_argument("--bench", action="store_true", help="measure feature throughput with random weights and exit")
     args = p.parse_args(argv)
+    if not args.bench and (not args.samples or not (args.ref or args.save_stats)):
+        p.error("give samples and --ref and/or --save-stats (or --bench)")
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -413,10 +408,8 @@ def main(argv=None):
     if args.bench:
         bench(device, args.batch_size)
         return None
-    if not args.samples or not (args.ref or args.save_stats):
-        p.error("give samples and --ref and/or --save-stats (or --bench)")
-    model = load_inception(args.inception, args.download, device)
-    metrics, stats = evaluate(model, args.samples, args.ref, args.batch_size, device)
+    metrics, stats = evaluate(load_inception(args.inception, args.download, device), args.samples, args.ref,
+                              args.batch_size, device)
     if metrics is not None:
         if args.save_stats:
             np.savez(args.save_stats, **stats)

@@ -53,63 +53,52 @@ def _gram(z):
     n = z.norm(dim=-1).clamp(min=1e-8)  # (B, T)
     return (z @ z.transpose(1, 2)).div_(n[:, :, None]).div_(n[:, None, :])
 
-def _by_distance(G, grid):
-    # per image, the sum of cos over the ordered pairs at each distance d = 0..H+W-2 (B, K), and the pair counts (K,):
-    # fp32 sums of T terms per row, then fp64 over the rows, so means over ~T^2 pairs stay exact to ~1e-9
-    _, onehot, counts = _pairs(*token_grid(G.shape[1], grid), G.device)
-    return torch.einsum("bts,tsk->tbk", G, onehot).double().sum(0), counts
-
-def _lds(sums, counts, H, paper):
-    near, far = (slice(1, H // 2), slice(H // 2, None)) if paper else (slice(1, 2), slice(6, None))
-    return (sums[:, near].sum(1) / counts[near].sum() - sums[:, far].sum(1) / counts[far].sum().clamp(min=1)).float()
-
-def _cds(sums, counts, dmax=8):
-    d = torch.arange(1, min(dmax, len(counts) - 1) + 1, device=sums.device)
-    sim, dc = sums[:, d] / counts[d], d - d.double().mean()  # (B, dmax) mean cos at distance d, (dmax,)
-    return (-((sim - sim.mean(1, keepdim=True)) @ dc) / (dc @ dc)).float()
-
-def _srss(G, masks, grid, far=6):
-    B, T, _ = G.shape
-    if tuple(masks.shape) != (B, T):
-        raise ValueError(f"masks must hold one foreground flag per token, shape {(B, T)}, got {tuple(masks.shape)}")
-    dist, fg = _pairs(*token_grid(T, grid), G.device)[0], masks.to(G.device).bool()
-    near, away = (dist == 1).float(), (dist >= far).float()  # (T, T), symmetric
-    pos_sum, pos_n = ((G * near) @ fg.float()[..., None])[..., 0], fg.float() @ near  # (B, T) per anchor token
-    neg_sum, neg_n = ((G * away) @ (~fg).float()[..., None])[..., 0], (~fg).float() @ away
-    valid = fg & (pos_n > 0) & (neg_n > 0)
-    delta = pos_sum / pos_n.clamp(min=1) - neg_sum / neg_n.clamp(min=1)
-    return (delta * valid).sum(1) / valid.sum(1)  # 0/0 = NaN for an image without a valid anchor
-
 def _rmsc(G):
     # mean_t |u_t|^2 - |mean_t u_t|^2 = mean over pairs of G_tt - G_ts: summed pairwise, identical tokens give 0
     return (G.diagonal(dim1=1, dim2=2)[..., None] - G).mean((1, 2)).clamp(min=0).sqrt()
 
+def spatial_metrics(z, masks=None, grid=None, paper=False):
+    """All metrics of a batch {name: (B,)} from one Gram matrix; SRSS only with masks (B, T)."""
+    if masks is not None and tuple(masks.shape) != tuple(z.shape[:2]):
+        raise ValueError(f"masks must hold one foreground flag per token, shape {tuple(z.shape[:2])}, "
+                         f"got {tuple(masks.shape)}")
+    G, (H, W) = _gram(z), token_grid(z.shape[1], grid)
+    dist, onehot, counts = _pairs(H, W, G.device)
+    # per image, the sum of cos over the ordered pairs at each distance d = 0..H+W-2 (B, K): fp32 sums of T terms
+    # per row, then fp64 over the rows, so means over ~T^2 pairs stay exact to ~1e-9
+    sums = torch.einsum("bts,tsk->tbk", G, onehot).double().sum(0)
+    near, far = (slice(1, H // 2), slice(H // 2, None)) if paper else (slice(1, 2), slice(6, None))
+    lds = sums[:, near].sum(1) / counts[near].sum() - sums[:, far].sum(1) / counts[far].sum().clamp(min=1)
+    d = torch.arange(1, min(8, len(counts) - 1) + 1, device=G.device)
+    sim, dc = sums[:, d] / counts[d], d - d.double().mean()  # mean cos at distance d = 1..8 (B, 8), centred d (8,)
+    cds = -((sim - sim.mean(1, keepdim=True)) @ dc) / (dc @ dc)
+    out = {"lds": lds.float(), "cds": cds.float(), "rmsc": _rmsc(G)}
+    if masks is None:
+        return out
+    fg, pos, neg = masks.to(G.device).bool(), (dist == 1).float(), (dist >= 6).float()  # (B, T), (T, T), (T, T)
+    pos_sum, pos_n = ((G * pos) @ fg.float()[..., None])[..., 0], fg.float() @ pos  # (B, T) per anchor token
+    neg_sum, neg_n = ((G * neg) @ (~fg).float()[..., None])[..., 0], (~fg).float() @ neg
+    valid = fg & (pos_n > 0) & (neg_n > 0)
+    delta = pos_sum / pos_n.clamp(min=1) - neg_sum / neg_n.clamp(min=1)
+    return {**out, "srss": (delta * valid).sum(1) / valid.sum(1)}  # 0/0 = NaN for an image without a valid anchor
+
 def lds(z, grid=None, paper=False):
-    """Local-vs-distant similarity per image (B,): mean cos of near token pairs - mean cos of far pairs.
-    Default, as the official code: near = 4-neighbours (d = 1), far = d >= 6.
-    paper=True, as the paper's appendix B: r_near = r_far = H/2, near = 0 < d < H/2, far = d >= H/2."""
-    return _lds(*_by_distance(_gram(z), grid), token_grid(z.shape[1], grid)[0], paper)
+    """Local-vs-distant similarity per image (B,): mean cos of near token pairs - mean cos of far pairs; as the
+    official code near d = 1, far d >= 6, or paper=True (appendix B, r = H/2) near 0 < d < H/2, far d >= H/2."""
+    return spatial_metrics(z, grid=grid, paper=paper)["lds"]
 
 def cds(z, grid=None):
     """Correlation-decay slope per image (B,): minus the least-squares slope of mean cos at distance d vs d = 1..8."""
-    return _cds(*_by_distance(_gram(z), grid))
+    return spatial_metrics(z, grid=grid)["cds"]
 
 def srss(z, masks, grid=None):
-    """Semantic-region self-similarity (mask-aware LDS) per image (B,), masks (B, T) True = foreground: per foreground
-    token, mean cos to its foreground 4-neighbours - mean cos to background tokens at d >= 6, averaged over the
-    foreground tokens that have both (NaN if none)."""
-    return _srss(_gram(z), masks, grid)
+    """Semantic-region self-similarity per image (B,), masks (B, T) True = foreground: mean over foreground tokens of
+    (mean cos to foreground 4-neighbours - mean cos to background tokens at d >= 6); NaN if no token has both."""
+    return spatial_metrics(z, masks, grid)["srss"]
 
 def rmsc(z):
     """RMS spatial contrast per image (B,): sqrt(mean_t |u_t - mean_t u|^2) of the unit tokens u."""
     return _rmsc(_gram(z))
-
-def spatial_metrics(z, masks=None, grid=None, paper=False):
-    """All metrics of a batch {name: (B,)} from one Gram matrix; SRSS only with masks (B, T)."""
-    G, H = _gram(z), token_grid(z.shape[1], grid)[0]
-    sums, counts = _by_distance(G, grid)
-    out = {"lds": _lds(sums, counts, H, paper), "cds": _cds(sums, counts), "rmsc": _rmsc(G)}
-    return out if masks is None else {**out, "srss": _srss(G, masks, grid)}
 
 # -----------------------------------------------------------------------------
 # images
@@ -147,8 +136,8 @@ def patch_masks(masks, grid):
 
 @torch.no_grad()
 def score_encoder(name, weights, images, masks, args, device):
-    """Per-image metrics {row: {metric: (N,)}} of one encoder, raw and (--spnorm-gamma) spatially normalised, and
-    the first image's tokens (T, D)."""
+    """Metrics of one encoder, mean over the images {row: {metric: mean}}, raw and (--spnorm-gamma) spatially
+    normalised, and the first image's tokens (T, D)."""
     encoder = load_encoder(name, resolution=images.shape[-1], weights=weights).to(device)
     scores, first, g = {}, None, args.spnorm_gamma
     for i in tqdm(range(0, len(images), args.batch_size), desc=name):
@@ -158,15 +147,13 @@ def score_encoder(name, weights, images, masks, args, device):
             for k, v in spatial_metrics(zz, m, args.grid, args.lds == "paper").items():
                 scores.setdefault(row, {}).setdefault(k, []).append(v.cpu())
         first = z[0].cpu() if first is None else first
-    return {row: {k: torch.cat(v) for k, v in s.items()} for row, s in scores.items()}, first
+    return {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()} for row, s in scores.items()}, first
 
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
 
 def colour(v):
-    """Values in [0, 1] -> uint8 RGB, piecewise linear through five viridis colours."""
-    x = np.clip(v, 0, 1) * (len(VIRIDIS) - 1)
-    i = np.minimum(x.astype(int), len(VIRIDIS) - 2)
-    return (VIRIDIS[i] * (1 - (x - i)[..., None]) + VIRIDIS[i + 1] * (x - i)[..., None]).astype(np.uint8)
+    """Values in [0, 1] -> uint8 RGB (..., 3), piecewise linear through five viridis colours."""
+    return np.stack([np.interp(v, np.linspace(0, 1, len(VIRIDIS)), c) for c in VIRIDIS.T], -1).astype(np.uint8)
 
 def draw_viz(path, image, tokens, gamma, grid, cell=112):
     """Per encoder (row): the image, then per reference point (red dot) the cosine map of the raw tokens, then of
@@ -237,23 +224,20 @@ def draw_scatter(path, corr, gfid, size=240, pad=36):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", nargs="+", help=f"encoders (default: the --fid-table rows): {' '.join(ENCODERS)}")
-    p.add_argument("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
-    p.add_argument("--images", help="image folder, first --num-images by name, ADM centre crop to 256 px "
-                   "(default: train.py's generated images)")
-    p.add_argument("--masks", help="mask folder for SRSS: same file names as the images, non-zero = foreground")
-    p.add_argument("--num-images", type=int, default=1000, help="images to score")
-    p.add_argument("--batch-size", type=int, default=100, help="images per encoder forward")
-    p.add_argument("--grid", type=lambda s: tuple(map(int, s.lower().split("x"))), help="token grid HxW if not square")
-    p.add_argument("--lds", choices=("code", "paper"), default="code", help="LDS definition (d = Manhattan distance): "
-                   "'code' = official metrics/spatial_metrics.py, 4-neighbours (d = 1) vs d >= 6; "
-                   "'paper' = paper appendix B, 0 < d < H/2 vs d >= H/2")
-    p.add_argument("--spnorm-gamma", type=float, help="also score the spatially normalised tokens (0.6 SiT, 0.8 JiT)")
-    p.add_argument("--save", help="write the table to this .csv or .json file")
-    p.add_argument("--viz", help="PNG of cosine maps on the first image, raw and spatially normalised "
-                   "(gamma: --spnorm-gamma, else 0.6)")
-    p.add_argument("--fid-table", help="CSV encoder,gfid[,linear_probe]: Pearson r of each metric with gFID, "
-                   "and a scatter plot FID_TABLE.pearson.png")
+    add = p.add_argument
+    add("--encoder", nargs="+", help=f"encoders (default: the --fid-table rows): {' '.join(ENCODERS)}")
+    add("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
+    add("--images", help="image folder, first --num-images by name, centre crop (default: train.py's generated images)")
+    add("--masks", help="mask folder for SRSS: same file names as the images, non-zero = foreground")
+    add("--num-images", type=int, default=1000, help="images to score")
+    add("--batch-size", type=int, default=100, help="images per encoder forward")
+    add("--grid", type=lambda s: tuple(map(int, s.lower().split("x"))), help="token grid HxW if not square")
+    add("--lds", choices=("code", "paper"), default="code", help="LDS definition (d = Manhattan distance): 'code' = "
+        "official metrics/spatial_metrics.py, d = 1 vs d >= 6; 'paper' = appendix B, 0 < d < H/2 vs d >= H/2")
+    add("--spnorm-gamma", type=float, help="also score the spatially normalised tokens (0.6 SiT, 0.8 JiT)")
+    add("--save", help="write the table to this .csv or .json file")
+    add("--viz", help="PNG of cosine maps on the first image, raw and spatial-normed (gamma: --spnorm-gamma, else 0.6)")
+    add("--fid-table", help="CSV encoder,gfid[,linear_probe]: metrics' Pearson r with gFID, plot FID_TABLE.pearson.png")
     args = p.parse_args(argv)
     fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
     names, weights = args.encoder or [r["encoder"] for r in fid_rows], args.encoder_weights or [None]
@@ -271,11 +255,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         p.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scores, first = {}, {}
+    means, first = {}, {}
     for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
-        s, first[name] = score_encoder(name, w, images, masks, args, device)
-        scores.update(s)
-    means = {row: {k: torch.nanmean(v).item() for k, v in s.items()} for row, s in scores.items()}
+        m, first[name] = score_encoder(name, w, images, masks, args, device)
+        means.update(m)
     cols, w = [m for m in METRICS if m in means[names[0]]], max(map(len, means)) + 2
     table = [["encoder", *cols]] + [[row, *(v[c] for c in cols)] for row, v in means.items()]
     print(f"\n{len(images)} images, LDS definition '{args.lds}', mean over images")

@@ -6,9 +6,8 @@
   python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
 
 Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
-Sample i belongs to shard i // batch-size; a shard's labels and noise come from a generator seeded with
-(seed, shard), so the npz does not depend on the number of processes or on interruptions. Finished shards are
-kept in <out>.shards/ and a rerun with the same flags generates only the missing ones.
+Sample i is in shard i // batch-size, whose labels and noise come from (seed, shard): the npz is the same for any
+number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
 """
 import argparse, json, math, os, shutil, time
 
@@ -22,12 +21,10 @@ from model import models
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
-    """Network output at state x (B, ...) and time t; with guidance on, the conditional and null-class rows go
-    through one forward of the doubled batch and are mixed as uncond + cfg_scale * (cond - uncond)."""
+    """Network output at state x (B, ...) and time t; guided: conditional and null-class rows in one forward."""
     if on:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
-    t_in = torch.full((len(x),), float(t), dtype=dtype, device=x.device)
-    out = model(x.to(dtype), t_in, y)[0].to(x.dtype)
+    out = model(x.to(dtype), torch.full((len(x),), float(t), dtype=dtype, device=x.device), y)[0].to(x.dtype)
     if not on:
         return out
     cond, uncond = out.chunk(2)
@@ -40,15 +37,12 @@ def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guid
     Guidance applies where guidance_low <= t <= guidance_high (t of the step start, for both Heun evaluations)."""
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
-    for i in range(num_steps):
-        t, t_next = ts[i], ts[i + 1]
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
-        x_next = x + (t_next - t) * v
         if heun and i < num_steps - 1:
-            v_next = guided(model, x_next, t_next, y, cfg_scale, on, noise.dtype)
-            x_next = x + (t_next - t) * (0.5 * v + 0.5 * v_next)
-        x = x_next
+            v = 0.5 * v + 0.5 * guided(model, x + (t_next - t) * v, t_next, y, cfg_scale, on, noise.dtype)
+        x = x + (t_next - t) * v
     return x
 
 
@@ -59,15 +53,13 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
     On the linear path the score is s = -(x + (1-t) v) / t, so the drift v - w s / 2 is (2 - t) v + x."""
     ts = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
-    for i in range(num_steps):
-        t, dt = ts[i], ts[i + 1] - ts[i]  # dt < 0
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
-        x_next = x + ((2 - t) * v + x) * dt
+        x = x + ((2 - t) * v + x) * (t_next - t)
         if i < num_steps - 1:
             eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
-            x_next = x_next + math.sqrt(2 * t) * math.sqrt(abs(dt)) * eps
-        x = x_next
+            x = x + math.sqrt(2 * t) * math.sqrt(t - t_next) * eps
     return x
 
 
@@ -83,8 +75,7 @@ def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interva
         return (guided(model, z, t, y, cfg_scale, on, z.dtype) - z) / (1.0 - t).clamp_min(t_eps)
 
     z = noise
-    for i in range(num_steps):
-        t, t_next = ts[i], ts[i + 1]
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         v = velocity(z, t)
         if heun and i < num_steps - 1:
             v = 0.5 * (v + velocity(z + (t_next - t) * v, t_next))
@@ -106,11 +97,10 @@ def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise
 @torch.no_grad()
 def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
              noise_scale=1.0, generator=None):
-    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun.
-    SiT latents are decoded by vae. Official conversions: SiT truncates 127.5 (x + 1), JiT rounds."""
+    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun."""
     x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale, generator)
-    x = ((vae.decode(vae.unscale(x.float())) if family == "sit" else x).float() + 1) / 2 * 255
-    x = x.round() if family == "jit" else x
+    x = ((vae.decode(vae.unscale(x.float())) if family == "sit" else x).float() + 1) / 2 * 255  # SiT: decode latents
+    x = x.round() if family == "jit" else x  # official conversions: JiT rounds, SiT truncates
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -139,14 +129,8 @@ def shard_seed(seed, shard):
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def sample_to_file(model, vae, args, rank=0, world_size=1):
-    """Generate args.num_samples images shard by shard (rank r takes every world_size-th missing shard), then rank 0
-    writes args.out: an npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) or a PNG grid; --grid also writes a preview."""
+    """Generate args.num_samples images by shards (rank r: every world_size-th missing one); rank 0 writes --out."""
     family, device = args.model.split("-")[0].lower(), next(model.parameters()).device
     n, bs, shard_dir = args.num_samples, args.batch_size, args.out + ".shards"
     num_shards = math.ceil(n / bs)
@@ -159,24 +143,22 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
             raise SystemExit(f"{shard_dir} holds shards made with other flags ({open(path).read()}); "
                              "rerun with those flags or delete the folder")
         open(path, "w").write(settings)
-    barrier()
     todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
-    barrier()  # every rank lists the same missing shards before any is written
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    if world_size > 1:  # every rank lists the same missing shards before any is written
+        dist.barrier()
     for s in tqdm(todo[rank::world_size], desc=f"{len(todo)} of {num_shards} shards to sample", disable=rank != 0):
         seed = shard_seed(args.seed, s)
         idx = torch.arange(s * bs, min(s * bs + bs, n))
-        if args.labels == "balanced":  # class i * C // N: every class equally often (JiT protocol)
-            y = idx * model.num_classes // n
-        else:  # uniform random (SiT protocol)
-            y = torch.randint(model.num_classes, (len(idx),), generator=torch.Generator().manual_seed(seed))
-        with autocast:
+        y = (idx * model.num_classes // n if args.labels == "balanced"  # class i * C // N (JiT) or uniform (SiT)
+             else torch.randint(model.num_classes, (len(idx),), generator=torch.Generator().manual_seed(seed)))
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             images = generate(model, y.to(device), family, vae, args.mode, args.num_steps, args.cfg_scale,
                               (args.guidance_low, args.guidance_high), args.noise_scale,
                               torch.Generator(device).manual_seed(seed))
         np.savez(shard_path(s)[:-4] + ".tmp.npz", images=images.numpy(), labels=y.numpy())
         os.replace(shard_path(s)[:-4] + ".tmp.npz", shard_path(s))  # a shard file is complete or absent
-    barrier()
+    if world_size > 1:
+        dist.barrier()
     if rank == 0:
         shards = [np.load(shard_path(s)) for s in range(num_shards)]
         images, labels = (np.concatenate([sh[k] for sh in shards]) for k in ("images", "labels"))
@@ -189,8 +171,7 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
 
 
 def bench(model, args, device):
-    """Time the sampler alone (no VAE) on one batch in fp32 (+TF32) and in bf16 from the same noise; print img/s,
-    peak GPU memory and the relative L2 distance of the bf16 samples to the fp32 ones."""
+    """img/s and peak memory of the sampler alone (no VAE) on one batch, fp32 (+TF32) vs bf16, and their distance."""
     family, interval = args.model.split("-")[0].lower(), (args.guidance_low, args.guidance_high)
     y = torch.randint(model.num_classes, (args.batch_size,), generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
@@ -210,9 +191,8 @@ def bench(model, args, device):
 
 
 def load_checkpoint(path, ema):
-    """(state dict, saved settings) from our checkpoints ({ema, args: dict}), official SiT/REPA/iREPA ones
-    ({model, ema, opt, args, steps}) or official JiT ones ({model, model_ema1, model_ema2, args}, keys under
-    'net.'). Projector weights are dropped: sampling does not use them."""
+    """(state dict, saved settings) from our checkpoints, official SiT/REPA/iREPA ones or official JiT ones (EMA
+    'model_ema1', keys under 'net.'). Sampling needs neither the projector nor JiT's stored RoPE tables (recomputed)."""
     if not os.path.isfile(path):
         parser.error(f"--ckpt {path}: no such file")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces
@@ -224,7 +204,7 @@ def load_checkpoint(path, ema):
     saved = dict(model=a.get("model"), image_size=a.get("image_size", a.get("resolution", a.get("img_size"))),
                  num_classes=a.get("num_classes", a.get("class_num")), vae_weights=a.get("vae_weights"),
                  vae_stats=a.get("vae_stats"), noise_scale=a.get("noise_scale"))
-    sd = {k.removeprefix("net."): v for k, v in ckpt[key].items()}
+    sd = {k.removeprefix("net."): v for k, v in ckpt[key].items() if not k.endswith(("freqs_cos", "freqs_sin"))}
     return {k: v for k, v in sd.items() if not k.startswith("projectors.")}, saved
 
 
@@ -259,21 +239,18 @@ add("--bench", action="store_true", help="time one batch, fp32 vs bf16 (GPU; ran
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    sd = None
-    if args.ckpt:
-        sd, saved = load_checkpoint(args.ckpt, args.ema)
-        for k, v in saved.items():
-            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    elif not args.bench:
+    if not args.ckpt and not args.bench:
         parser.error("--ckpt is required (or --bench with --model for a random-init model)")
+    sd, saved = load_checkpoint(args.ckpt, args.ema) if args.ckpt else (None, {})
+    for k, v in saved.items():  # flags given on the command line win
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.model not in models:
         parser.error(f"--model {args.model} is not one of {sorted(models)}")
-    args.image_size, args.num_classes = args.image_size or 256, args.num_classes or 1000
     family = args.model.split("-")[0].lower()
-    for k, v in zip(["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high"], sampling_defaults(args.model)):
+    keys = ["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high", "image_size", "num_classes", "labels"]
+    for k, v in zip(keys, [*sampling_defaults(args.model), 256, 1000, "uniform" if family == "sit" else "balanced"]):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.noise_scale = args.noise_scale or (2.0 if args.image_size >= 512 else 1.0)
-    args.labels = args.labels or ("uniform" if family == "sit" else "balanced")
     if family == "jit" and args.mode == "sde":
         parser.error("JiT samples with --mode heun or ode; sde is for SiT")
     if not args.out.endswith((".npz", ".png")):
@@ -284,21 +261,18 @@ def main(argv=None):
         parser.error(f"--grid {args.grid} asks for more images than --num-samples {args.num_samples}")
     if family == "sit" and not args.bench and not args.vae_weights:
         parser.error("SiT needs --vae-weights (sd-vae-ft-mse); the checkpoint does not name any")
+    if args.bench and not torch.cuda.is_available():
+        parser.error("--bench needs a GPU")
 
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if args.bench and device.type != "cuda":
-        parser.error("--bench needs a GPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official fp32 sampling: TF32
-    rank, world_size = 0, 1
     if "WORLD_SIZE" in os.environ:  # torchrun; ranks share the folder of --out
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = models[args.model](image_size=args.image_size, num_classes=args.num_classes)
     if sd is not None:
-        own = model.state_dict()  # official JiT files also hold the RoPE tables, which we recompute
-        sd = {k: v for k, v in sd.items() if k in own or not k.endswith(("freqs_cos", "freqs_sin"))}
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:
