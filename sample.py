@@ -193,6 +193,9 @@ def bench(model, args, device):
 def load_checkpoint(path, ema):
     """(state dict, saved settings) from our checkpoints, official SiT/REPA/iREPA ones or official JiT ones (EMA
     'model_ema1', keys under 'net.'). Sampling needs neither the projector nor JiT's stored RoPE tables (recomputed)."""
+    runs = os.path.join(path, "checkpoints")
+    if os.path.isdir(runs):  # a train.py run directory: its newest checkpoint
+        path = os.path.join(runs, max([f for f in os.listdir(runs) if f.endswith(".pt")], default="none"))
     if not os.path.isfile(path):
         parser.error(f"--ckpt {path}: no such file")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces

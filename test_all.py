@@ -455,6 +455,9 @@ def test_train_sample_grid_written(tmp_path):
     train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--sample-every", "2", "--out-dir", str(tmp_path)])
     from PIL import Image
     assert Image.open(tmp_path / "samples" / "0000002.png").size == (8 * 32, 8 * 32)
+    import sample  # sample.py takes the run directory and picks its newest checkpoint
+    sample.main(["--ckpt", str(tmp_path), "--num-samples", "4", "--num-steps", "2", "--out", str(tmp_path / "g.png")])
+    assert Image.open(tmp_path / "g.png").size == (2 * 32, 2 * 32)
 
 # =============================================================================
 # encoders.py

@@ -158,7 +158,9 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, step):
         per_epoch = self.n // self.B
         epoch, i = divmod(step, per_epoch)
-        perm = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        if getattr(self, "_epoch", None) != epoch:  # one permutation per epoch (ImageNet: 1.28M indices)
+            self._epoch, self._perm = epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        perm = self._perm
         idx = np.sort(perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b])
         x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
         if self.flip:
