@@ -262,9 +262,9 @@ def get_args(argv=None):
     if args.resume:  # the checkpoint's configuration, then the flags given now
         saved = torch.load(find_checkpoint(args.resume), map_location="cpu", weights_only=False)["args"]
         for k, v in saved.items():
-            if k not in given or k in ("resume",):
+            if k not in given:
                 setattr(args, k, v)
-        args.resume = find_checkpoint(vars(p.parse_args(argv))["resume"])
+        args.resume = find_checkpoint(args.resume)
         return args
     preset = "demo" if args.model is None and args.data_path is None else ("JiT" if (args.model or "").startswith("JiT") else "SiT")
     for k, v in PRESETS[preset].items():
