@@ -9,7 +9,12 @@ Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT 
 Sample i is in shard i // batch-size, whose labels and noise come from (seed, shard): the npz is the same for any
 number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
 """
-import argparse, json, math, os, shutil, time
+import argparse
+import json
+import math
+import os
+import shutil
+import time
 
 import numpy as np
 import torch

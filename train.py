@@ -520,8 +520,8 @@ def sample_grid(ema, family, vae, args, step, device):
     y = torch.arange(k, device=device).repeat_interleave(8)
     gen = torch.Generator(device).manual_seed(args.seed)
     ema.eval()
-    imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode",
-                    num_steps=50 if family == "JiT" else 50, generator=gen)
+    imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode", num_steps=50,
+                    noise_scale=2.0 if family == "JiT" and args.image_size >= 512 else 1.0, generator=gen)
     path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(imgs, path)
