@@ -168,6 +168,7 @@ class SiT(nn.Module):
                  mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8):
         super().__init__()
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
+        self.hidden_size = hidden_size
         self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
         self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
         self.recompute = 0                           # activation checkpointing of the first N blocks (train.py)
@@ -309,6 +310,7 @@ class JiT(nn.Module):
                  num_classes=1000, in_channels=3):
         super().__init__()
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
+        self.hidden_size = hidden_size
         self.input_size = image_size
         self.grid = image_size // patch_size
         self.recompute = 0

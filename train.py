@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import align
+import encoders
 from model import build_model
 from sample import generate, save_grid
 
@@ -324,7 +325,6 @@ def main(argv=None):
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path} does not exist")
     if args.encoder != "none":
-        import encoders
         if args.encoder not in encoders.ENCODERS:
             raise SystemExit(f"unknown encoder {args.encoder!r}; choose one of: {', '.join(encoders.ENCODERS)}")
         grid = args.image_size // int(args.model.split("/")[-1]) // (8 if family == "SiT" else 1)
@@ -337,10 +337,8 @@ def main(argv=None):
     encoder = vae = projector = None
     if args.encoder != "none":
         encoder = encoders.load_encoder(args.encoder, resolution=args.image_size, weights=args.encoder_weights).to(device)
-        d_model = net.blocks[0].adaLN_modulation[1].in_features
-        projector = align.make_projector(d_model, encoder.embed_dim, args.proj == "conv").to(device)
+        projector = align.make_projector(net.hidden_size, encoder.embed_dim, args.proj == "conv").to(device)
     if family == "SiT":
-        import encoders
         vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
 
     # ---- data
