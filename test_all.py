@@ -390,6 +390,22 @@ def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):
     assert train.find_checkpoint(str(tmp_path)) == path  # the .tmp leftover is never picked up
 
 
+def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_path):
+    # a real SIGKILL while a large checkpoint is being written: the final name always holds a whole file
+    path = tmp_path / "checkpoints" / "0000001.pt"
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, str(path))
+    code = (f"import sys, torch; sys.path.insert(0, {_ROOT!r}); import train; "
+            f"train.save_checkpoint({{'step': 2, 'w': torch.zeros(64, 1024, 1024)}}, {str(path)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not os.path.exists(str(path) + ".tmp") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _state(path)["step"] in (1, 2)  # the old checkpoint, or (if the write won the race) the whole new one
+    assert train.find_checkpoint(str(tmp_path)) == str(path)
+
+
 def test_train_ddp_gloo_two_processes(tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
