@@ -102,7 +102,16 @@ def center_crop(pil, size):
     return arr[y:y + size, x:x + size]
 
 
-def prepare(data_path, out, image_size, vae, device, batch=64):
+@torch.no_grad()
+def posterior(vae, images, out, device, batch=64):
+    """SD-VAE posterior of uint8 images (N, 3, R, R), written batch by batch into out (N, 8, R/8, R/8): mean | std."""
+    for i in tqdm(range(0, len(images), batch), desc="SD-VAE posterior"):
+        mean, std = vae.encode(torch.from_numpy(np.asarray(images[i:i + batch])).to(device).float() / 127.5 - 1)
+        out[i:i + batch] = torch.cat([mean, std], 1).cpu().numpy()
+    return out
+
+
+def prepare(data_path, out, image_size, vae, device):
     """Class folders (sorted names -> labels 0..C-1) -> out/{images.npy (N,3,R,R) uint8, labels.npy,
     [latents.npy (N,8,R/8,R/8) float32: VAE posterior mean|std]}. Corrupt files are reported and skipped."""
     classes = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d)))
@@ -126,14 +135,8 @@ def prepare(data_path, out, image_size, vae, device, batch=64):
     imgs.flush()
     np.save(os.path.join(out, "labels.npy"), np.array(labels, dtype=np.int64))
     if vae is not None:
-        lat = np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float32,
-                                        (n, 8, image_size // 8, image_size // 8))
-        for i in tqdm(range(0, n, batch), desc="SD-VAE posterior"):
-            x = torch.from_numpy(np.asarray(imgs[i:i + batch])).to(device).float() / 127.5 - 1
-            with torch.no_grad():
-                mean, std = vae.encode(x)
-            lat[i:i + batch] = torch.cat([mean, std], 1).cpu().numpy()
-        lat.flush()
+        posterior(vae, imgs[:n], np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float32,
+                                                           (n, 8, image_size // 8, image_size // 8)), device).flush()
     del imgs
     final = np.load(os.path.join(out, "images.tmp.npy"), mmap_mode="r")[:n]
     np.save(os.path.join(out, "images.npy"), final)  # drops the skipped slots at the end
@@ -202,6 +205,10 @@ class Objective(nn.Module):
         rep = align.alignment_loss(self.proj, h, target, self.gamma)
         return denoise + self.coeff * rep, denoise, rep
 
+def noise_std(family, image_size):
+    """JiT's noise std: 1 at 256 px, 2 from 512 px (SPEC.md); SiT latents always use 1."""
+    return 2.0 if family == "JiT" and image_size >= 512 else 1.0
+
 # -----------------------------------------------------------------------------
 # Configuration: presets per recipe, explicit flags win
 
@@ -220,7 +227,8 @@ FAMILY = {  # the parts of each recipe that are not flags (SPEC.md)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="SiT-{S,B,L,XL}/{2,4,8}, JiT-{B,L,H}/{16,32} or JiT-demo/16 (default: SiT-B/2, "
                    "or the demo when no --data-path)")
     p.add_argument("--encoder", default="none", help="target encoder name (encoders.py) or 'none' for no alignment")
@@ -245,7 +253,8 @@ def get_args(argv=None):
     p.add_argument("--ema", help="EMA decay(s), comma-separated; samples use the first (SiT 0.9999; JiT 0.9999,0.9996)")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--sample-every", type=int, help="PNG sample grid from the EMA every N steps and at the end (0: never)")
+    p.add_argument("--sample-every", type=int, help="PNG sample grid from the EMA every N steps and at the end "
+                   "(0: never)")
     p.add_argument("--log-every", type=int, help="reduce, print and log every N steps")
     p.add_argument("--out-dir", help="run directory (default: out/<model>-<encoder>)")
     p.add_argument("--resume", help="a run directory (latest checkpoint) or a checkpoint file")
@@ -256,7 +265,8 @@ def get_args(argv=None):
     p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
     p.add_argument("--recompute", type=int, default=0, help="activation checkpointing of the first N blocks: "
                    "less memory (e.g. SiT-XL/2 at batch 256 per H100), more compute")
-    p.add_argument("--bench", type=int, default=0, help="benchmark: time N steps after warmup, print img/s, MFU, memory")
+    p.add_argument("--bench", type=int, default=0, help="benchmark: time N steps after warmup, print img/s, MFU, "
+                   "memory and a kernel profile")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
@@ -267,7 +277,10 @@ def get_args(argv=None):
                 setattr(args, k, v)
         args.resume = find_checkpoint(args.resume)
         return args
-    preset = "demo" if args.model is None and args.data_path is None else ("JiT" if (args.model or "").startswith("JiT") else "SiT")
+    if args.model is None and args.data_path is None:
+        preset = "demo"
+    else:
+        preset = "JiT" if (args.model or "").startswith("JiT") else "SiT"
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -336,15 +349,15 @@ def main(argv=None):
     net = build_model(args.model, args.image_size, args.num_classes).to(device)
     encoder = vae = projector = None
     if args.encoder != "none":
-        encoder = encoders.load_encoder(args.encoder, resolution=args.image_size, weights=args.encoder_weights).to(device)
+        encoder = encoders.load_encoder(args.encoder, args.image_size, weights=args.encoder_weights).to(device)
         projector = align.make_projector(net.hidden_size, encoder.embed_dim, args.proj == "conv").to(device)
     if family == "SiT":
         vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
 
     # ---- data
     if args.data_path:
-        prep = args.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_dir)),
-                                                 f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}")
+        name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}"
+        prep = args.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)
         need = ["images.npy", "labels.npy"] + (["latents.npy"] if family == "SiT" else [])
         if rank == 0 and not all(os.path.exists(os.path.join(prep, f)) for f in need):
             prepare(args.data_path, prep, args.image_size, vae, device)
@@ -359,18 +372,14 @@ def main(argv=None):
         images, labels = generated_images(args.num_generated, args.image_size, seed=1234)
         images, labels, latents = images.numpy(), labels.numpy(), None
         if family == "SiT":  # the posterior of the generated images, computed once
-            mom = []
-            for i in range(0, len(images), 64):
-                with torch.no_grad():
-                    mean, std = vae.encode(torch.from_numpy(images[i:i + 64]).to(device).float() / 127.5 - 1)
-                mom.append(torch.cat([mean, std], 1).cpu())
-            latents = torch.cat(mom).numpy()
+            r = args.image_size // 8
+            latents = posterior(vae, images, np.empty((len(images), 8, r, r), np.float32), device)
     data = Batches(images, labels, latents, args.batch_size, rank, world, args.seed, fam["flip"])
     warmup = args.warmup_steps if args.warmup_steps is not None else 5 * (data.n // args.batch_size)
 
     # ---- model, EMA(s), optimiser
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
-                          noise_scale=2.0 if family == "JiT" and args.image_size >= 512 else 1.0)
+                          noise_scale=noise_std(family, args.image_size))
     decays = [float(d) for d in args.ema.split(",")]
     emas = [copy.deepcopy(net).requires_grad_(False) for _ in decays]
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -452,8 +461,9 @@ def main(argv=None):
                 acc /= world
             loss_avg, den_avg, rep_avg, g_avg = (acc / (step - last_log)).tolist()
             if not math.isfinite(loss_avg):
-                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; the last good checkpoint is "
-                                 f"{(sorted(glob.glob(os.path.join(args.out_dir, 'checkpoints', '*.pt'))) or ['none'])[-1]}")
+                good = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "*.pt"))) or ["none"]
+                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; "
+                                 f"the last good checkpoint is {good[-1]}")
             dt = time.time() - t0
             ips = (step - last_log) * args.batch_size / dt / world
             rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
@@ -488,7 +498,9 @@ def main(argv=None):
             print(f"replicas identical across {world} ranks: {bool(torch.equal(lo, hi))}")
     if args.bench and rank == 0:
         timing["prof"].stop()
-        print(timing["prof"].key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
+        table = timing["prof"].key_averages().table(sort_by="self_device_time_total", row_limit=25,
+                                                    max_name_column_width=90)
+        print(table)
         ips = args.bench * args.batch_size / (timing[5 + args.bench] - timing[5]) / world
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
         mfu = ips * flops_per_img / 800e12 if flops_per_img else float("nan")
@@ -519,7 +531,7 @@ def sample_grid(ema, family, vae, args, step, device):
     gen = torch.Generator(device).manual_seed(args.seed)
     ema.eval()
     imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode", num_steps=50,
-                    noise_scale=2.0 if family == "JiT" and args.image_size >= 512 else 1.0, generator=gen)
+                    noise_scale=noise_std(family, args.image_size), generator=gen)
     path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(imgs, path)
