@@ -15,7 +15,6 @@ Everything else is REPA. `grep -n iREPA align.py` prints exactly the change.
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

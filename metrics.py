@@ -30,6 +30,7 @@ METRICS = ("lds", "cds", "srss", "rmsc")
 # -----------------------------------------------------------------------------
 # metrics of patch tokens z (B, T, D) on an H x W grid; d = Manhattan distance between two tokens' positions
 
+
 def token_grid(T, grid=None):
     """(H, W) of the token grid: sqrt(T) x sqrt(T) unless given."""
     H, W = grid or (math.isqrt(T), math.isqrt(T))
@@ -37,6 +38,7 @@ def token_grid(T, grid=None):
         raise ValueError(f"{T} tokens do not form a {H}x{W} grid" if grid else
                          f"{T} tokens are not a square grid: give its shape (grid=(H, W), --grid HxW)")
     return H, W
+
 
 @functools.lru_cache(maxsize=8)
 def _pairs(H, W, device):
@@ -46,6 +48,7 @@ def _pairs(H, W, device):
     onehot = F.one_hot(dist).float()
     return dist, onehot, onehot.sum((0, 1)).double()
 
+
 def _gram(z):
     # cos of all token pairs (B, T, T) in fp32 like the official code; dividing the Gram by the norms rather than
     # normalising the tokens saves a pass over (B, T, D), the main cost on CPU
@@ -53,9 +56,11 @@ def _gram(z):
     n = z.norm(dim=-1).clamp(min=1e-8)  # (B, T)
     return (z @ z.transpose(1, 2)).div_(n[:, :, None]).div_(n[:, None, :])
 
+
 def _rmsc(G):
     # mean_t |u_t|^2 - |mean_t u_t|^2 = mean over pairs of G_tt - G_ts: summed pairwise, identical tokens give 0
     return (G.diagonal(dim1=1, dim2=2)[..., None] - G).mean((1, 2)).clamp(min=0).sqrt()
+
 
 def spatial_metrics(z, masks=None, grid=None, paper=False):
     """All metrics of a batch {name: (B,)} from one Gram matrix; SRSS only with masks (B, T)."""
@@ -82,19 +87,23 @@ def spatial_metrics(z, masks=None, grid=None, paper=False):
     delta = pos_sum / pos_n.clamp(min=1) - neg_sum / neg_n.clamp(min=1)
     return {**out, "srss": (delta * valid).sum(1) / valid.sum(1)}  # 0/0 = NaN for an image without a valid anchor
 
+
 def lds(z, grid=None, paper=False):
     """Local-vs-distant similarity per image (B,): mean cos of near token pairs - mean cos of far pairs; as the
     official code near d = 1, far d >= 6, or paper=True (appendix B, r = H/2) near 0 < d < H/2, far d >= H/2."""
     return spatial_metrics(z, grid=grid, paper=paper)["lds"]
 
+
 def cds(z, grid=None):
     """Correlation-decay slope per image (B,): minus the least-squares slope of mean cos at distance d vs d = 1..8."""
     return spatial_metrics(z, grid=grid)["cds"]
+
 
 def srss(z, masks, grid=None):
     """Semantic-region self-similarity per image (B,), masks (B, T) True = foreground: mean over foreground tokens of
     (mean cos to foreground 4-neighbours - mean cos to background tokens at d >= 6); NaN if no token has both."""
     return spatial_metrics(z, masks, grid)["srss"]
+
 
 def rmsc(z):
     """RMS spatial contrast per image (B,): sqrt(mean_t |u_t - mean_t u|^2) of the unit tokens u."""
@@ -103,7 +112,9 @@ def rmsc(z):
 # -----------------------------------------------------------------------------
 # images
 
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def load_folder(images, masks=None, n=None, size=256):
     """First n images of a folder by name, centre-cropped, uint8 (N, 3, size, size); with a mask folder (same file
@@ -127,12 +138,14 @@ def load_folder(images, masks=None, n=None, size=256):
     x = torch.from_numpy(np.stack(x)).permute(0, 3, 1, 2).contiguous()
     return x, torch.from_numpy(np.stack(m)) if masks else None
 
+
 def patch_masks(masks, grid):
     """Pixel masks (B, R, R) -> token masks (B, H*W): foreground if any pixel of the patch is (as the official code)."""
     return F.adaptive_max_pool2d(masks[:, None].float(), grid).flatten(1) > 0
 
 # -----------------------------------------------------------------------------
 # scoring, pictures, correlation with gFID
+
 
 @torch.no_grad()
 def score_encoder(name, weights, images, masks, args, device):
@@ -149,11 +162,14 @@ def score_encoder(name, weights, images, masks, args, device):
         first = z[0].cpu() if first is None else first
     return {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()} for row, s in scores.items()}, first
 
+
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+
 
 def colour(v):
     """Values in [0, 1] -> uint8 RGB (..., 3), piecewise linear through five viridis colours."""
     return np.stack([np.interp(v, np.linspace(0, 1, len(VIRIDIS)), c) for c in VIRIDIS.T], -1).astype(np.uint8)
+
 
 def draw_viz(path, image, tokens, gamma, grid, cell=112):
     """Per encoder (row): the image, then per reference point (red dot) the cosine map of the raw tokens, then of
@@ -182,11 +198,13 @@ def draw_viz(path, image, tokens, gamma, grid, cell=112):
     draw.text((cx(2 * P) + 14, canvas.height - 14), f"{lo:.2f}", fill="black")
     canvas.save(path)
 
+
 def read_fid_table(path):
     rows = list(csv.DictReader(open(path)))
     if not rows or not {"encoder", "gfid"} <= set(rows[0]):
         raise ValueError(f"{path}: need a header encoder,gfid[,linear_probe] and one row per encoder")
     return rows
+
 
 def fid_correlations(rows, means):
     """Pearson r with gFID of each metric (and of linear_probe if given) over the encoders in both the fid table rows
@@ -199,6 +217,7 @@ def fid_correlations(rows, means):
     if "linear_probe" in rows[0]:
         cols["linear probe"] = [float(r["linear_probe"]) for r in rows]
     return {c: (float(pearsonr(x, gfid)[0]), x) for c, x in cols.items()}, gfid
+
 
 def draw_scatter(path, corr, gfid, size=240, pad=36):
     """One panel per column of fid_correlations: gFID (y) against the column (x), least-squares line, r on top."""
@@ -221,6 +240,7 @@ def draw_scatter(path, corr, gfid, size=240, pad=36):
     canvas.save(path)
 
 # -----------------------------------------------------------------------------
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,6 +297,7 @@ def main(argv=None):
         corr, gfid = fid_correlations(fid_rows, means)
         print(f"\nPearson r with gFID ({len(gfid)} encoders):", *(f"{c} {r:+.3f}" for c, (r, _) in corr.items()))
         draw_scatter(Path(args.fid_table).with_suffix(".pearson.png"), corr, gfid)
+
 
 if __name__ == "__main__":
     main()

@@ -354,6 +354,7 @@ class JiT(nn.Module):
 # Official names -> constructors. models[name]() is the ImageNet-256 configuration; pass
 # image_size=512 (or a small size for tests), num_classes=... to change it.
 
+
 SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 JIT_SIZES = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 1280, 16, 256, 10)}
 

@@ -205,12 +205,14 @@ class Objective(nn.Module):
         rep = align.alignment_loss(self.proj, h, target, self.gamma)
         return denoise + self.coeff * rep, denoise, rep
 
+
 def noise_std(family, image_size):
     """JiT's noise std: 1 at 256 px, 2 from 512 px (SPEC.md); SiT latents always use 1."""
     return 2.0 if family == "JiT" and image_size >= 512 else 1.0
 
 # -----------------------------------------------------------------------------
 # Configuration: presets per recipe, explicit flags win
+
 
 PRESETS = {
     "demo": dict(model="JiT-demo/16", image_size=64, batch_size=64, lr=1e-3, steps=1000, log_every=50,
