@@ -18,7 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import timm
+try:
+    import timm
+except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist"
+    raise ImportError(f"timm cannot import torchvision ({err}): this torchvision wheel does not match the installed "
+                      "torch (PyPI's torchvision needs PyPI's CUDA torch, not a +cpu build). Install both from "
+                      "requirements.txt into a fresh venv, as the README's quick start does.") from err
 from timm.layers import resample_abs_pos_embed
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

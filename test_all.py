@@ -541,6 +541,17 @@ def test_encoders_registry_has_the_official_names():
     assert sorted(wanted) == sorted(encoders.ENCODERS) == sorted(_ENCODERS_EXPECTED)
 
 
+def test_encoders_mismatched_torchvision_gets_a_clear_error(tmp_path):
+    # the CPU-torch + CUDA-torchvision failure, simulated by a torchvision that fails to import as that pair does
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.dirname(os.path.abspath(__file__))]))
+    r = subprocess.run([sys.executable, "-c", "import encoders"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "torchvision::nms" in r.stderr and "fresh venv" in r.stderr
+
+
 def test_encoders_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="dinov2-vit-b.*sam2-vit-s"):
         encoders.load_encoder("dinov2-vit-x")
