@@ -10,6 +10,7 @@ Sample i is in shard i // batch-size, whose labels and noise come from (seed, sh
 number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -134,6 +135,21 @@ def shard_seed(seed, shard):
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
 
 
+def noise_std(family, image_size):
+    """JiT's noise std: 1 at 256 px, 2 from 512 px (SPEC.md); SiT latents always use 1."""
+    return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or the newest checkpoints/*.pt of a train.py run directory."""
+    if os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))  # a killed write leaves *.pt.tmp: skipped
+    if not found:
+        raise FileNotFoundError(f"{path}: no such file, and not a run directory with checkpoints/*.pt")
+    return found[-1]
+
+
 def sample_to_file(model, vae, args, rank=0, world_size=1):
     """Generate args.num_samples images by shards (rank r: every world_size-th missing one); rank 0 writes --out."""
     family, device = args.model.split("-")[0].lower(), next(model.parameters()).device
@@ -198,11 +214,10 @@ def bench(model, args, device):
 def load_checkpoint(path, ema):
     """(state dict, saved settings) from our checkpoints, official SiT/REPA/iREPA ones or official JiT ones (EMA
     'model_ema1', keys under 'net.'). Sampling needs neither the projector nor JiT's stored RoPE tables (recomputed)."""
-    runs = os.path.join(path, "checkpoints")
-    if os.path.isdir(runs):  # a train.py run directory: its newest checkpoint
-        path = os.path.join(runs, max([f for f in os.listdir(runs) if f.endswith(".pt")], default="none"))
-    if not os.path.isfile(path):
-        parser.error(f"--ckpt {path}: no such file")
+    try:
+        path = find_checkpoint(path)
+    except FileNotFoundError as e:
+        parser.error(f"--ckpt {e}")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     if key not in ckpt:
@@ -258,7 +273,7 @@ def main(argv=None):
     keys = ["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high", "image_size", "num_classes", "labels"]
     for k, v in zip(keys, [*sampling_defaults(args.model), 256, 1000, "uniform" if family == "sit" else "balanced"]):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.noise_scale = args.noise_scale or (2.0 if args.image_size >= 512 else 1.0)
+    args.noise_scale = args.noise_scale or noise_std(family, args.image_size)
     if family == "jit" and args.mode == "sde":
         parser.error("JiT samples with --mode heun or ode; sde is for SiT")
     if not args.out.endswith((".npz", ".png")):

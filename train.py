@@ -34,7 +34,7 @@ from tqdm import tqdm
 import align
 import encoders
 from model import build_model
-from sample import generate, save_grid
+from sample import find_checkpoint, generate, noise_std, save_grid
 
 # -----------------------------------------------------------------------------
 # Generated data: class-conditional shapes and colours the project draws itself, so that everything
@@ -153,6 +153,7 @@ class Batches(torch.utils.data.Dataset):
         self.images, self.labels, self.latents = images, labels, latents
         self.n, self.B, self.b, self.rank = len(labels), global_batch, global_batch // world, rank
         self.seed, self.flip = seed, flip
+        self._epoch, self._perm = None, None  # this epoch's permutation, made on first use (ImageNet: 1.28M)
         if self.n < global_batch:
             raise SystemExit(f"the dataset has {self.n} images, fewer than one global batch of {global_batch}")
 
@@ -162,10 +163,9 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, step):
         per_epoch = self.n // self.B
         epoch, i = divmod(step, per_epoch)
-        if getattr(self, "_epoch", None) != epoch:  # one permutation per epoch (ImageNet: 1.28M indices)
+        if self._epoch != epoch:
             self._epoch, self._perm = epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n)
-        perm = self._perm
-        idx = np.sort(perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b])
+        idx = np.sort(self._perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b])
         x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
         if self.flip:
             flips = np.random.default_rng((self.seed, 1, step)).random(self.B)[self.rank * self.b:][:self.b] < 0.5
@@ -186,29 +186,24 @@ class Objective(nn.Module):
         self.align_depth, self.gamma, self.coeff, self.noise_scale = align_depth, gamma, coeff, noise_scale
 
     def forward(self, x, y, target):
-        B = x.shape[0]
+        B, depth = x.shape[0], self.align_depth if self.proj is not None else None
         if self.family == "SiT":  # linear interpolant, t=0 data, t=1 noise, v-prediction
             t = torch.rand(B, device=x.device)
             eps = torch.randn_like(x)
             tt = t.view(-1, 1, 1, 1)
-            out, h = self.net((1 - tt) * x + tt * eps, t, y, self.align_depth if self.proj else None)
+            out, h = self.net((1 - tt) * x + tt * eps, t, y, depth)
             denoise = ((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)).mean()
         else:  # JiT: t ~ logit-normal(-0.8, 0.8), t=1 data, x-prediction, loss on velocity
             t = torch.sigmoid(torch.randn(B, device=x.device) * 0.8 - 0.8)
             tt = t.view(-1, 1, 1, 1)
             z = tt * x + (1 - tt) * torch.randn_like(x) * self.noise_scale
-            out, h = self.net(z, t, y, self.align_depth if self.proj else None)
+            out, h = self.net(z, t, y, depth)
             v, v_pred = (x - z) / (1 - tt).clamp_min(0.05), (out.float() - z) / (1 - tt).clamp_min(0.05)
             denoise = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
         if self.proj is None:
             return denoise, denoise, torch.zeros_like(denoise)
         rep = align.alignment_loss(self.proj, h, target, self.gamma)
         return denoise + self.coeff * rep, denoise, rep
-
-
-def noise_std(family, image_size):
-    """JiT's noise std: 1 at 256 px, 2 from 512 px (SPEC.md); SiT latents always use 1."""
-    return 2.0 if family == "JiT" and image_size >= 512 else 1.0
 
 # -----------------------------------------------------------------------------
 # Configuration: presets per recipe, explicit flags win
@@ -273,11 +268,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
     if args.resume:  # the checkpoint's configuration, then the flags given now
-        saved = torch.load(find_checkpoint(args.resume), map_location="cpu", weights_only=False)["args"]
-        for k, v in saved.items():
+        try:
+            path = find_checkpoint(args.resume)
+        except FileNotFoundError as e:
+            p.error(f"--resume {e}")
+        for k, v in torch.load(path, map_location="cpu", weights_only=False)["args"].items():
             if k not in given:
                 setattr(args, k, v)
-        args.resume = find_checkpoint(args.resume)
+        args.resume = path
         return args
     if args.model is None and args.data_path is None:
         preset = "demo"
@@ -298,15 +296,6 @@ def get_args(argv=None):
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
     return args
-
-
-def find_checkpoint(path):
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
-    if not found:
-        raise SystemExit(f"--resume {path}: no checkpoints/*.pt there")
-    return found[-1]
 
 
 def save_checkpoint(state, path):
