@@ -182,6 +182,8 @@ class Encoder(nn.Module):
         self.num_prefix = getattr(model, "num_prefix_tokens", 0)  # CLS + registers, dropped
         if spec["prenorm"]:
             self.model.norm = nn.Identity()
+        for name, s in zip(("mean", "std"), spec["stats"]):  # built once: no host-to-device copy per step
+            self.register_buffer(name, torch.tensor(s).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):  # frozen: stays in eval mode
@@ -192,12 +194,11 @@ class Encoder(nn.Module):
             raise ValueError(f"expected uint8 images (B,3,{self.resolution},{self.resolution}), "
                              f"got {x.dtype} {tuple(x.shape)}")
         x = x / 255.0  # (B,3,R,R) float32
-        mean, std = (x.new_tensor(s).view(1, 3, 1, 1) for s in self.spec["stats"])
         if self.size == self.resolution:  # resizing to the same size is the identity in every official mode
-            return (x - mean) / std
+            return (x - self.mean) / self.std
         if self.spec["norm_first"]:
-            return F.interpolate((x - mean) / std, size=self.size, mode=self.spec["mode"])
-        return (F.interpolate(x, size=self.size, mode=self.spec["mode"]) - mean) / std
+            return F.interpolate((x - self.mean) / self.std, size=self.size, mode=self.spec["mode"])
+        return (F.interpolate(x, size=self.size, mode=self.spec["mode"]) - self.mean) / self.std
 
     @torch.no_grad()
     def forward(self, x):
