@@ -150,6 +150,18 @@ def find_checkpoint(path):
     return found[-1]
 
 
+def setup_device():
+    """(device, rank, world size) for a plain run or one torchrun process; TF32 matmuls on GPU, as the official."""
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device, dist.get_rank(), dist.get_world_size()
+    return device, 0, 1
+
+
 def sample_to_file(model, vae, args, rank=0, world_size=1):
     """Generate args.num_samples images by shards (rank r: every world_size-th missing one); rank 0 writes --out."""
     family, device = args.model.split("-")[0].lower(), next(model.parameters()).device
@@ -287,13 +299,7 @@ def main(argv=None):
     if args.bench and not torch.cuda.is_available():
         parser.error("--bench needs a GPU")
 
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official fp32 sampling: TF32
-    if "WORLD_SIZE" in os.environ:  # torchrun; ranks share the folder of --out
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device, rank, world_size = setup_device()  # torchrun: the ranks share the folder of --out
     model = models[args.model](image_size=args.image_size, num_classes=args.num_classes)
     if sd is not None:
         try:

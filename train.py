@@ -34,7 +34,7 @@ from tqdm import tqdm
 import align
 import encoders
 from model import build_model
-from sample import find_checkpoint, generate, noise_std, save_grid
+from sample import find_checkpoint, generate, noise_std, save_grid, setup_device
 
 # -----------------------------------------------------------------------------
 # Generated data: class-conditional shapes and colours the project draws itself, so that everything
@@ -311,15 +311,8 @@ def save_checkpoint(state, path):
 
 def main(argv=None):
     args = get_args(argv)
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device, rank, world = setup_device()
+    ddp = world > 1
     family = "JiT" if args.model.startswith("JiT") else "SiT"
     fam = FAMILY[family]
 
@@ -388,7 +381,7 @@ def main(argv=None):
             projector.load_state_dict(ck["proj"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-    train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[local] if device.type == "cuda" else None,
+    train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True) if ddp else objective
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
