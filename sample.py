@@ -172,10 +172,12 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
     if rank == 0:
         os.makedirs(shard_dir, exist_ok=True)
         path = os.path.join(shard_dir, "settings.json")
-        if os.path.exists(path) and open(path).read() != settings:
-            raise SystemExit(f"{shard_dir} holds shards made with other flags ({open(path).read()}); "
+        old = open(path).read() if os.path.exists(path) else settings
+        if old != settings:
+            raise SystemExit(f"{shard_dir} holds shards made with other flags ({old}); "
                              "rerun with those flags or delete the folder")
-        open(path, "w").write(settings)
+        with open(path, "w") as f:
+            f.write(settings)
     todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
     if world_size > 1:  # every rank lists the same missing shards before any is written
         dist.barrier()
