@@ -109,7 +109,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        # .contiguous(): the transposed view is channel-major in memory, and torch.compile would carry that
+        # layout through every residual add, making each LayerNorm read its row with a 1 KB stride.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
 
 
 class Attention(nn.Module):
@@ -289,7 +291,7 @@ class BottleneckPatchEmbed(nn.Module):
         self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
 
     def forward(self, x):
-        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, T, D)
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2).contiguous()  # (B, T, D): see PatchEmbed
 
 
 class JiTFinalLayer(nn.Module):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
@@ -181,6 +182,14 @@ def test_model_state_dict_keys_are_official_names():
     assert not any("rope" in k for k in keys)  # RoPE tables are derived, not stored (as the official)
 
 
+def test_model_token_stream_is_token_major_in_memory():
+    # a channel-major (B, T, D) view would be carried by torch.compile through every residual add and make each
+    # LayerNorm read strided rows (SiT-B/2 trained 3% slower compiled, 13% slower eager that way)
+    x = torch.randn(2, 4, 8, 8)
+    assert _tiny_sit().x_embedder(x).is_contiguous()
+    assert _tiny_jit().x_embedder(torch.randn(2, 3, 32, 32)).is_contiguous()
+
+
 def test_model_sit_small_size_works():
     # the official SiT-S builds its final layer 768 wide and crashes; ours runs
     with torch.device("meta"):
@@ -217,6 +226,14 @@ def test_align_1x1_conv_equals_linear_map():
     h = torch.randn(2, 16, 8)
     w, b = p.projection_layer.weight[:, :, 0, 0], p.projection_layer.bias
     torch.testing.assert_close(p(h), h @ w.T + b)
+
+
+def test_align_conv_projector_equals_conv_on_row_major_grid():
+    torch.manual_seed(0)
+    p = align.make_projector(8, 5, conv=True)
+    h = torch.randn(2, 12, 12, 8)  # token t = 12 * row + col
+    ref = F.conv2d(h.permute(0, 3, 1, 2).contiguous(), p.projection_layer.weight, p.projection_layer.bias, padding=1)
+    torch.testing.assert_close(p(h.reshape(2, 144, 8)), ref.flatten(2).transpose(1, 2))
 
 
 def test_align_conv_projector_rejects_non_square_grid():
