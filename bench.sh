@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 R="--encoder dinov2-vit-b --encoder-weights random --irepa --num-generated 1024 --image-size 256"
 run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
 [ "${1:-}" = data ] || for what in "${@:-train-eager train encoders sample fid metrics}"; do for w in $what; do case $w in
-  train-eager) run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 20 ;;
+  train-eager) run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 20 --no-compile ;;
   train)
     run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile

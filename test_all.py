@@ -392,6 +392,14 @@ def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
     assert [r["step"] for r in map(json.loads, open(os.path.join(run, "log.jsonl")))] == [2, 4]
 
 
+def test_train_compiles_by_default_on_gpu_only(monkeypatch):
+    assert train.get_args(_TINY).compile is False  # CPU: compiling the step takes minutes
+    assert train.get_args([*_TINY, "--compile"]).compile is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.get_args(_TINY).compile is True
+    assert train.get_args([*_TINY, "--no-compile"]).compile is False
+
+
 def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoints" / "0000001.pt")
     train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)

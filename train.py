@@ -255,7 +255,8 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, help="reduce, print and log every N steps")
     p.add_argument("--out-dir", help="run directory (default: out/<model>-<encoder>)")
     p.add_argument("--resume", help="a run directory (latest checkpoint) or a checkpoint file")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step and "
+                   "the encoder (default: on with a GPU, 1.5x the eager speed; off on CPU, where compiling takes minutes)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--image-size", type=int, help="image side in pixels; the token grid follows it")
     p.add_argument("--seed", type=int, default=0, help="global seed")
@@ -294,6 +295,7 @@ def get_args(argv=None):
     args.num_classes = args.num_classes or (1000 if args.data_path else NUM_GENERATED_CLASSES)
     args.lr = args.lr or 5e-5 * args.batch_size / 256
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.compile = torch.cuda.is_available() if args.compile is None else args.compile
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
     return args
 
