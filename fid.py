@@ -29,6 +29,8 @@ from scipy import linalg
 from scipy.special import log_softmax
 from tqdm import tqdm
 
+from sample import setup_device
+
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 WEIGHT_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHT_FILES[0]
 
@@ -398,12 +400,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.bench and (not args.samples or not (args.ref or args.save_stats)):
         p.error("give samples and --ref and/or --save-stats (or --bench)")
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device != "cpu":
-        torch.cuda.set_device(device)
+    device, _, world = setup_device()  # its TF32 switch does not reach the Inception or distances (strict_fp32)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.bench:
         bench(device, args.batch_size)
@@ -418,7 +416,7 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({**metrics, "samples": args.samples, "ref": args.ref}, f, indent=2)
-    if ddp:
+    if world > 1:
         dist.destroy_process_group()
     return metrics
 
