@@ -283,25 +283,32 @@ class _Attention(nn.Module):
         return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
 
 
+class _Mid(nn.Module):
+    """diffusers UNetMidBlock2D: resnet, attention, resnet."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([_Resnet(c, c, groups), _Resnet(c, c, groups)])
+        self.attentions = nn.ModuleList([_Attention(c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
 class _Level(nn.Module):
-    """diffusers DownEncoderBlock2D / UpDecoderBlock2D: n resnets, then an optional 2x down- or up-sampling conv;
-    sampler "mid": UNetMidBlock2D, an attention between its two resnets."""
+    """diffusers DownEncoderBlock2D / UpDecoderBlock2D: n resnets, then an optional 2x down- or up-sampling conv."""
 
     def __init__(self, cin, c, n, groups, sampler=None):
         super().__init__()
         self.resnets = nn.ModuleList([_Resnet(cin if i == 0 else c, c, groups) for i in range(n)])
         self.sampler = sampler
-        if sampler == "mid":
-            self.attentions = nn.ModuleList([_Attention(c, groups)])
-        elif sampler:  # parameter names down_blocks.i.downsamplers.0.conv / up_blocks.i.upsamplers.0.conv
+        if sampler:  # parameter names down_blocks.i.downsamplers.0.conv / up_blocks.i.upsamplers.0.conv
             conv = nn.Conv2d(c, c, 3, stride=2) if sampler == "down" else nn.Conv2d(c, c, 3, padding=1)
             setattr(self, f"{sampler}samplers", nn.ModuleList([nn.ModuleDict(dict(conv=conv))]))
 
     def forward(self, x):
-        for i, m in enumerate(self.resnets):
+        for m in self.resnets:
             x = m(x)
-            if i == 0 and self.sampler == "mid":
-                x = self.attentions[0](x)
         if self.sampler == "down":  # pad right and bottom only, then the stride-2 conv
             x = self.downsamplers[0]["conv"](F.pad(x, (0, 1, 0, 1)))
         if self.sampler == "up":
@@ -319,7 +326,7 @@ class _Coder(nn.Module):
         levels = nn.ModuleList([_Level(w[max(i - 1, 0)], c, layers if down else layers + 1, groups,
                                        i < len(w) - 1 and ("down" if down else "up")) for i, c in enumerate(w)])
         setattr(self, "down_blocks" if down else "up_blocks", levels)
-        self.mid_block = _Level(w[-1] if down else w[0], w[-1] if down else w[0], 2, groups, "mid")
+        self.mid_block = _Mid(w[-1] if down else w[0], groups)
         self.conv_norm_out = nn.GroupNorm(groups, w[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(w[-1], 8 if down else 3, 3, padding=1)  # encoder: posterior mean and log-variance
 
