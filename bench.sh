@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
 # random encoder/VAE weights, and the samplers / encoders / FID Inception at the sizes SPEC.md names.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume|encoders|sample|fid|metrics] ... (default: the
+# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|encoders|sample|fid|metrics] ... (default: the
 # single-GPU set), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,13 +18,14 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     n=$(nvidia-smi -L | wc -l)
     CUDA_VISIBLE_DEVICES=0 run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 30 --compile
     run torchrun --nproc_per_node=$n train.py --model SiT-B/2 $R --vae-weights random --batch-size $((256 * n)) --bench 30 --compile ;;
-  ddp-resume)  # the used-by command on all GPUs: identical replicas, one checkpoint, resume continues the losses
-    n=$(nvidia-smi -L | wc -l); o=/tmp/ddp; rm -rf $o $o-r
-    C="torchrun --nproc_per_node=$n train.py --encoder dinov2-vit-b --irepa --model SiT-B/2 --encoder-weights random --vae-weights random --num-generated 1024 --batch-size $((64 * n)) --log-every 2 --sample-every 0"
+  ddp-resume|ddp-resume-eager)  # the used-by command on all GPUs: identical replicas, one checkpoint, resume continues
+    # the losses (bit for bit eager; compiled runs differ in the last bits from run to run: README, Resume)
+    n=$(nvidia-smi -L | wc -l); o=/tmp/ddp; rm -rf $o $o-r; e=$([ $w = ddp-resume-eager ] && echo --no-compile)
+    C="torchrun --nproc_per_node=$n train.py $e --encoder dinov2-vit-b --irepa --model SiT-B/2 --encoder-weights random --vae-weights random --num-generated 1024 --batch-size $((64 * n)) --log-every 2 --sample-every 0"
     $C --steps 12 --ckpt-every 12 --out-dir $o 2>&1 | grep -E "replicas|Error"; ls $o/checkpoints
     $C --steps 6 --ckpt-every 6 --out-dir $o-r 2>&1 | grep -E "replicas|Error"
-    torchrun --nproc_per_node=$n train.py --resume $o-r --steps 12 2>&1 | grep -E "replicas|Error"
-    python -c "import json; a, b = ([json.loads(l)['loss'] for l in open(f'$o{s}/log.jsonl')] for s in ('', '-r')); print('losses', a, b, 'identical' if a == b else 'DIFFERENT')" ;;
+    torchrun --nproc_per_node=$n train.py $e --resume $o-r --steps 12 2>&1 | grep -E "replicas|Error"
+    python -c "import json; a, b = ([json.loads(l)['loss'] for l in open(f'$o{s}/log.jsonl')] for s in ('', '-r')); print('losses', a, b, 'identical' if a == b else 'DIFFERENT, max relative %.1e' % max(abs(x - y) / abs(x) for x, y in zip(a, b)))" ;;
   encoders) run python encoders.py --bench ;;
   sample)
     run python sample.py --bench --model SiT-B/2 --batch-size 256

@@ -393,6 +393,7 @@ def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
 
 
 def test_train_compiles_by_default_on_gpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train.get_args(_TINY).compile is False  # CPU: compiling the step takes minutes
     assert train.get_args([*_TINY, "--compile"]).compile is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
