@@ -324,7 +324,10 @@ import train  # noqa: E402
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 # a tiny, fast run: the demo JiT at 32 px (2x2 tokens), 8 images per step, no sample grids
 _TINY = ["--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8", "--num-generated", "64",
-         "--log-every", "2", "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2"]
+         "--log-every", "2", "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2", "--no-compile"]
+# training subprocesses stay on the CPU on a GPU machine too: exact resume needs deterministic kernels, and the
+# 2-process DDP test must not ask for a second GPU
+_CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _train_cmd(*extra):
@@ -360,9 +363,9 @@ def test_train_center_crop_is_adm():
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(full)), check=True,
-                   capture_output=True)
+                   capture_output=True, env=_CPU)
     proc = subprocess.Popen(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(killed)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_CPU)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "0000002.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -370,7 +373,7 @@ def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     proc.wait()
     done = sorted(os.listdir(killed / "checkpoints"))
     assert "0000012.pt" not in done, "the run finished before it could be killed"
-    subprocess.run(_train_cmd("--resume", str(killed)), check=True, capture_output=True)
+    subprocess.run(_train_cmd("--resume", str(killed)), check=True, capture_output=True, env=_CPU)
     a, b = _state(full / "checkpoints" / "0000012.pt"), _state(killed / "checkpoints" / "0000012.pt")
     for key in ("model", "ema", "ema2"):
         for k in a[key]:
@@ -393,12 +396,13 @@ def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
 
 
 def test_train_compiles_by_default_on_gpu_only(monkeypatch):
+    tiny = ["--model", "JiT-demo/16"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.get_args(_TINY).compile is False  # CPU: compiling the step takes minutes
-    assert train.get_args([*_TINY, "--compile"]).compile is True
+    assert train.get_args(tiny).compile is False  # CPU: compiling the step takes minutes
+    assert train.get_args([*tiny, "--compile"]).compile is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.get_args(_TINY).compile is True
-    assert train.get_args([*_TINY, "--no-compile"]).compile is False
+    assert train.get_args(tiny).compile is True
+    assert train.get_args([*tiny, "--no-compile"]).compile is False
 
 
 def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):
@@ -436,7 +440,7 @@ def test_train_ddp_gloo_two_processes(tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                         os.path.join(_ROOT, "train.py"), *_TINY, "--steps", "6", "--ckpt-every", "6",
-                        "--out-dir", str(out)], capture_output=True, text=True, timeout=300)
+                        "--out-dir", str(out)], capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "replicas identical across 2 ranks: True" in r.stdout
     assert os.listdir(out / "checkpoints") == ["0000006.pt"]
@@ -446,7 +450,7 @@ def test_train_ddp_gloo_two_processes(tmp_path):
 def test_train_ddp_batch_not_divisible(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
                         os.path.join(_ROOT, "train.py"), *_TINY, "--batch-size", "7", "--out-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
 
 
