@@ -387,8 +387,8 @@ def main(argv=None):
                                                     gradient_as_bucket_view=True) if ddp else objective
     if ddp and args.compile:
         # One compiled graph; the gradients are all-reduced after the backward instead of overlapping it. Overlap
-        # (Dynamo's per-bucket graphs) let NCCL's kernels slow every matmul ~5%, and the all-reduce alone
-        # takes ~1.7 ms per step (2x H200, SiT-B/2: 1,936 vs 1,891-1,903 img/s per GPU; README, Performance)
+        # (Dynamo's per-bucket graphs) let NCCL's kernels slow the compute kernels ~5%, while the all-reduce alone
+        # takes ~1.7 ms per step (2x H200, SiT-B/2: 1,934-1,938 vs 1,891-1,903 img/s per GPU; README, Performance)
         torch._dynamo.config.optimize_ddp = False
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
