@@ -13,7 +13,8 @@ With --data-path (ImageNet-style class folders) the first run prepares memory-ma
 (ADM center crops as uint8, labels, and for SiT the SD-VAE posterior mean/std); later runs reuse them.
 Randomness is a function of (seed, step, rank): the noise of step s is drawn after reseeding with
 them, and the data order is a permutation seeded by (seed, epoch), so a resumed run repeats the
-uninterrupted one exactly and the checkpoint's step is its data and RNG position.
+uninterrupted one exactly and the checkpoint's step is its data and RNG position (bit for bit when eager;
+compiled GPU kernels add some gradients in a varying order, so there the last bits differ run to run).
 """
 import argparse
 import copy
