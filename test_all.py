@@ -509,7 +509,6 @@ def test_train_sample_grid_written(tmp_path):
 # encoders.py
 
 import warnings  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import encoders  # noqa: E402
 
 

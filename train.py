@@ -436,8 +436,7 @@ def main(argv=None):
         if fam["clip"]:
             gnorm = torch.nn.utils.clip_grad_norm_(params, fam["clip"])
         else:  # JiT does not clip: the norm alone, for the log (clipping at inf would rescale every grad by 1)
-            grads = [p.grad for p in params if p.grad is not None]
-            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         opt.step()
         with torch.no_grad():
             for ema_p, decay in zip(ema_params, decays):
