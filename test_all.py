@@ -19,6 +19,12 @@ torch.set_num_threads(2)
 import align  # noqa: E402
 import model  # noqa: E402
 
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    # in-process CLI runs pick CUDA when there is one; tests whose reference is a CPU computation keep them on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
 # =============================================================================
 # model.py
 
@@ -1009,7 +1015,7 @@ def _sample_ckpt(tmp_path, official=False):
     return str(path)
 
 
-def test_sample_cli_npz_and_official_checkpoint(tmp_path):
+def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):
     flags = ["--num-steps", "2", "--num-samples", "6", "--batch-size", "4", "--cfg-scale", "2.0", "--grid", "4"]
     sample.main(["--ckpt", _sample_ckpt(tmp_path), "--out", str(tmp_path / "a.npz"), *flags])
     sample.main(["--ckpt", _sample_ckpt(tmp_path, True), "--out", str(tmp_path / "b.npz"), *flags])
@@ -1054,7 +1060,7 @@ class _sample_FakeVAE(nn.Module):
         return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).tanh()
 
 
-def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys):
+def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_only):
     tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
     monkeypatch.setitem(sample.models, "SiT-B/2", tiny)  # the name an official checkpoint carries
     import encoders
@@ -1258,7 +1264,7 @@ def _metrics_write_images(folder, masks_folder, n=5):
         Image.fromarray(mask).save(masks_folder / f"im{i}.png")
 
 
-def test_metrics_cli_end_to_end(tmp_path, monkeypatch, capsys):
+def test_metrics_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     names = ["toy-a", "toy-bb", "toy-ccc"]
     for n in names:
         monkeypatch.setitem(metrics.ENCODERS, n, None)
@@ -1506,7 +1512,7 @@ def _fid_fake_forward(self, x):
     return pool, f @ torch.randn(48, 2023, generator=g), pool @ self.fc.weight.T
 
 
-def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys):
+def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     rng = np.random.default_rng(8)
     samples, ref = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)
     stored_mu, stored_sigma = rng.standard_normal(2048), np.eye(2048)
