@@ -252,7 +252,7 @@ add("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weig
 add("--model", help="model name as in model.py, e.g. SiT-XL/2, JiT-B/16 (default: from the checkpoint)")
 add("--image-size", type=int, help="image resolution (default: from the checkpoint, else 256)")
 add("--num-classes", type=int, help="classes; the null class is this index (default: from the checkpoint, else 1000)")
-add("--vae-weights", help="SD-VAE weights for SiT (default: from the checkpoint)")
+add("--vae-weights", help="SD-VAE weights for SiT (default: the checkpoint's, else sd-vae-ft-mse from the hub)")
 add("--vae-stats", help="per-channel latent stats file as the official iREPA (default: from the checkpoint)")
 add("--mode", choices=["sde", "ode", "heun"], help="SiT: sde (default), ode (Euler) or heun (ODE); "
     "JiT: heun (default, last step Euler) or ode (Euler)")
@@ -296,8 +296,6 @@ def main(argv=None):
         parser.error(f"--out {args.out}: its folder does not exist or is not writable")
     if args.grid > args.num_samples:
         parser.error(f"--grid {args.grid} asks for more images than --num-samples {args.num_samples}")
-    if family == "sit" and not args.bench and not args.vae_weights:
-        parser.error("SiT needs --vae-weights (sd-vae-ft-mse); the checkpoint does not name any")
     if args.bench and not torch.cuda.is_available():
         parser.error("--bench needs a GPU")
 

@@ -1064,7 +1064,8 @@ def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_o
     tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
     monkeypatch.setitem(sample.models, "SiT-B/2", tiny)  # the name an official checkpoint carries
     import encoders
-    monkeypatch.setattr(encoders, "load_vae", lambda weights, stats: _sample_FakeVAE(), raising=False)
+    vaes = []  # the weights argument of each load_vae call
+    monkeypatch.setattr(encoders, "load_vae", lambda weights, stats: vaes.append(weights) or _sample_FakeVAE())
     torch.manual_seed(0)
     net = tiny(32, 10)
     for p in net.parameters():
@@ -1072,11 +1073,10 @@ def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_o
     sd = {**net.state_dict(), "projectors.0.projection_layer.weight": torch.zeros(3)}
     torch.save({"model": {}, "ema": sd, "opt": {}, "steps": 5,
                 "args": argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)}, tmp_path / "o.pt")
-    with pytest.raises(SystemExit):
-        sample.main(["--ckpt", str(tmp_path / "o.pt"), "--num-steps", "3"])
-    assert "needs --vae-weights" in capsys.readouterr().err
+    sample.main(["--ckpt", str(tmp_path / "o.pt"), "--num-steps", "1", "--num-samples", "1", "--out", str(tmp_path / "h.npz")])
     sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--num-steps", "3", "--num-samples", "5",
                  "--batch-size", "2", "--out", str(tmp_path / "s.npz")])
+    assert vaes == [None, "x"]  # no VAE named by the checkpoint or the flags: the hub's sd-vae-ft-mse (load_vae(None))
     out = np.load(tmp_path / "s.npz")
     assert out["arr_0"].shape == (5, 32, 32, 3) and out["arr_0"].dtype == np.uint8 and out["arr_0"].std() > 3
     assert out["arr_1"].dtype == np.int64 and 0 <= out["arr_1"].min() and out["arr_1"].max() < 10
