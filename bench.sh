@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
-# random encoder/VAE weights, and the samplers / encoders / FID Inception at the sizes SPEC.md names.
+# random encoder/VAE weights, and the samplers / encoders / FID Inception at the table's sizes.
 # usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|encoders|sample|fid|metrics] ... (default: the
 # single-GPU set), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail

@@ -388,6 +388,6 @@ def build_model(name, image_size=256, num_classes=1000):
 if __name__ == "__main__":
     for name in models:
         with torch.device("meta"):
-            m = build_model(name)
+            m = models[name]()  # each at its own default size (JiT-demo/16: 64 px, 10 classes)
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         print(f"{name:12s} trainable {n:>13,d}   grid {m.grid}x{m.grid}")

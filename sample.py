@@ -136,7 +136,7 @@ def shard_seed(seed, shard):
 
 
 def noise_std(family, image_size):
-    """JiT's noise std: 1 at 256 px, 2 from 512 px (SPEC.md); SiT latents always use 1."""
+    """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT latents always use 1."""
     return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
 
 

@@ -493,13 +493,15 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "SiT-Q/2"], "unknown model"),
+    (["--model", "SiTB2"], "unknown model"),
     (["--encoder", "dinov9"], "unknown encoder"),
     (["--model", "JiT-B/32", "--image-size", "256", "--encoder", "dinov2-vit-b"], "8x8 token grid"),
     (["--data-path", "/does/not/exist"], "does not exist"),
 ])
-def test_train_bad_input_fails_before_training(argv, msg, tmp_path):
-    with pytest.raises((SystemExit, ValueError), match=msg):
+def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
+    with pytest.raises((SystemExit, ValueError)) as err:  # argparse errors print to stderr
         train.main([*argv, "--out-dir", str(tmp_path), "--steps", "1"])
+    assert msg in str(err.value) + capsys.readouterr().err
     assert not os.path.exists(tmp_path / "checkpoints")
 
 

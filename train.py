@@ -5,10 +5,10 @@ Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo t
     python train.py --encoder dinov2-vit-s --encoder-weights random --irepa   # the iREPA path, offline
     torchrun --nproc_per_node=8 train.py --encoder dinov2-vit-b --irepa --data-path /imagenet/train
     torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa --data-path ...
-    python train.py --resume out/demo                                 # continue exactly where it stopped
+    python train.py --resume out/JiT-demo-16-none                     # continue exactly where it stopped
 
 Presets: without --model and --data-path the small offline demo runs (JiT-demo/16, 64 px, generated
-shapes); otherwise the model family's paper recipe (SPEC.md). A flag given explicitly always wins.
+shapes); otherwise the model family's paper recipe (README). A flag given explicitly always wins.
 With --data-path (ImageNet-style class folders) the first run prepares memory-mapped arrays once
 (ADM center crops as uint8, labels, and for SiT the SD-VAE posterior mean/std); later runs reuse them.
 Randomness is a function of (seed, step, rank): the noise of step s is drawn after reseeding with
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import align
 import encoders
-from model import build_model
+from model import build_model, models
 from sample import find_checkpoint, generate, noise_std, save_grid, setup_device
 
 # -----------------------------------------------------------------------------
@@ -218,7 +218,7 @@ PRESETS = {
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
                 ckpt_every=50_000, sample_every=10_000, warmup_steps=None, ema="0.9999,0.9996"),
 }
-FAMILY = {  # the parts of each recipe that are not flags (SPEC.md)
+FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
     "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
     "JiT": dict(betas=(0.9, 0.95), clip=None, flip=True),
 }
@@ -286,6 +286,8 @@ def get_args(argv=None):
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.model not in models:  # before anything parses the name
+        p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
     fam = "JiT" if args.model.startswith("JiT") else "SiT"
     method = align.IREPA[fam] if args.irepa else align.REPA[fam]
     args.proj = args.proj or method["proj"]
@@ -464,7 +466,7 @@ def main(argv=None):
             rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
             if flops_per_img:
-                rec["mfu"] = ips * flops_per_img / 800e12  # H100 bf16 dense peak ~800 TFLOP/s (SPEC.md)
+                rec["mfu"] = ips * flops_per_img / 800e12  # H100 bf16 dense peak ~800 TFLOP/s
             if rank == 0:
                 bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
