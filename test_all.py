@@ -319,6 +319,7 @@ def test_align_model_and_projector_learn_tiny_batch(family, conv):
 # =============================================================================
 # train.py
 
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -385,8 +386,26 @@ def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     la = [json.loads(line) for line in open(full / "log.jsonl")]
-    lb = [json.loads(line) for line in open(killed / "log.jsonl")]
-    assert [r["loss"] for r in la][-4:] == [r["loss"] for r in lb][-4:]
+    lb = [json.loads(line) for line in open(killed / "log.jsonl")]  # what the killed run logged past its checkpoint
+    assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]  # is gone: one clean log
+
+
+def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys):
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    train.main([*_TINY, "--steps", "6", "--ckpt-every", "2", "--out-dir", str(run)])
+    before = [(r["step"], r["loss"]) for r in map(json.loads, open(run / "log.jsonl"))]
+    os.rename(run, moved)
+    with open(moved / "log.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')  # a record cut by a kill
+    train.main(["--resume", str(moved / "checkpoints" / "0000002.pt")])
+    assert not run.exists()  # the run goes on in the folder its checkpoint is in
+    assert [(r["step"], r["loss"]) for r in map(json.loads, open(moved / "log.jsonl"))] == before  # steps 2, 4, 6 once
+    with pytest.raises(SystemExit, match="does not fit the flags given now"):
+        train.main(["--resume", str(moved), "--num-classes", "20", "--steps", "8"])
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "junk.pt")])
+    assert "not a readable train.py checkpoint" in capsys.readouterr().err
 
 
 def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
@@ -483,12 +502,21 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"class{k.item() % 2}" / f"{i}.png")
     bad = tmp_path / "data" / "class1" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
-    train.main([*_TINY, "--data-path", str(tmp_path / "data"), "--num-classes", "2", "--steps", "2",
-                "--ckpt-every", "2", "--num-workers", "0", "--out-dir", str(tmp_path / "run"),
-                "--prepared-dir", str(tmp_path / "prep")])
-    assert str(bad) in capsys.readouterr().err
+    deep = tmp_path / "data" / "class0" / "deep.png"
+    Image.fromarray(np.full((40, 40), 300, np.uint16)).save(deep)  # 16-bit: convert("RGB") would make it white
+    run = [*_TINY, "--num-classes", "2", "--steps", "2", "--ckpt-every", "2", "--num-workers", "0",
+           "--out-dir", str(tmp_path / "run"), "--prepared-dir", str(tmp_path / "prep")]
+    train.main([*run, "--data-path", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert str(bad) in err and f"{deep}: I" in err and "convert the file to 8-bit" in err
     assert np.load(tmp_path / "prep" / "images.npy").shape == (16, 3, 32, 32)
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    shutil.copytree(tmp_path / "data", tmp_path / "other")  # another dataset must not reuse these arrays
+    with pytest.raises(SystemExit, match=f"holds {tmp_path / 'data'} at 32 px, not {tmp_path / 'other'}"):
+        train.main([*run, "--data-path", str(tmp_path / "other")])
+    os.remove(tmp_path / "prep" / "meta.json")  # as after a preparation killed before its end: prepared again
+    train.main([*run, "--data-path", str(tmp_path / "other")])
+    assert json.load(open(tmp_path / "prep" / "meta.json"))["source"] == str(tmp_path / "other")
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -497,6 +525,10 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
     (["--encoder", "dinov9"], "unknown encoder"),
     (["--model", "JiT-B/32", "--image-size", "256", "--encoder", "dinov2-vit-b"], "8x8 token grid"),
     (["--data-path", "/does/not/exist"], "does not exist"),
+    (["--image-size", "60"], "--image-size 60 is not a multiple of 16"),
+    (["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--encoder-depth", "99"], "has 6 blocks"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--ema", "0.9,abc"], "give one or two decays"),
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as err:  # argparse errors print to stderr

@@ -112,9 +112,10 @@ def posterior(vae, images, out, device, batch=64):
     return out
 
 
-def prepare(data_path, out, image_size, vae, device):
+def prepare(data_path, out, image_size, vae, vae_name, device):
     """Class folders (sorted names -> labels 0..C-1) -> out/{images.npy (N,3,R,R) uint8, labels.npy,
-    [latents.npy (N,8,R/8,R/8) float32: VAE posterior mean|std]}. Corrupt files are reported and skipped."""
+    [latents.npy (N,8,R/8,R/8) float32: VAE posterior mean|std], meta.json}. Corrupt files are reported and
+    skipped. meta.json, written last, names the source, size and VAE: without it the preparation did not finish."""
     classes = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d)))
     files = [(os.path.join(data_path, c, f), i) for i, c in enumerate(classes)
              for f in sorted(os.listdir(os.path.join(data_path, c)))]
@@ -127,6 +128,8 @@ def prepare(data_path, out, image_size, vae, device):
     for path, label in tqdm(files, desc=f"preparing {data_path}"):
         try:
             with Image.open(path) as im:
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would clip them to white
+                    raise ValueError(f"{im.mode} pixels (16-bit or float); convert the file to 8-bit")
                 imgs[n] = center_crop(im.convert("RGB"), image_size).transpose(2, 0, 1)
         except (OSError, ValueError, SyntaxError) as e:
             print(f"skipping unreadable image {path}: {e}", file=sys.stderr)
@@ -142,8 +145,10 @@ def prepare(data_path, out, image_size, vae, device):
     final = np.load(os.path.join(out, "images.tmp.npy"), mmap_mode="r")[:n]
     np.save(os.path.join(out, "images.npy"), final)  # drops the skipped slots at the end
     os.remove(os.path.join(out, "images.tmp.npy"))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"source": os.path.abspath(data_path), "image_size": image_size, "classes": classes}, f)
+    with open(os.path.join(out, "meta.tmp.json"), "w") as f:
+        json.dump({"source": os.path.abspath(data_path), "image_size": image_size, "vae": vae_name,
+                   "classes": classes}, f)
+    os.replace(os.path.join(out, "meta.tmp.json"), os.path.join(out, "meta.json"))
 
 
 class Batches(torch.utils.data.Dataset):
@@ -268,15 +273,36 @@ def get_args(argv=None):
                    "memory and a kernel profile")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    for k in ("batch_size", "steps", "log_every", "ckpt_every", "num_generated", "image_size", "num_classes",
+              "encoder_depth", "sample_every", "warmup_steps"):
+        least = 0 if k in ("sample_every", "warmup_steps") else 1
+        if getattr(args, k) is not None and getattr(args, k) < least:
+            p.error(f"--{k.replace('_', '-')} must be at least {least}, got {getattr(args, k)}")
+    try:
+        bad_ema = args.ema is not None and not (len(args.ema.split(",")) <= 2
+                                                and all(0 <= float(d) < 1 for d in args.ema.split(",")))
+    except ValueError:
+        bad_ema = True
+    if bad_ema:  # checkpoints keep two EMAs at most
+        p.error(f"--ema {args.ema}: give one or two decays in [0, 1), comma-separated")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out-dir {args.out_dir} is a file")
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
     if args.resume:  # the checkpoint's configuration, then the flags given now
         try:
             path = find_checkpoint(args.resume)
+            saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
         except FileNotFoundError as e:
             p.error(f"--resume {e}")
-        for k, v in torch.load(path, map_location="cpu", weights_only=False)["args"].items():
+        except Exception as e:  # truncated file, not a torch file, not a train.py checkpoint
+            p.error(f"--resume {args.resume}: not a readable train.py checkpoint ({type(e).__name__}: {e})")
+        for k, v in saved.items():
             if k not in given:
                 setattr(args, k, v)
+        if args.model not in models:
+            p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
+        if "out_dir" not in given and os.path.basename(os.path.dirname(path)) == "checkpoints":
+            args.out_dir = os.path.dirname(os.path.dirname(path))  # the run continues where its checkpoint is
         args.resume = path
         return args
     if args.model is None and args.data_path is None:
@@ -296,11 +322,25 @@ def get_args(argv=None):
     args.proj_coeff = method["coeff"] if args.proj_coeff is None else args.proj_coeff
     args.encoder_depth = args.encoder_depth or align.encoder_depth_default(args.model)
     args.num_classes = args.num_classes or (1000 if args.data_path else NUM_GENERATED_CLASSES)
-    args.lr = args.lr or 5e-5 * args.batch_size / 256
+    args.lr = 5e-5 * args.batch_size / 256 if args.lr is None else args.lr
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     args.compile = torch.cuda.is_available() if args.compile is None else args.compile
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
     return args
+
+
+def trim_log(path, step):
+    """On resume: keep the log records up to the checkpoint's step (a killed run logs past its last checkpoint,
+    and its last line may be cut), so that log.jsonl reads as one uninterrupted run."""
+    keep = []
+    for line in open(path):
+        try:
+            keep += [line] if json.loads(line)["step"] <= step else []
+        except (ValueError, KeyError):
+            pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(state, path):
@@ -326,16 +366,22 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path} does not exist")
+    token_px = int(args.model.split("/")[-1]) * (8 if family == "SiT" else 1)  # SiT: VAE factor 8 x patch
+    if args.image_size % token_px:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of {token_px}, the pixels per token of "
+                         f"{args.model}")
     if args.encoder != "none":
         if args.encoder not in encoders.ENCODERS:
             raise SystemExit(f"unknown encoder {args.encoder!r}; choose one of: {', '.join(encoders.ENCODERS)}")
-        grid = args.image_size // int(args.model.split("/")[-1]) // (8 if family == "SiT" else 1)
+        grid = args.image_size // token_px
         if grid != args.image_size // 16:
             raise SystemExit(f"{args.model} at {args.image_size} px has a {grid}x{grid} token grid but {args.encoder} "
                              f"gives {args.image_size // 16}x{args.image_size // 16} tokens: use a model with 16-pixel "
                              "tokens (SiT-*/2, JiT-*/16) or --encoder none")
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every rerun
     net = build_model(args.model, args.image_size, args.num_classes).to(device)
+    if args.encoder != "none" and args.encoder_depth > len(net.blocks):
+        raise SystemExit(f"--encoder-depth {args.encoder_depth}: {args.model} has {len(net.blocks)} blocks")
     encoder = vae = projector = None
     if args.encoder != "none":
         encoder = encoders.load_encoder(args.encoder, args.image_size, weights=args.encoder_weights).to(device)
@@ -347,9 +393,21 @@ def main(argv=None):
     if args.data_path:
         name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}"
         prep = args.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)
-        need = ["images.npy", "labels.npy"] + (["latents.npy"] if family == "SiT" else [])
-        if rank == 0 and not all(os.path.exists(os.path.join(prep, f)) for f in need):
-            prepare(args.data_path, prep, args.image_size, vae, device)
+        source = os.path.abspath(args.data_path)
+        vae_name = None  # whose latents the arrays hold: a file, "random" or the hub's (JiT: none)
+        if family == "SiT":
+            vae_name = args.vae_weights or "stabilityai/sd-vae-ft-mse"
+            vae_name = os.path.abspath(vae_name) if os.path.isfile(vae_name) else vae_name
+        meta_path = os.path.join(prep, "meta.json")
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+        if meta and (meta["source"], meta["image_size"]) != (source, args.image_size):
+            raise SystemExit(f"{prep} holds {meta['source']} at {meta['image_size']} px, not {source} at "
+                             f"{args.image_size} px: pass another --prepared-dir or delete it")
+        if meta and vae_name and meta.get("vae") not in (None, vae_name):
+            raise SystemExit(f"{prep} holds latents of the VAE {meta['vae']}, not {vae_name}: pass another "
+                             "--prepared-dir or delete it")
+        if rank == 0 and (meta is None or (vae_name and meta.get("vae") is None)):  # SiT after JiT: add latents
+            prepare(args.data_path, prep, args.image_size, vae, vae_name, device)
         if ddp:
             dist.barrier()
         images = np.load(os.path.join(prep, "images.npy"), mmap_mode="r")
@@ -379,13 +437,21 @@ def main(argv=None):
         args.steps, args.log_every = 8 + args.bench, 8 + args.bench
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=False)
-        net.load_state_dict(ck["model"])
-        for ema, key in zip(emas, ("ema", "ema2")):
-            ema.load_state_dict(ck[key])
-        if projector is not None:
-            projector.load_state_dict(ck["proj"])
-        opt.load_state_dict(ck["opt"])
+        try:
+            net.load_state_dict(ck["model"])
+            for ema, key in zip(emas, ("ema", "ema2")):
+                ema.load_state_dict(ck[key])
+            if (projector is None) != (ck["proj"] is None):
+                raise ValueError("the run was trained " + ("without" if ck["proj"] is None else "with") + " an encoder")
+            if projector is not None:
+                projector.load_state_dict(ck["proj"])
+            opt.load_state_dict(ck["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(f"--resume {args.resume} does not fit the flags given now (--model, --image-size, "
+                             f"--num-classes, --encoder, --proj, --ema must match the run's): {str(e)[:600]}")
         step = ck["step"]
+        if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
+            trim_log(os.path.join(args.out_dir, "log.jsonl"), step)
     train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True) if ddp else objective
     if ddp and args.compile:
