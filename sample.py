@@ -229,10 +229,11 @@ def load_checkpoint(path, ema):
     """(state dict, saved settings) from our checkpoints, official SiT/REPA/iREPA ones or official JiT ones (EMA
     'model_ema1', keys under 'net.'). Sampling needs neither the projector nor JiT's stored RoPE tables (recomputed)."""
     try:
-        path = find_checkpoint(path)
-    except FileNotFoundError as e:
-        parser.error(f"--ckpt {e}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces
+    except Exception as e:  # truncated, not a torch file
+        parser.error(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict):
+        parser.error(f"--ckpt {path}: not a checkpoint (a {type(ckpt).__name__}, not a dict of weights)")
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     if key not in ckpt:
         parser.error(f"--ckpt {path} has no '{key}' weights (keys: {sorted(ckpt)})")
@@ -278,6 +279,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.ckpt and not args.bench:
         parser.error("--ckpt is required (or --bench with --model for a random-init model)")
+    for k in ("num_samples", "batch_size", "num_steps"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    if args.ckpt:
+        try:  # the file itself, in the shards' settings: a newer checkpoint in a run folder must not join them
+            args.ckpt = os.path.abspath(find_checkpoint(args.ckpt))
+        except FileNotFoundError as e:
+            parser.error(f"--ckpt {e}")
     sd, saved = load_checkpoint(args.ckpt, args.ema) if args.ckpt else (None, {})
     for k, v in saved.items():  # flags given on the command line win
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))

@@ -1075,13 +1075,41 @@ def test_sample_bad_input_is_named(tmp_path, capsys):
                       (["--num-samples", "4", "--grid", "8"], "--grid 8 asks for more images"),
                       (["--out", str(tmp_path / "no" / "x.npz")], "not writable"),
                       (["--out", str(tmp_path / "x.jpg")], "must end in .npz or .png"),
-                      (["--mode", "sde"], "sde is for SiT")]:
+                      (["--mode", "sde"], "sde is for SiT"),
+                      (["--num-samples", "0"], "--num-samples must be at least 1"),
+                      (["--batch-size", "0"], "--batch-size must be at least 1")]:
         with pytest.raises(SystemExit):
             sample.main(["--ckpt", ckpt, "--num-steps", "1", *argv])
         assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "missing.pt")])
     assert "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"PK not a checkpoint")
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "junk.pt")])
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_sample_run_folder_resumes_only_with_the_same_checkpoint(tmp_path, monkeypatch, cpu_only):
+    # --ckpt RUN means its newest checkpoint: shards of an interrupted run must not mix in a newer one
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    os.rename(_sample_ckpt(tmp_path), run / "checkpoints" / "0000002.pt")
+    flags = ["--ckpt", str(run), "--num-steps", "1", "--num-samples", "4", "--batch-size", "2", "--out", str(tmp_path / "s.npz")]
+    real, calls = sample.generate, []
+
+    def killed_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sample, "generate", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(flags)
+    monkeypatch.setattr(sample, "generate", real)
+    shutil.copy(run / "checkpoints" / "0000002.pt", run / "checkpoints" / "0000004.pt")
+    with pytest.raises(SystemExit, match="holds shards made with other flags"):
+        sample.main(flags)
 
 
 class _sample_FakeVAE(nn.Module):
