@@ -24,12 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from scipy import linalg
 from scipy.special import log_softmax
 from tqdm import tqdm
 
-from sample import setup_device
+from sample import open_rgb, setup_device
 
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 WEIGHT_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHT_FILES[0]
@@ -262,7 +261,7 @@ def open_images(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(".png"))
         if not files:
             raise ValueError(f"{path}: folder holds no .png files")
-        load = lambda f: np.asarray(Image.open(f).convert("RGB"))
+        load = lambda f: np.asarray(open_rgb(f))
         shape = load(files[0]).shape
 
         def read(start, end, batch):
@@ -350,6 +349,9 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if "arr_0" in ref_files else [None] * 3
     if pool is None:
         return None, None
+    for name, n in ((samples, shape[0]), (ref, r_shape[0] if r_shape else 2)):
+        if n < 2:  # a covariance needs two images (sqrtm of a NaN matrix hangs)
+            raise ValueError(f"{name}: {n} image(s); FID statistics need at least 2")
     if abs(shape[0] - 50000) > 5000:
         warnings.warn(f"{samples}: {shape[0]} images; FID is biased by sample count and papers use 50,000")
     if r_shape is not None and r_shape[1:3] != shape[1:3]:
@@ -400,6 +402,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.bench and (not args.samples or not (args.ref or args.save_stats)):
         p.error("give samples and --ref and/or --save-stats (or --bench)")
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            p.error(f"{flag} {path}: its folder does not exist or is not writable")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     device, _, world = setup_device()  # its TF32 switch does not reach the Inception or distances (strict_fp32)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from align import spatial_norm
 from encoders import ENCODERS, load_encoder
+from sample import open_rgb
 from train import center_crop, generated_images  # ADM centre crop: box-filter halving, bicubic
 
 METRICS = ("lds", "cds", "srss", "rmsc")
@@ -122,11 +123,11 @@ def load_folder(images, masks=None, n=None, size=256):
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:
         raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images}")
-    mask_files = {p.stem: p for p in Path(masks).iterdir()} if masks else {}
+    mask_files = {p.stem: p for p in Path(masks).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if masks else {}
     x, m = [], []
     for f in tqdm(files, desc="images"):
-        img = Image.open(f)
-        x.append(center_crop(img.convert("RGB"), size))
+        img = open_rgb(f)
+        x.append(center_crop(img, size))
         if masks:
             if f.stem not in mask_files:
                 raise ValueError(f"no mask for image {f.name} in {masks} (masks are matched to images by name)")
@@ -269,6 +270,8 @@ def main(argv=None):
         p.error(f"--encoder-weights: give one value or one per encoder ({len(names)}), got {len(weights)}")
     if args.masks and not args.images:
         p.error("--masks needs --images (masks are matched to image files)")
+    if min(args.num_images, args.batch_size) < 1:
+        p.error(f"--num-images and --batch-size must be at least 1, got {args.num_images} and {args.batch_size}")
     try:
         images, masks = (load_folder(args.images, args.masks, args.num_images) if args.images else
                          (generated_images(args.num_images, 256)[0], None))

@@ -110,6 +110,18 @@ def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def open_rgb(path):
+    """An image file as 8-bit RGB (PIL), or a ValueError naming the file: unreadable, or 16-bit / float pixels,
+    which convert("RGB") would clip to white."""
+    try:
+        im = Image.open(path)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            raise ValueError(f"{im.mode} pixels (16-bit or float): convert the file to 8-bit")
+        return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def save_grid(images, path):
     """Write uint8 images (N, H, W, 3) or (N, 3, H, W) (numpy or torch) as one PNG of ceil(sqrt(N)) columns."""
     x = torch.as_tensor(images)

@@ -1243,7 +1243,7 @@ def test_metrics_srss_two_regions():
     z = torch.where(left[..., None], a, b) + 0.3 * torch.randn(B, H * H, D, generator=g)
     assert (metrics.srss(z, left) > 0.5).all() and (metrics.srss(z, ~left) > 0.5).all()
     # uniform tokens: near and far similarity are equal, SRSS ~ 0; no background at all: NaN
-    assert metrics.srss(torch.randn(B, H * H, D), left).abs().max() < 0.02
+    assert metrics.srss(torch.randn(B, H * H, D, generator=g), left).abs().max() < 0.02
     assert metrics.srss(z, torch.ones(B, H * H, dtype=torch.bool)).isnan().all()
     with pytest.raises(ValueError, match="one foreground flag per token"):
         metrics.srss(z, left[:, :100])
@@ -1548,7 +1548,7 @@ def test_fid_png_folder(tmp_path):
     np.testing.assert_array_equal(np.concatenate(list(read(0, 3, 2))), imgs)
 
 
-def test_fid_bad_inputs(tmp_path, monkeypatch):
+def test_fid_bad_inputs(tmp_path, monkeypatch, capsys):
     cases = {"float32": (np.zeros((4, 8, 8, 3), np.float32), "uint8"), "nchw": (np.zeros((4, 3, 8, 8), np.uint8), "NCHW"),
              "unit": (np.ones((4, 8, 8, 3), np.uint8), r"not \[0,1\]")}
     for name, (arr, msg) in cases.items():
@@ -1564,6 +1564,17 @@ def test_fid_bad_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
         fid.load_inception()
+    (tmp_path / "deep").mkdir()
+    Image.fromarray(np.full((8, 8), 300, np.uint16)).save(tmp_path / "deep" / "0.png")
+    with pytest.raises(ValueError, match="0.png: I.* pixels \\(16-bit or float\\)"):
+        fid.open_images(str(tmp_path / "deep"))
+    monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
+    np.savez(tmp_path / "one.npz", np.full((1, 8, 8, 3), 7, np.uint8))
+    with pytest.raises(ValueError, match="1 image\\(s\\); FID statistics need at least 2"):
+        fid.evaluate(fid.FIDInception(), str(tmp_path / "one.npz"), str(tmp_path / "one.npz"))
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "one.npz"), "--save-stats", str(tmp_path / "no" / "s.npz")])
+    assert "--save-stats" in capsys.readouterr().err
 
 
 def _fid_fake_forward(self, x):

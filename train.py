@@ -35,7 +35,7 @@ from tqdm import tqdm
 import align
 import encoders
 from model import build_model, models
-from sample import find_checkpoint, generate, noise_std, save_grid, setup_device
+from sample import find_checkpoint, generate, noise_std, open_rgb, save_grid, setup_device
 
 # -----------------------------------------------------------------------------
 # Generated data: class-conditional shapes and colours the project draws itself, so that everything
@@ -127,12 +127,9 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
     labels, n = [], 0
     for path, label in tqdm(files, desc=f"preparing {data_path}"):
         try:
-            with Image.open(path) as im:
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would clip them to white
-                    raise ValueError(f"{im.mode} pixels (16-bit or float); convert the file to 8-bit")
-                imgs[n] = center_crop(im.convert("RGB"), image_size).transpose(2, 0, 1)
-        except (OSError, ValueError, SyntaxError) as e:
-            print(f"skipping unreadable image {path}: {e}", file=sys.stderr)
+            imgs[n] = center_crop(open_rgb(path), image_size).transpose(2, 0, 1)
+        except ValueError as e:
+            print(f"skipping unreadable image {e}", file=sys.stderr)
             continue
         labels.append(label)
         n += 1
