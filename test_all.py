@@ -400,6 +400,8 @@ def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys):
     train.main(["--resume", str(moved / "checkpoints" / "0000002.pt")])
     assert not run.exists()  # the run goes on in the folder its checkpoint is in
     assert [(r["step"], r["loss"]) for r in map(json.loads, open(moved / "log.jsonl"))] == before  # steps 2, 4, 6 once
+    with pytest.raises(SystemExit, match="at step 6 already: pass --steps above it"):
+        train.main(["--resume", str(moved)])
     with pytest.raises(SystemExit, match="does not fit the flags given now"):
         train.main(["--resume", str(moved), "--num-classes", "20", "--steps", "8"])
     (tmp_path / "junk.pt").write_text("not a checkpoint")

@@ -447,6 +447,8 @@ def main(argv=None):
             raise SystemExit(f"--resume {args.resume} does not fit the flags given now (--model, --image-size, "
                              f"--num-classes, --encoder, --proj, --ema must match the run's): {str(e)[:600]}")
         step = ck["step"]
+        if step >= args.steps:
+            raise SystemExit(f"--resume {args.resume} is at step {step} already: pass --steps above it to go on")
         if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
             trim_log(os.path.join(args.out_dir, "log.jsonl"), step)
     train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
