@@ -271,6 +271,9 @@ def open_images(path):
                     raise ValueError(f"{path}: PNGs differ in size (first is {shape})")
                 yield np.stack(imgs)
         return (len(files), *shape), read
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: " + ("neither a folder of PNGs nor an .npz (np.savez) file" if os.path.exists(path)
+                                        else "no such file or folder"))
     with zipfile.ZipFile(path) as z:
         if "arr_0.npy" not in z.namelist():
             raise ValueError(f"{path}: no arr_0 in the npz (holds {[n[:-4] for n in z.namelist()]})")
