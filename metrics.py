@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +253,7 @@ def main(argv=None):
     add("--masks", help="mask folder for SRSS: same file names as the images, non-zero = foreground")
     add("--num-images", type=int, default=1000, help="images to score")
     add("--batch-size", type=int, default=100, help="images per encoder forward")
-    add("--grid", type=lambda s: tuple(map(int, s.lower().split("x"))), help="token grid HxW if not square")
+    add("--grid", help="token grid HxW if not square, e.g. 16x12")
     add("--lds", choices=("code", "paper"), default="code", help="LDS definition (d = Manhattan distance): 'code' = "
         "official metrics/spatial_metrics.py, d = 1 vs d >= 6; 'paper' = appendix B, 0 < d < H/2 vs d >= H/2")
     add("--spnorm-gamma", type=float, help="also score the spatially normalised tokens (0.6 SiT, 0.8 JiT)")
@@ -270,6 +271,10 @@ def main(argv=None):
         p.error(f"--encoder-weights: give one value or one per encoder ({len(names)}), got {len(weights)}")
     if args.masks and not args.images:
         p.error("--masks needs --images (masks are matched to image files)")
+    if args.grid:
+        if not re.fullmatch(r"\d+x\d+", args.grid.lower()):
+            p.error(f"--grid {args.grid}: give it as HxW, e.g. 16x12")
+        args.grid = tuple(map(int, args.grid.lower().split("x")))
     if min(args.num_images, args.batch_size) < 1:
         p.error(f"--num-images and --batch-size must be at least 1, got {args.num_images} and {args.batch_size}")
     try:

@@ -1375,6 +1375,8 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--encoder", name, "--images", str(tmp_path / "empty")], "no images")
     fails(["--encoder", name, "--masks", str(tmp_path / "mask")], "--masks needs --images")
     fails(["--encoder", name, "--encoder-weights", "a", "b"], "one value or one per encoder")
+    fails(["--encoder", name, "--grid", "16"], "--grid 16: give it as HxW")
+    fails(["--encoder", name, "--batch-size", "0"], "must be at least 1")
     (tmp_path / "mask" / "im1.png").rename(tmp_path / "mask" / "other.png")
     fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask for image im1.png")
     Image.new("L", (10, 10)).save(tmp_path / "mask" / "im1.png")
@@ -1384,6 +1386,8 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(metrics, "load_encoder", lambda *a, **k: enc)
     with pytest.raises(ValueError, match="200 tokens are not a square grid"):
         metrics.main(["--encoder", name, "--images", str(tmp_path / "img")])
+    metrics.main(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "10x20"])
+    assert "LDS" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
