@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
 # random encoder/VAE weights, and the samplers / encoders / FID Inception at the table's sizes.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|encoders|sample|fid|metrics] ... (default: the
+# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|ddp-sample|encoders|sample|fid|metrics] ... (default: the
 # single-GPU set), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -26,6 +26,15 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     $C --steps 6 --ckpt-every 6 --out-dir $o-r 2>&1 | grep -E "replicas|Error"
     torchrun --nproc_per_node=$n train.py $e --resume $o-r --steps 12 2>&1 | grep -E "replicas|Error"
     python -c "import json; a, b = ([json.loads(l)['loss'] for l in open(f'$o{s}/log.jsonl')] for s in ('', '-r')); print('losses', a, b, 'identical' if a == b else 'DIFFERENT, max relative %.1e' % max(abs(x - y) / abs(x) for x, y in zip(a, b)))" ;;
+  ddp-sample)  # sample.py and fid.py on 1 and on all GPUs: the same npz and FID numbers (demo checkpoint, random Inception)
+    n=$(nvidia-smi -L | wc -l); o=/tmp/ddps; rm -rf $o; mkdir -p $o; S="--ckpt $o/run --num-samples 40 --batch-size 8 --num-steps 5"
+    F="--ref $o/ref.npz --inception $o/inc.pth --batch-size 7"
+    python train.py --steps 30 --ckpt-every 30 --sample-every 0 --no-compile --out-dir $o/run > /dev/null 2>&1
+    python -c "import numpy as np, torch, fid; np.savez('$o/ref.npz', np.random.default_rng(0).integers(0, 256, (30, 64, 64, 3), dtype=np.uint8)); torch.manual_seed(0); torch.save(fid.FIDInception().state_dict(), '$o/inc.pth')"
+    python sample.py $S --out $o/s1.npz > /dev/null 2>&1; python fid.py $o/s1.npz $F --json $o/f1.json > /dev/null 2>&1
+    torchrun --nproc_per_node=$n sample.py $S --out $o/sn.npz > /dev/null 2>&1
+    torchrun --nproc_per_node=$n fid.py $o/sn.npz $F --json $o/fn.json > /dev/null 2>&1
+    python -c "import json, numpy as np; a, b = np.load('$o/s1.npz'), np.load('$o/sn.npz'); print('npz identical on 1 and $n GPUs:', all(np.array_equal(a[k], b[k]) for k in a.files)); print(json.load(open('$o/f1.json'))); print(json.load(open('$o/fn.json')))" ;;
   encoders) run python encoders.py --bench ;;
   sample)
     run python sample.py --bench --model SiT-B/2 --batch-size 256
