@@ -344,6 +344,8 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     (metrics dict, stats dict), the others (None, None). A stats-only ref gives IS, FID (and sFID with mu_s)."""
     ref_files, ref_stats = [], {}
     if ref:
+        if not zipfile.is_zipfile(ref):
+            raise ValueError(f"--ref {ref}: " + ("not an .npz (np.savez) file" if os.path.exists(ref) else "no such file"))
         with np.load(ref) as z:  # stored statistics win over ones recomputed from arr_0, as in ADM
             ref_files, ref_stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
         if "arr_0" not in ref_files and not {"mu", "sigma"} <= set(ref_stats):
@@ -352,9 +354,9 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if "arr_0" in ref_files else [None] * 3
     if pool is None:
         return None, None
-    for name, n in ((samples, shape[0]), (ref, r_shape[0] if r_shape else 2)):
-        if n < 2:  # a covariance needs two images (sqrtm of a NaN matrix hangs)
-            raise ValueError(f"{name}: {n} image(s); FID statistics need at least 2")
+    for name, s in ((samples, shape), (ref, r_shape)):
+        if s is not None and s[0] < 2:  # a covariance needs two images (sqrtm of a NaN matrix hangs)
+            raise ValueError(f"{name}: {s[0]} image(s); FID statistics need at least 2")
     if abs(shape[0] - 50000) > 5000:
         warnings.warn(f"{samples}: {shape[0]} images; FID is biased by sample count and papers use 50,000")
     if r_shape is not None and r_shape[1:3] != shape[1:3]:

@@ -390,7 +390,7 @@ def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]  # is gone: one clean log
 
 
-def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys):
+def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys, monkeypatch):
     run, moved = tmp_path / "run", tmp_path / "moved"
     train.main([*_TINY, "--steps", "6", "--ckpt-every", "2", "--out-dir", str(run)])
     before = [(r["step"], r["loss"]) for r in map(json.loads, open(run / "log.jsonl"))]
@@ -400,10 +400,14 @@ def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys):
     train.main(["--resume", str(moved / "checkpoints" / "0000002.pt")])
     assert not run.exists()  # the run goes on in the folder its checkpoint is in
     assert [(r["step"], r["loss"]) for r in map(json.loads, open(moved / "log.jsonl"))] == before  # steps 2, 4, 6 once
-    with pytest.raises(SystemExit, match="at step 6 already: pass --steps above it"):
+    with pytest.raises(SystemExit):
         train.main(["--resume", str(moved)])
+    assert "at step 6 already: pass --steps above it" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not fit the flags given now"):
         train.main(["--resume", str(moved), "--num-classes", "20", "--steps", "8"])
+    monkeypatch.chdir(moved)  # a relative checkpoint path: the run folder is still the one above checkpoints/
+    train.main(["--resume", os.path.join("checkpoints", "0000006.pt"), "--steps", "8"])
+    assert (moved / "checkpoints" / "0000008.pt").exists()
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path / "junk.pt")])
@@ -519,6 +523,15 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
     os.remove(tmp_path / "prep" / "meta.json")  # as after a preparation killed before its end: prepared again
     train.main([*run, "--data-path", str(tmp_path / "other")])
     assert json.load(open(tmp_path / "prep" / "meta.json"))["source"] == str(tmp_path / "other")
+    sit = [*run, "--data-path", str(tmp_path / "other"), "--model", "SiT-S/2", "--vae-weights", "random"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        train.main(sit)  # SiT on JiT's arrays: prepared again, now with the VAE's latents
+    assert json.load(open(tmp_path / "prep" / "meta.json"))["vae"] == "random"
+    assert np.load(tmp_path / "prep" / "latents.npy").shape == (16, 8, 4, 4)
+    meta = json.load(open(tmp_path / "prep" / "meta.json"))
+    json.dump({**meta, "vae": "/elsewhere/vae.safetensors"}, open(tmp_path / "prep" / "meta.json", "w"))
+    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(SystemExit, match="latents of the VAE /elsewhere"):
+        train.main(sit)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -1567,6 +1580,8 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="neither a folder of PNGs nor an .npz"):
         fid.open_images(str(tmp_path / "plain.npy"))
+    with pytest.raises(ValueError, match="--ref .*plain.npy: not an .npz"):
+        fid.evaluate(None, str(tmp_path / "unit.npz"), str(tmp_path / "plain.npy"))
     np.savez(tmp_path / "badref.npz", mu=np.zeros(2048))
     with pytest.raises(ValueError, match="needs arr_0 .* or mu and sigma"):
         fid.evaluate(None, str(tmp_path / "unit.npz"), str(tmp_path / "badref.npz"))

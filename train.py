@@ -287,8 +287,9 @@ def get_args(argv=None):
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
     if args.resume:  # the checkpoint's configuration, then the flags given now
         try:
-            path = find_checkpoint(args.resume)
-            saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
+            path = os.path.abspath(find_checkpoint(args.resume))
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            saved, ck_step = ck["args"], ck["step"]
         except FileNotFoundError as e:
             p.error(f"--resume {e}")
         except Exception as e:  # truncated file, not a torch file, not a train.py checkpoint
@@ -300,6 +301,8 @@ def get_args(argv=None):
             p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
         if "out_dir" not in given and os.path.basename(os.path.dirname(path)) == "checkpoints":
             args.out_dir = os.path.dirname(os.path.dirname(path))  # the run continues where its checkpoint is
+        if ck_step >= args.steps:
+            p.error(f"--resume {path} is at step {ck_step} already: pass --steps above it to go on")
         args.resume = path
         return args
     if args.model is None and args.data_path is None:
@@ -403,8 +406,11 @@ def main(argv=None):
         if meta and vae_name and meta.get("vae") not in (None, vae_name):
             raise SystemExit(f"{prep} holds latents of the VAE {meta['vae']}, not {vae_name}: pass another "
                              "--prepared-dir or delete it")
-        if rank == 0 and (meta is None or (vae_name and meta.get("vae") is None)):  # SiT after JiT: add latents
+        if rank == 0 and meta is not None and vae_name and meta.get("vae") is None:
+            print(f"{prep} has no latents of a recorded VAE (JiT's arrays): preparing it again for SiT")
+        if rank == 0 and (meta is None or (vae_name and meta.get("vae") is None)):
             prepare(args.data_path, prep, args.image_size, vae, vae_name, device)
+        args.prepared_dir = prep  # in the checkpoints: a moved run still finds its arrays
         if ddp:
             dist.barrier()
         images = np.load(os.path.join(prep, "images.npy"), mmap_mode="r")
@@ -447,8 +453,6 @@ def main(argv=None):
             raise SystemExit(f"--resume {args.resume} does not fit the flags given now (--model, --image-size, "
                              f"--num-classes, --encoder, --proj, --ema must match the run's): {str(e)[:600]}")
         step = ck["step"]
-        if step >= args.steps:
-            raise SystemExit(f"--resume {args.resume} is at step {step} already: pass --steps above it to go on")
         if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
             trim_log(os.path.join(args.out_dir, "log.jsonl"), step)
     train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
