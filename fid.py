@@ -418,8 +418,11 @@ def main(argv=None):
     if args.bench:
         bench(device, args.batch_size)
         return None
-    metrics, stats = evaluate(load_inception(args.inception, args.download, device), args.samples, args.ref,
-                              args.batch_size, device)
+    try:
+        metrics, stats = evaluate(load_inception(args.inception, args.download, device), args.samples, args.ref,
+                                  args.batch_size, device)
+    except (ValueError, FileNotFoundError) as e:  # bad samples, reference or weights: the message, not a traceback
+        p.error(str(e))
     if metrics is not None:
         if args.save_stats:
             np.savez(args.save_stats, **stats)

@@ -1599,6 +1599,10 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "one.npz"), "--save-stats", str(tmp_path / "no" / "s.npz")])
     assert "--save-stats" in capsys.readouterr().err
+    torch.save(fid.FIDInception().state_dict(), tmp_path / "w.pth")
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "one.npz"), "--inception", str(tmp_path / "w.pth")])
+    assert "1 image(s); FID statistics need at least 2" in capsys.readouterr().err
 
 
 def _fid_fake_forward(self, x):
