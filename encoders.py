@@ -432,4 +432,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not args.bench:
         parser.error("nothing to do: pass --bench")
+    if min(args.batch_size, args.vae_batch_size, args.steps) < 1:
+        parser.error("--batch-size, --vae-batch-size and --steps must be at least 1")
     bench(args.batch_size, args.vae_batch_size, args.steps)

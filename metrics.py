@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -205,6 +206,11 @@ def read_fid_table(path):
     rows = list(csv.DictReader(open(path)))
     if not rows or not {"encoder", "gfid"} <= set(rows[0]):
         raise ValueError(f"{path}: need a header encoder,gfid[,linear_probe] and one row per encoder")
+    for r in rows:
+        try:
+            [float(r[k]) for k in ("gfid", "linear_probe") if k in r]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: row {r['encoder']} has a value that is not a number: {r}") from None
     return rows
 
 
@@ -261,7 +267,10 @@ def main(argv=None):
     add("--viz", help="PNG of cosine maps on the first image, raw and spatial-normed (gamma: --spnorm-gamma, else 0.6)")
     add("--fid-table", help="CSV encoder,gfid[,linear_probe]: metrics' Pearson r with gFID, plot FID_TABLE.pearson.png")
     args = p.parse_args(argv)
-    fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
+    try:
+        fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     names, weights = args.encoder or [r["encoder"] for r in fid_rows], args.encoder_weights or [None]
     if not names:
         p.error("give --encoder NAME [NAME ...] (or --fid-table)")
@@ -275,6 +284,9 @@ def main(argv=None):
         if not re.fullmatch(r"\d+x\d+", args.grid.lower()):
             p.error(f"--grid {args.grid}: give it as HxW, e.g. 16x12")
         args.grid = tuple(map(int, args.grid.lower().split("x")))
+    for flag, path in (("--save", args.save), ("--viz", args.viz)):
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            p.error(f"{flag} {path}: its folder does not exist or is not writable")
     if min(args.num_images, args.batch_size) < 1:
         p.error(f"--num-images and --batch-size must be at least 1, got {args.num_images} and {args.batch_size}")
     try:
@@ -285,7 +297,10 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     means, first = {}, {}
     for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
-        m, first[name] = score_encoder(name, w, images, masks, args, device)
+        try:
+            m, first[name] = score_encoder(name, w, images, masks, args, device)
+        except ValueError as e:  # e.g. tokens that do not fit --grid
+            p.error(f"{name}: {e}")
         means.update(m)
     cols, w = [m for m in METRICS if m in means[names[0]]], max(map(len, means)) + 2
     table = [["encoder", *cols]] + [[row, *(v[c] for c in cols)] for row, v in means.items()]

@@ -308,7 +308,11 @@ def main(argv=None):
     keys = ["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high", "image_size", "num_classes", "labels"]
     for k, v in zip(keys, [*sampling_defaults(args.model), 256, 1000, "uniform" if family == "sit" else "balanced"]):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.noise_scale = args.noise_scale or noise_std(family, args.image_size)
+    args.noise_scale = noise_std(family, args.image_size) if args.noise_scale is None else args.noise_scale
+    if args.noise_scale <= 0 or args.grid < 0:
+        parser.error(f"--noise-scale must be above 0 and --grid at least 0, got {args.noise_scale} and {args.grid}")
+    if args.guidance_low > args.guidance_high:
+        parser.error(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
     if family == "jit" and args.mode == "sde":
         parser.error("JiT samples with --mode heun or ode; sde is for SiT")
     if not args.out.endswith((".npz", ".png")):
@@ -338,6 +342,7 @@ def main(argv=None):
     vae = None
     if family == "sit":
         from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
+        torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank and rerun
         vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
     sample_to_file(model, vae, args, rank, world_size)
     if dist.is_initialized():

@@ -423,6 +423,7 @@ def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
         train.main(["--resume", run, "--steps", "4"])
     ck = _state(os.path.join(run, "checkpoints", "0000004.pt"))
     assert ck["args"]["encoder"] == "dinov2-vit-s" and ck["args"]["proj"] == "conv" and ck["proj"] is not None
+    assert train.get_args(["--resume", run, "--steps", "6", "--spnorm-gamma", "-1"]).spnorm_gamma is None  # as fresh
     assert [r["step"] for r in map(json.loads, open(os.path.join(run, "log.jsonl")))] == [2, 4]
 
 
@@ -544,12 +545,19 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
     (["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--encoder-depth", "99"], "has 6 blocks"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--ema", "0.9,abc"], "give one or two decays"),
+    (["--resume", "out/x", "--bench", "2"], "takes no --bench"),
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as err:  # argparse errors print to stderr
         train.main([*argv, "--out-dir", str(tmp_path), "--steps", "1"])
     assert msg in str(err.value) + capsys.readouterr().err
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_train_bench_prints_speed_and_leaves_no_log(tmp_path, capsys):
+    train.main([*_TINY, "--bench", "1", "--out-dir", str(tmp_path)])
+    assert "BENCH JiT-demo/16" in capsys.readouterr().out
+    assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_train_sample_grid_written(tmp_path):
@@ -1092,6 +1100,8 @@ def test_sample_bad_input_is_named(tmp_path, capsys):
                       (["--out", str(tmp_path / "x.jpg")], "must end in .npz or .png"),
                       (["--mode", "sde"], "sde is for SiT"),
                       (["--num-samples", "0"], "--num-samples must be at least 1"),
+                      (["--noise-scale", "0"], "--noise-scale must be above 0"),
+                      (["--guidance-low", "0.9", "--guidance-high", "0.1"], "is above --guidance-high"),
                       (["--batch-size", "0"], "--batch-size must be at least 1")]:
         with pytest.raises(SystemExit):
             sample.main(["--ckpt", ckpt, "--num-steps", "1", *argv])
@@ -1397,8 +1407,11 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     enc = torch.nn.Module()
     enc.forward = lambda x: torch.randn(len(x), 200, 8)  # 200 tokens: no square grid
     monkeypatch.setattr(metrics, "load_encoder", lambda *a, **k: enc)
-    with pytest.raises(ValueError, match="200 tokens are not a square grid"):
-        metrics.main(["--encoder", name, "--images", str(tmp_path / "img")])
+    fails(["--encoder", name, "--images", str(tmp_path / "img")], "200 tokens are not a square grid")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "8x8"], "200 tokens do not form a 8x8 grid")
+    fails(["--encoder", name, "--viz", str(tmp_path / "no" / "v.png")], "--viz")
+    (tmp_path / "bad.csv").write_text("encoder,gfid\nx,abc\n")
+    fails(["--fid-table", str(tmp_path / "bad.csv")], "row x has a value that is not a number")
     metrics.main(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "10x20"])
     assert "LDS" in capsys.readouterr().out
 

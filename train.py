@@ -285,6 +285,8 @@ def get_args(argv=None):
     if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir} is a file")
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
+    if args.resume and (args.bench or given & {"irepa", "proj"}):
+        p.error("--resume continues a run as it was: it takes no --bench, --irepa or --proj")
     if args.resume:  # the checkpoint's configuration, then the flags given now
         try:
             path = os.path.abspath(find_checkpoint(args.resume))
@@ -303,6 +305,7 @@ def get_args(argv=None):
             args.out_dir = os.path.dirname(os.path.dirname(path))  # the run continues where its checkpoint is
         if ck_step >= args.steps:
             p.error(f"--resume {path} is at step {ck_step} already: pass --steps above it to go on")
+        args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
         args.resume = path
         return args
     if args.model is None and args.data_path is None:
@@ -392,7 +395,9 @@ def main(argv=None):
     # ---- data
     if args.data_path:
         name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}"
-        prep = args.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)  # next to the run folder
+        prep = next((d for d in (args.prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
+                    args.prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
         source = os.path.abspath(args.data_path)
         vae_name = None  # whose latents the arrays hold: a file, "random" or the hub's (JiT: none)
         if family == "SiT":
@@ -538,6 +543,7 @@ def main(argv=None):
                 rec["mfu"] = ips * flops_per_img / 800e12  # H100 bf16 dense peak ~800 TFLOP/s
             if rank == 0:
                 bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
+            if rank == 0 and not args.bench:  # a benchmark leaves no trace in a run's log
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
