@@ -1580,7 +1580,7 @@ def test_fid_png_folder(tmp_path):
     np.testing.assert_array_equal(np.concatenate(list(read(0, 3, 2))), imgs)
 
 
-def test_fid_bad_inputs(tmp_path, monkeypatch, capsys):
+def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     cases = {"float32": (np.zeros((4, 8, 8, 3), np.float32), "uint8"), "nchw": (np.zeros((4, 3, 8, 8), np.uint8), "NCHW"),
              "unit": (np.ones((4, 8, 8, 3), np.uint8), r"not \[0,1\]")}
     for name, (arr, msg) in cases.items():
