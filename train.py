@@ -290,7 +290,7 @@ def get_args(argv=None):
     if args.resume:  # the checkpoint's configuration, then the flags given now
         try:
             path = os.path.abspath(find_checkpoint(args.resume))
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: reads args, not weights
             saved, ck_step = ck["args"], ck["step"]
         except FileNotFoundError as e:
             p.error(f"--resume {e}")
@@ -411,9 +411,10 @@ def main(argv=None):
         if meta and vae_name and meta.get("vae") not in (None, vae_name):
             raise SystemExit(f"{prep} holds latents of the VAE {meta['vae']}, not {vae_name}: pass another "
                              "--prepared-dir or delete it")
-        if rank == 0 and meta is not None and vae_name and meta.get("vae") is None:
-            print(f"{prep} has no latents of a recorded VAE (JiT's arrays): preparing it again for SiT")
-        if rank == 0 and (meta is None or (vae_name and meta.get("vae") is None)):
+        no_latents = meta is not None and vae_name and meta.get("vae") is None  # JiT's arrays, for a SiT run
+        if rank == 0 and (meta is None or no_latents):
+            if no_latents:
+                print(f"{prep} holds JiT's arrays without latents: preparing it again for SiT")
             prepare(args.data_path, prep, args.image_size, vae, vae_name, device)
         args.prepared_dir = prep  # in the checkpoints: a moved run still finds its arrays
         if ddp:
