@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
 # random encoder/VAE weights, and the samplers / encoders / FID Inception at the table's sizes.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|ddp-sample|encoders|sample|fid|metrics] ... (default: the
+# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|ddp-sample|bytes|encoders|sample|fid|metrics] ... (default: the
 # single-GPU set), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -35,6 +35,12 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     torchrun --nproc_per_node=$n sample.py $S --out $o/sn.npz > /dev/null 2>&1
     torchrun --nproc_per_node=$n fid.py $o/sn.npz $F --json $o/fn.json > /dev/null 2>&1
     python -c "import json, numpy as np; a, b = np.load('$o/s1.npz'), np.load('$o/sn.npz'); print('npz identical on 1 and $n GPUs:', all(np.array_equal(a[k], b[k]) for k in a.files)); print(json.load(open('$o/f1.json'))); print(json.load(open('$o/fn.json')))" ;;
+  bytes)  # GB that each compiled graph's Inductor kernels read and write per step (encoder forward, network forward,
+    # backward); the ms beside them come from timing each kernel alone, not from the step. Slow: stops after 200 s
+    for m in "--model SiT-B/2 --vae-weights random --batch-size 256" "--model JiT-B/16 --batch-size 128"; do
+      rm -f /tmp/bw.txt; echo "+ $m"
+      TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT=/tmp/bw.txt timeout 200 python -c "import sys, torch._inductor.config as c; c.benchmark_harness = False; import train; train.main(sys.argv[1:])" $m $R --bench 1 --compile > /dev/null 2>&1
+      grep -A1 SUMMARY /tmp/bw.txt | grep GB | sort -u; done ;;
   encoders) run python encoders.py --bench ;;
   sample)
     run python sample.py --bench --model SiT-B/2 --batch-size 256
