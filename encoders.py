@@ -26,6 +26,8 @@ except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist"
                       "requirements.txt into a fresh venv, as the README's quick start does.") from err
 from timm.layers import resample_abs_pos_embed
 
+from model import patch_matmul
+
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -171,6 +173,17 @@ def _webssl_state_dict(sd, grid):
     return out
 
 
+class _PatchMatmul(nn.Module):
+    """timm's patch-embedding conv run as one matrix product (model.patch_matmul: same values, faster)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return patch_matmul(x, self.conv).permute(0, 3, 1, 2)  # (B, D, h, w), as the conv returns it
+
+
 class Encoder(nn.Module):
     """Frozen target encoder: uint8 images (B,3,R,R) -> patch tokens (B,(R/16)^2,D) float32."""
 
@@ -182,6 +195,10 @@ class Encoder(nn.Module):
         self.num_prefix = getattr(model, "num_prefix_tokens", 0)  # CLS + registers, dropped
         if spec["prenorm"]:
             self.model.norm = nn.Identity()
+        conv = getattr(getattr(model, "patch_embed", None), "proj", None)  # ViTs; Hiera's overlaps (stride < kernel)
+        if isinstance(conv, nn.Conv2d) and conv.stride == conv.kernel_size and conv.padding == (0, 0) \
+                and self.size % conv.kernel_size[0] == 0 and self.size % conv.kernel_size[1] == 0:
+            model.patch_embed.proj = _PatchMatmul(conv)
         for name, s in zip(("mean", "std"), spec["stats"]):  # built once: no host-to-device copy per step
             self.register_buffer(name, torch.tensor(s).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()

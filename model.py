@@ -67,6 +67,19 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+def patch_matmul(x, conv):
+    """conv(x) for a patch embedding (stride = kernel, no padding), as one matrix product over the unfolded
+    patches: (B, C, H, W) -> (B, H/p, W/p, D), token-major in memory. Same values (the weights stay a Conv2d,
+    under the official names). cuDNN ran these convs far below the GPU's matrix rate and added layout copies
+    around them; as matrix products the training step is ~2% faster (README, Performance). Token-major
+    output also keeps the residual stream contiguous: a channel-major view made every LayerNorm read with
+    a 1 KB stride under torch.compile."""
+    B, C, H, W = x.shape
+    ph, pw = conv.kernel_size
+    x = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)  # (B, h, w, C*ph*pw)
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
 def unpatchify(x, p, c):
     # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
     B, T, _ = x.shape
@@ -109,9 +122,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x):
-        # .contiguous(): the transposed view is channel-major in memory, and torch.compile would carry that
-        # layout through every residual add, making each LayerNorm read its row with a 1 KB stride.
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
+        return patch_matmul(x, self.proj).flatten(1, 2)  # (B, T, D)
 
 
 class Attention(nn.Module):
@@ -291,7 +302,8 @@ class BottleneckPatchEmbed(nn.Module):
         self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
 
     def forward(self, x):
-        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2).contiguous()  # (B, T, D): see PatchEmbed
+        h = patch_matmul(x, self.proj1)                                                   # (B, g, g, bottleneck)
+        return F.linear(h, self.proj2.weight.flatten(1), self.proj2.bias).flatten(1, 2)   # 1x1 conv: (B, T, D)
 
 
 class JiTFinalLayer(nn.Module):

@@ -196,6 +196,21 @@ def test_model_token_stream_is_token_major_in_memory():
     assert _tiny_jit().x_embedder(torch.randn(2, 3, 32, 32)).is_contiguous()
 
 
+@pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28), (3, 16, (2, 4), 8)])
+def test_model_patch_matmul_equals_the_conv(C, D, p, side):
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(C, D, p, stride=p), torch.randn(2, C, side, side)
+    out = model.patch_matmul(x, conv)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, conv(x).permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    # the networks' embeddings: the same values as the official conv, (B, T, D) token-major
+    sit, jit = _tiny_sit(), _tiny_jit()
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(sit.x_embedder(x), sit.x_embedder.proj(x).flatten(2).transpose(1, 2))
+    x, e = torch.randn(2, 3, 32, 32), jit.x_embedder
+    torch.testing.assert_close(e(x), e.proj2(e.proj1(x)).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_model_sit_small_size_works():
     # the official SiT-S builds its final layer 768 wide and crashes; ours runs
     with torch.device("meta"):
@@ -690,6 +705,19 @@ def test_encoders_real_forward_small_models():
         assert normed == (name in ("dinov2-vit-s", "dinov3-vit-s16")), name  # PE: before the norm; Hiera: none
     with pytest.raises(ValueError, match="uint8"):
         enc(x.float())
+
+
+def test_encoders_patch_embedding_runs_as_a_matrix_product_with_the_convs_values():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for name in ("dinov2-vit-s", "pe-vit-t", "sam2-vit-s"):
+        enc = _encoders_random(name, 32)
+        pe = enc.model.patch_embed
+        assert isinstance(pe.proj, encoders._PatchMatmul) == (name != "sam2-vit-s")  # Hiera's patches overlap
+        if name != "sam2-vit-s":
+            out = enc(x)
+            pe.proj = pe.proj.conv  # timm's own conv
+            torch.testing.assert_close(out, enc(x), rtol=1e-5, atol=1e-5)
 
 
 def _encoders_official_preprocess(name, x, R):
