@@ -434,7 +434,7 @@ def bench(batch_size, vae_batch_size, steps):
     with torch.autocast(device, dtype=torch.bfloat16):
         r = _img_per_s(lambda: enc(x), batch_size, steps)
     print(f"dinov2-vit-b forward, bf16, batch {batch_size}, 256 px: {r:,.0f} img/s")
-    vae, xv = load_vae(weights="random").to(device), x[:vae_batch_size].float() / 127.5 - 1
+    vae, xv = load_vae(weights="random").to(device), torch.rand(vae_batch_size, 3, 256, 256, device=device) * 2 - 1
     z = vae.encode(xv)[0]
     for what, fn in (("encode", lambda: vae.encode(xv)), ("decode", lambda: vae.decode(z))):
         print(f"SD-VAE {what}, fp32, batch {len(xv)}, 256 px: {_img_per_s(fn, len(xv), steps):,.1f} img/s")

@@ -317,13 +317,20 @@ def features(model, path, batch_size=250, device="cpu"):
     n, per = shape[0], -(-shape[0] // world)
     start, end = min(rank * per, n), min(rank * per + per, n)
     out = torch.zeros(per, 2048 + 2023, device=device)  # same size on every rank for gather
+    top = torch.zeros((), dtype=torch.int64, device=device)  # the brightest pixel value seen
+    zero_one = ValueError(f"{path}: pixel values are all 0 or 1; images must be uint8 in 0..255, not [0,1]")
     for i, batch in enumerate(tqdm(read(start, end, batch_size), total=-(-(end - start) // batch_size),
                                    desc=os.path.basename(path.rstrip("/")), disable=rank != 0)):
-        if i == 0 and batch.max() <= 1:
-            raise ValueError(f"{path}: pixel values are all 0 or 1; images must be uint8 in 0..255, not [0,1]")
+        if i == 0 and batch.max() == 1:  # fail fast; an all-black first batch is legal and checked at the end
+            raise zero_one
         x = torch.from_numpy(batch.copy())
         x = x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x
+        top = torch.maximum(top, x.max())
         out[i * batch_size:i * batch_size + len(x)] = torch.cat(model(x)[:2], 1)
+    if world > 1:
+        dist.all_reduce(top, dist.ReduceOp.MAX)
+    if top <= 1:
+        raise zero_one
     if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)] if rank == 0 else None
         dist.gather(out, parts, dst=0)

@@ -284,6 +284,12 @@ def main(argv=None):
         if not re.fullmatch(r"\d+x\d+", args.grid.lower()):
             p.error(f"--grid {args.grid}: give it as HxW, e.g. 16x12")
         args.grid = tuple(map(int, args.grid.lower().split("x")))
+    if args.spnorm_gamma is not None and not math.isfinite(args.spnorm_gamma):
+        p.error(f"--spnorm-gamma must be a number, got {args.spnorm_gamma}")
+    if args.save and not args.save.endswith((".csv", ".json")):
+        p.error(f"--save {args.save}: the file name must end in .csv or .json (it picks the format)")
+    if args.fid_table and len({r["encoder"] for r in fid_rows} & set(names)) < 3:
+        p.error(f"--fid-table: need >= 3 of the scored encoders in {args.fid_table} to correlate with gFID")
     for flag, path in (("--save", args.save), ("--viz", args.viz)):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             p.error(f"{flag} {path}: its folder does not exist or is not writable")
@@ -309,6 +315,9 @@ def main(argv=None):
         print(row[0].ljust(w) + "".join(f"{c:10.4f}" if isinstance(c, float) else f"{c.upper():>10}" for c in row[1:]))
     if masks is None:
         print("SRSS omitted: it needs foreground masks (--images DIR --masks DIR)")
+    elif any(math.isnan(v["srss"]) for v in means.values()):
+        print("SRSS nan: no image had a foreground token with a foreground 4-neighbour and background tokens at "
+              "d >= 6 (are the masks all foreground or all background?)")
     if args.save and args.save.endswith(".json"):
         Path(args.save).write_text(json.dumps({"num_images": len(images), "lds": args.lds, "means": means}, indent=2))
     elif args.save:

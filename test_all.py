@@ -1409,6 +1409,10 @@ def test_metrics_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     assert "SRSS omitted" in capsys.readouterr().out
     assert Image.open(f"{out}.png").height == 20 + 3 * 116
     assert Image.open(tmp_path / "fid.pearson.png").size == (240 * 4, 240)
+    for f in (tmp_path / "mask").iterdir():  # all foreground: no anchor has background tokens, SRSS is NaN
+        Image.fromarray(np.ones(np.array(Image.open(f)).shape, np.uint8)).save(f)
+    metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")])
+    assert "SRSS nan: no image had" in capsys.readouterr().out
 
 
 def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
@@ -1440,6 +1444,11 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--encoder", name, "--viz", str(tmp_path / "no" / "v.png")], "--viz")
     (tmp_path / "bad.csv").write_text("encoder,gfid\nx,abc\n")
     fails(["--fid-table", str(tmp_path / "bad.csv")], "row x has a value that is not a number")
+    fails(["--encoder", name, "--spnorm-gamma", "nan"], "--spnorm-gamma must be a number")
+    fails(["--encoder", name, "--save", str(tmp_path / "m.txt")], "must end in .csv or .json")
+    (tmp_path / "two.csv").write_text("encoder,gfid\n" + "".join(f"{n},{i}\n" for i, n in enumerate(metrics.ENCODERS)
+                                                                   if i < 2))
+    fails(["--fid-table", str(tmp_path / "two.csv")], "need >= 3 of the scored encoders")
     metrics.main(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "10x20"])
     assert "LDS" in capsys.readouterr().out
 
@@ -1634,6 +1643,14 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     with pytest.raises(ValueError, match="0.png: I.* pixels \\(16-bit or float\\)"):
         fid.open_images(str(tmp_path / "deep"))
     monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
+    dark = np.zeros((6, 8, 8, 3), np.uint8)
+    dark[4:] = 200  # an all-black first batch is legal
+    np.savez(tmp_path / "dark.npz", dark)
+    assert fid.features(fid.FIDInception(), str(tmp_path / "dark.npz"), batch_size=2)[0].shape == (6, 2048)
+    dark[4:] = 1  # values 0/1, the first 1 in the last batch: refused once all are read
+    np.savez(tmp_path / "dark01.npz", dark)
+    with pytest.raises(ValueError, match=r"not \[0,1\]"):
+        fid.features(fid.FIDInception(), str(tmp_path / "dark01.npz"), batch_size=2)
     np.savez(tmp_path / "one.npz", np.full((1, 8, 8, 3), 7, np.uint8))
     with pytest.raises(ValueError, match="1 image\\(s\\); FID statistics need at least 2"):
         fid.evaluate(fid.FIDInception(), str(tmp_path / "one.npz"), str(tmp_path / "one.npz"))
