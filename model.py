@@ -354,7 +354,7 @@ class JiT(nn.Module):
         n_ctx, h = 0, None
         for i, block in enumerate(self.blocks):
             if i == self.in_context_start and self.in_context_len > 0:
-                ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, 32, D)
+                ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, in_context_len, D)
                 x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
             rope = (self.rope_ctx_cos, self.rope_ctx_sin) if n_ctx else (self.rope_cos, self.rope_sin)
             x = checkpoint(block, x, c, *rope, use_reentrant=False) if i < self.recompute and self.training \

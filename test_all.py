@@ -561,6 +561,7 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--ema", "0.9,abc"], "give one or two decays"),
     (["--resume", "out/x", "--bench", "2"], "takes no --bench"),
+    (["--resume", "out/x", "--step", "4"], "unrecognized arguments: --step"),  # an abbreviation would be overridden
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as err:  # argparse errors print to stderr

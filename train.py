@@ -227,7 +227,8 @@ FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: on --resume only the flags given verbatim override the checkpoint's (see `given`)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="SiT-{S,B,L,XL}/{2,4,8}, JiT-{B,L,H}/{16,32} or JiT-demo/16 (default: SiT-B/2, "
                    "or the demo when no --data-path)")
@@ -242,7 +243,7 @@ def get_args(argv=None):
     p.add_argument("--spnorm-gamma", type=float, help="spatial-norm gamma of the target tokens (default: none, "
                    "0.6 SiT / 0.8 JiT with --irepa; a negative value disables it)")
     p.add_argument("--proj-coeff", type=float, help="weight of the alignment loss (default: the paper's)")
-    p.add_argument("--encoder-depth", type=int, help="align the tokens after this block (default: 4 for B, 8 for L/XL)")
+    p.add_argument("--encoder-depth", type=int, help="align the tokens after this block (default: 4 for S/B, 8 for L/XL/H)")
     p.add_argument("--data-path", help="ImageNet-style class folders (prepared once into --prepared-dir)")
     p.add_argument("--prepared-dir", help="where prepared arrays live (default: <out-dir>/../prepared-<name>-<size>)")
     p.add_argument("--num-classes", type=int, help="default: 1000 with --data-path, 10 for generated data")
@@ -466,7 +467,7 @@ def main(argv=None):
     if ddp and args.compile:
         # One compiled graph; the gradients are all-reduced after the backward instead of overlapping it. Overlap
         # (Dynamo's per-bucket graphs) let NCCL's kernels slow the compute kernels ~5%, while the all-reduce alone
-        # takes ~1.7 ms per step (2x H200, SiT-B/2: 1,934-1,938 vs 1,891-1,903 img/s per GPU; README, Performance)
+        # takes ~1.7 ms per step (2x H200, SiT-B/2: 1,934-1,938 vs 1,875-1,903 img/s per GPU; README, Performance)
         torch._dynamo.config.optimize_ddp = False
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
@@ -554,8 +555,7 @@ def main(argv=None):
         if (step % args.ckpt_every == 0 or step == args.steps) and not args.bench:
             if rank == 0:
                 state = dict(model=net.state_dict(), ema=emas[0].state_dict(), opt=opt.state_dict(), args=vars(args),
-                             step=step, data_pos=step * args.batch_size, rng=dict(seed=args.seed, step=step),
-                             proj=projector.state_dict() if projector is not None else None)
+                             step=step, proj=projector.state_dict() if projector is not None else None)
                 if len(emas) > 1:
                     state["ema2"] = emas[1].state_dict()
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
