@@ -6,8 +6,8 @@
   python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
 
 Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
-Sample i is in shard i // batch-size, whose noise (and uniform labels) come from (seed, shard): the npz is the same for any
-number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
+Sample i is in shard i // batch-size, whose noise (and uniform labels) come from (seed, shard): the npz is the
+same for any number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
 """
 import argparse
 import glob
