@@ -12,7 +12,6 @@ import csv
 import functools
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from align import spatial_norm
 from encoders import ENCODERS, load_encoder
-from sample import open_rgb
+from sample import check_writable, open_rgb
 from train import center_crop, generated_images  # ADM centre crop: box-filter halving, bicubic
 
 METRICS = ("lds", "cds", "srss", "rmsc")
@@ -290,9 +289,7 @@ def main(argv=None):
         p.error(f"--save {args.save}: the file name must end in .csv or .json (it picks the format)")
     if args.fid_table and len({r["encoder"] for r in fid_rows} & set(names)) < 3:
         p.error(f"--fid-table: need >= 3 of the scored encoders in {args.fid_table} to correlate with gFID")
-    for flag, path in (("--save", args.save), ("--viz", args.viz)):
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            p.error(f"{flag} {path}: its folder does not exist or is not writable")
+    check_writable(p, [("--save", args.save), ("--viz", args.viz)])
     if min(args.num_images, args.batch_size) < 1:
         p.error(f"--num-images and --batch-size must be at least 1, got {args.num_images} and {args.batch_size}")
     try:

@@ -122,6 +122,13 @@ def open_rgb(path):
         raise ValueError(f"{path}: {e}") from None
 
 
+def check_writable(parser, outputs):
+    """argparse error unless the folder of every given output path (flag, path) exists and is writable."""
+    for flag, path in outputs:
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            parser.error(f"{flag} {path}: its folder does not exist or is not writable")
+
+
 def save_grid(images, path):
     """Write uint8 images (N, H, W, 3) or (N, 3, H, W) (numpy or torch) as one PNG of ceil(sqrt(N)) columns."""
     x = torch.as_tensor(images)
@@ -317,8 +324,7 @@ def main(argv=None):
         parser.error("JiT samples with --mode heun or ode; sde is for SiT")
     if not args.out.endswith((".npz", ".png")):
         parser.error(f"--out {args.out} must end in .npz or .png")
-    if not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
-        parser.error(f"--out {args.out}: its folder does not exist or is not writable")
+    check_writable(parser, [("--out", args.out)])
     if args.grid > args.num_samples:
         parser.error(f"--grid {args.grid} asks for more images than --num-samples {args.num_samples}")
     if args.bench and not torch.cuda.is_available():

@@ -220,6 +220,7 @@ PRESETS = {
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
                 ckpt_every=50_000, sample_every=10_000, warmup_steps=None, ema="0.9999,0.9996"),
 }
+PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (the datasheet's dense peak is 989e12; README)
 FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
     "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
     "JiT": dict(betas=(0.9, 0.95), clip=None, flip=True),
@@ -300,36 +301,32 @@ def get_args(argv=None):
         for k, v in saved.items():
             if k not in given:
                 setattr(args, k, v)
-        if args.model not in models:
-            p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
         if "out_dir" not in given and os.path.basename(os.path.dirname(path)) == "checkpoints":
             args.out_dir = os.path.dirname(os.path.dirname(path))  # the run continues where its checkpoint is
         if ck_step >= args.steps:
             p.error(f"--resume {path} is at step {ck_step} already: pass --steps above it to go on")
-        args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
         args.resume = path
-        return args
-    if args.model is None and args.data_path is None:
-        preset = "demo"
     else:
         preset = "JiT" if (args.model or "").startswith("JiT") else "SiT"
-    for k, v in PRESETS[preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+        preset = "demo" if args.model is None and args.data_path is None else preset
+        for k, v in PRESETS[preset].items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
     if args.model not in models:  # before anything parses the name
         p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
-    fam = "JiT" if args.model.startswith("JiT") else "SiT"
-    method = align.IREPA[fam] if args.irepa else align.REPA[fam]
-    args.proj = args.proj or method["proj"]
-    args.spnorm_gamma = method["gamma"] if args.spnorm_gamma is None else args.spnorm_gamma
+    if not args.resume:  # the method's and family's defaults (a resumed run has its own)
+        fam = "JiT" if args.model.startswith("JiT") else "SiT"
+        method = align.IREPA[fam] if args.irepa else align.REPA[fam]
+        args.proj = args.proj or method["proj"]
+        args.spnorm_gamma = method["gamma"] if args.spnorm_gamma is None else args.spnorm_gamma
+        args.proj_coeff = method["coeff"] if args.proj_coeff is None else args.proj_coeff
+        args.encoder_depth = args.encoder_depth or align.encoder_depth_default(args.model)
+        args.num_classes = args.num_classes or (1000 if args.data_path else NUM_GENERATED_CLASSES)
+        args.lr = 5e-5 * args.batch_size / 256 if args.lr is None else args.lr
+        args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+        args.compile = torch.cuda.is_available() if args.compile is None else args.compile
+        args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
     args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
-    args.proj_coeff = method["coeff"] if args.proj_coeff is None else args.proj_coeff
-    args.encoder_depth = args.encoder_depth or align.encoder_depth_default(args.model)
-    args.num_classes = args.num_classes or (1000 if args.data_path else NUM_GENERATED_CLASSES)
-    args.lr = 5e-5 * args.batch_size / 256 if args.lr is None else args.lr
-    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    args.compile = torch.cuda.is_available() if args.compile is None else args.compile
-    args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
     return args
 
 
@@ -542,7 +539,7 @@ def main(argv=None):
             rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
             if flops_per_img:
-                rec["mfu"] = ips * flops_per_img / 800e12  # H100 bf16 dense peak ~800 TFLOP/s
+                rec["mfu"] = ips * flops_per_img / PEAK_FLOPS
             if rank == 0:
                 bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
             if rank == 0 and not args.bench:  # a benchmark leaves no trace in a run's log
@@ -576,7 +573,7 @@ def main(argv=None):
         print(table)
         ips = args.bench * args.batch_size / (timing[5 + args.bench] - timing[5]) / world
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-        mfu = ips * flops_per_img / 800e12 if flops_per_img else float("nan")
+        mfu = ips * flops_per_img / PEAK_FLOPS if flops_per_img else float("nan")
         print(f"BENCH {args.model} enc={args.encoder} proj={args.proj} batch={args.batch_size} world={world} "
               f"compile={args.compile} {args.precision}: {ips:.1f} img/s per GPU, MFU {mfu:.1%}, "
               f"peak memory {mem:.1f} GiB, {flops_per_img / 1e9 if flops_per_img else float('nan'):.0f} GFLOP/img")
