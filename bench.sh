@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
 # random encoder/VAE weights, and the samplers / encoders / FID Inception at the table's sizes.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|ddp-sample|bytes|encoders|sample|fid|metrics] ... (default: the
+# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|ddp-sample|bytes|graphs|encoders|sample|fid|metrics] ... (default: the
 # single-GPU set), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -41,6 +41,35 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
       rm -f /tmp/bw.txt; echo "+ $m"
       TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT=/tmp/bw.txt timeout 200 python -c "import sys, torch._inductor.config as c; c.benchmark_harness = False; import train; train.main(sys.argv[1:])" $m $R --bench 1 --compile > /dev/null 2>&1
       grep -A1 SUMMARY /tmp/bw.txt | grep GB | sort -u; done ;;
+  graphs)  # ms of GPU kernels per step, grouped by the graph that launched them (chrome trace of --bench's profiled steps)
+    for m in "--model SiT-B/2 --vae-weights random --batch-size 256" "--model JiT-B/16 --batch-size 128"; do
+      echo "+ $m"; python - $m $R --bench 10 --compile 2>&1 <<'PY' | grep -E "BENCH|GRAPH"
+import json, sys, torch, train
+class Profile(torch.profiler.profile):  # --bench's profiler, keeping its chrome trace
+    def stop(self):
+        super().stop()
+        self.export_chrome_trace("/tmp/graphs.json")
+torch.profiler.profile = Profile
+train.main(sys.argv[1:])
+ev = json.load(open("/tmp/graphs.json"))["traceEvents"]
+names = {"Torch-Compiled Region": "encoder forward", "CompiledFunctionBackward": "backward",
+         "CompiledFunction": "network forward", "Optimizer.step": "AdamW", "_foreach_lerp_": "EMA"}
+regions = []  # (thread, start, end, graph) of the CPU ranges that launch each graph's kernels
+for e in ev:
+    n = next((n for k, n in names.items() if k in e["name"]), None) if e.get("cat") in ("cpu_op", "user_annotation") else None
+    regions += [(e["tid"], e["ts"], e["ts"] + e["dur"], n)] if n and e.get("ph") == "X" else []
+launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+ms = {}
+for k in (e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")):
+    l = launch.get(k["args"].get("correlation"))  # the innermost range around the launch names the graph
+    inside = sorted((b - a, n) for t, a, b, n in regions if l and t == l["tid"] and a <= l["ts"] <= b)
+    n = inside[0][1] if inside else "other (input copies, gradient norm)"
+    ms[n] = ms.get(n, 0) + k["dur"] / 3e3  # 3 profiled steps, us -> ms
+for n, v in sorted(ms.items(), key=lambda x: -x[1]):
+    print(f"GRAPH {v:6.1f} ms/step  {n}")
+print(f"GRAPH {sum(ms.values()):6.1f} ms/step  all kernels")
+PY
+    done ;;
   encoders) run python encoders.py --bench ;;
   sample)
     run python sample.py --bench --model SiT-B/2 --batch-size 256
