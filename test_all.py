@@ -721,6 +721,33 @@ def test_encoders_patch_embedding_runs_as_a_matrix_product_with_the_convs_values
             torch.testing.assert_close(out, enc(x), rtol=1e-5, atol=1e-5)
 
 
+def test_encoders_mlp_gelu_is_wrapped_with_the_same_values_off_the_gpu():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    enc = _encoders_random("mae-vit-l", 32)  # no layer scale: the MLPs move the output
+    mlps = [m for m in enc.modules() if isinstance(m, encoders.Mlp)]
+    assert len(mlps) == 24 and all(isinstance(m.fc1, encoders._LinearGELU) for m in mlps)
+    out = enc(x)
+    for m in mlps:  # timm's own fc1 and GELU
+        m.fc1, m.act = m.fc1.fc1, nn.GELU(approximate=m.fc1.approximate)
+    assert torch.equal(out, enc(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_encoders_gelu_epilogue_on_gpu_is_as_close_to_fp32_as_bf16_autocast():
+    torch.manual_seed(0)
+    fc1 = nn.Linear(768, 3072).cuda()
+    x = torch.randn(4, 257, 768, device="cuda")
+    ref = F.gelu(fc1(x))                                 # exact GELU in fp32
+    fused = encoders._LinearGELU(fc1, "none")
+    with torch.autocast("cuda", torch.bfloat16):
+        out, plain = fused(x), F.gelu(fc1(x))
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    err = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
+    assert err(out) <= err(plain) * 1.05 and err(out) < 4e-3, (err(out), err(plain))
+    torch.testing.assert_close(fused(x), ref)          # fp32: timm's two ops
+
+
 def _encoders_official_preprocess(name, x, R):
     """The official iREPA recipe per encoder family (ldm/vision_encoder.py), written out independently."""
     from torchvision.transforms import Normalize, Resize
