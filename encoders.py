@@ -218,7 +218,7 @@ class Encoder(nn.Module):
                 and self.size % conv.kernel_size[0] == 0 and self.size % conv.kernel_size[1] == 0:
             model.patch_embed.proj = _PatchMatmul(conv)
         for m in model.modules():  # ViT MLPs: the GELU in the first matrix product's epilogue
-            if type(m) is Mlp and isinstance(m.act, nn.GELU):
+            if type(m) is Mlp and isinstance(m.act, nn.GELU) and type(m.fc1) is nn.Linear:
                 m.fc1, m.act = _LinearGELU(m.fc1, m.act.approximate), nn.Identity()
         for name, s in zip(("mean", "std"), spec["stats"]):  # built once: no host-to-device copy per step
             self.register_buffer(name, torch.tensor(s).view(1, 3, 1, 1), persistent=False)
