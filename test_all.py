@@ -744,7 +744,7 @@ def test_encoders_gelu_epilogue_on_gpu_is_as_close_to_fp32_as_bf16_autocast():
         out, plain = fused(x), F.gelu(fc1(x))
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     err = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
-    assert err(out) <= err(plain) * 1.05 and err(out) < 4e-3, (err(out), err(plain))
+    assert err(out) < err(plain) and err(out) < 4e-3, (err(out), err(plain))  # equal if the epilogue were not used
     torch.testing.assert_close(fused(x), ref)          # fp32: timm's two ops
 
 

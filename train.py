@@ -588,7 +588,7 @@ def count_flops(objective, encoder, data, device, amp, family, vae):
     x, y = x[:2].to(device), y[:2].to(device)
     inp = vae.scale(lat[:2].to(device).chunk(2, 1)[0]) if family == "SiT" else x.float() / 127.5 - 1
     with FlopCounterMode(display=False) as fc:
-        target = encoder(x) if encoder is not None else None  # fp32: the counter misses bf16's fused GELU product
+        target = encoder(x) if encoder is not None else None  # in fp32: the counter skips bf16's fused GELU product
         with amp:
             objective(inp, y, target)[0].backward()
     objective.zero_grad(set_to_none=True)
