@@ -28,7 +28,7 @@ from scipy import linalg
 from scipy.special import log_softmax
 from tqdm import tqdm
 
-from sample import check_writable, open_rgb, setup_device
+from sample import check_at_least, check_writable, open_rgb, setup_device
 
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 WEIGHT_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHT_FILES[0]
@@ -415,8 +415,7 @@ def main(argv=None):
     if not args.bench and (not args.samples or not (args.ref or args.save_stats)):
         p.error("give samples and --ref and/or --save-stats (or --bench)")
     check_writable(p, [("--json", args.json), ("--save-stats", args.save_stats)])
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_at_least(p, args, ("batch_size",))
     device, _, world = setup_device()  # its TF32 switch does not reach the Inception or distances (strict_fp32)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

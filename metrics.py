@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from align import spatial_norm
 from encoders import ENCODERS, load_encoder
-from sample import check_writable, open_rgb
+from sample import check_at_least, check_writable, open_rgb
 from train import center_crop, generated_images  # ADM centre crop: box-filter halving, bicubic
 
 METRICS = ("lds", "cds", "srss", "rmsc")
@@ -290,8 +290,7 @@ def main(argv=None):
     if args.fid_table and len({r["encoder"] for r in fid_rows} & set(names)) < 3:
         p.error(f"--fid-table: need >= 3 of the scored encoders in {args.fid_table} to correlate with gFID")
     check_writable(p, [("--save", args.save), ("--viz", args.viz)])
-    if min(args.num_images, args.batch_size) < 1:
-        p.error(f"--num-images and --batch-size must be at least 1, got {args.num_images} and {args.batch_size}")
+    check_at_least(p, args, ("num_images", "batch_size"))
     try:
         images, masks = (load_folder(args.images, args.masks, args.num_images) if args.images else
                          (generated_images(args.num_images, 256)[0], None))

@@ -122,6 +122,13 @@ def open_rgb(path):
         raise ValueError(f"{path}: {e}") from None
 
 
+def check_at_least(parser, args, names, least=1):
+    """argparse error unless every given flag among `names` (argparse dests) is at least `least`."""
+    for k in names:
+        if getattr(args, k) is not None and getattr(args, k) < least:
+            parser.error(f"--{k.replace('_', '-')} must be at least {least}, got {getattr(args, k)}")
+
+
 def check_writable(parser, outputs):
     """argparse error unless the folder of every given output path (flag, path) exists and is writable."""
     for flag, path in outputs:
@@ -298,9 +305,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.ckpt and not args.bench:
         parser.error("--ckpt is required (or --bench with --model for a random-init model)")
-    for k in ("num_samples", "batch_size", "num_steps"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    check_at_least(parser, args, ("num_samples", "batch_size", "num_steps"))
     if args.ckpt:
         try:  # the file itself, in the shards' settings: a newer checkpoint in a run folder must not join them
             args.ckpt = os.path.abspath(find_checkpoint(args.ckpt))

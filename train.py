@@ -35,7 +35,7 @@ from tqdm import tqdm
 import align
 import encoders
 from model import build_model, models
-from sample import find_checkpoint, generate, noise_std, open_rgb, save_grid, setup_device
+from sample import check_at_least, find_checkpoint, generate, noise_std, open_rgb, save_grid, setup_device
 
 # -----------------------------------------------------------------------------
 # Generated data: class-conditional shapes and colours the project draws itself, so that everything
@@ -272,11 +272,9 @@ def get_args(argv=None):
                    "memory and a kernel profile")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    for k in ("batch_size", "steps", "log_every", "ckpt_every", "num_generated", "image_size", "num_classes",
-              "encoder_depth", "sample_every", "warmup_steps"):
-        least = 0 if k in ("sample_every", "warmup_steps") else 1
-        if getattr(args, k) is not None and getattr(args, k) < least:
-            p.error(f"--{k.replace('_', '-')} must be at least {least}, got {getattr(args, k)}")
+    check_at_least(p, args, ("batch_size", "steps", "log_every", "ckpt_every", "num_generated", "image_size",
+                             "num_classes", "encoder_depth"))
+    check_at_least(p, args, ("sample_every", "warmup_steps"), least=0)
     try:
         bad_ema = args.ema is not None and not (len(args.ema.split(",")) <= 2
                                                 and all(0 <= float(d) < 1 for d in args.ema.split(",")))
