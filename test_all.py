@@ -128,14 +128,17 @@ def test_model_jit_class_tokens_condition_the_output():
 
 def test_model_rope_rotates_pairs_by_position():
     cos, sin = model.rope_tables(head_dim=8, grid=4, prefix=2)
-    assert cos.shape == (18, 8) and torch.all(cos[:2] == 1) and torch.all(sin[:2] == 0)
+    assert cos.shape == (18, 1, 8) and torch.all(cos[:2] == 1) and torch.all(sin[:2] == 0)
     # token (row 1, col 0): first half of dims rotates with the row (angle 1 * freq), second half not at all
     tok = 2 + 1 * 4 + 0
-    assert torch.allclose(cos[tok, :4], torch.cos(torch.tensor([1.0, 1.0, 0.01, 0.01])), atol=1e-6)
-    assert torch.allclose(cos[tok, 4:], torch.ones(4))
-    # rotating by the table preserves norms (a rotation)
-    x = torch.randn(1, 1, 18, 8)
+    assert torch.allclose(cos[tok, 0, :4], torch.cos(torch.tensor([1.0, 1.0, 0.01, 0.01])), atol=1e-6)
+    assert torch.allclose(cos[tok, 0, 4:], torch.ones(4))
+    # rotating by the table preserves norms (a rotation); x (B, T, heads, hd)
+    x = torch.randn(1, 18, 3, 8)
     assert torch.allclose(model.apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    # the swap with the signed sin table is the official rotation of each pair (x1, x2) by its angle, exactly
+    x1, x2, c, s = x[..., 0::2], x[..., 1::2], cos[..., 0::2], sin[..., 1::2]
+    assert torch.equal(model.apply_rope(x, cos, sin), torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], -1).flatten(-2))
 
 
 def test_model_sincos_pos_embed_matches_formula():
