@@ -16,8 +16,9 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
   train-xl) run python train.py --model SiT-XL/2 $R --vae-weights random --batch-size 256 --bench 6 --compile --recompute 12 ;;
   scaling)  # same per-GPU batch on 1 and on all GPUs of the host
     n=$(nvidia-smi -L | wc -l)
-    CUDA_VISIBLE_DEVICES=0 run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 30 --compile
-    run torchrun --nproc_per_node=$n train.py --model SiT-B/2 $R --vae-weights random --batch-size $((256 * n)) --bench 30 --compile ;;
+    for m in "SiT-B/2 --vae-weights random" "JiT-B/16"; do b=$([ "$m" = JiT-B/16 ] && echo 128 || echo 256)
+      CUDA_VISIBLE_DEVICES=0 run python train.py --model $m $R --batch-size $b --bench 30 --compile
+      run torchrun --nproc_per_node=$n train.py --model $m $R --batch-size $((b * n)) --bench 30 --compile; done ;;
   ddp-resume|ddp-resume-eager)  # the used-by command on all GPUs: identical replicas, one checkpoint, resume continues
     # the losses (bit for bit eager; compiled runs differ in the last bits from run to run: README, Resume)
     n=$(nvidia-smi -L | wc -l); o=/tmp/ddp; rm -rf $o $o-r; e=$([ $w = ddp-resume-eager ] && echo --no-compile)
