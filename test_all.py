@@ -199,6 +199,15 @@ def test_model_token_stream_is_token_major_in_memory():
     assert _tiny_jit().x_embedder(torch.randn(2, 3, 32, 32)).is_contiguous()
 
 
+def test_model_jit_attention_is_token_major_in_memory(monkeypatch):
+    # JiT's q, k, v reach attention as head-major views of token-major tensors: compiled, the q/k norm and RoPE
+    # then fuse into one kernel and the attention output needs no copy back (JiT-B/16 trained 1.2% faster)
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: seen.append((q, k, v)) or sdpa(q, k, v))
+    _tiny_jit()(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2]))
+    assert len(seen) == 4 and all(t.transpose(1, 2).stride(-2) == t.shape[-1] for qkv in seen for t in qkv)
+
+
 @pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28), (3, 16, (2, 4), 8)])
 def test_model_patch_matmul_equals_the_conv(C, D, p, side):
     torch.manual_seed(0)
