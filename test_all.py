@@ -1705,10 +1705,15 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
 
 def _fid_fake_forward(self, x):
     # cheap deterministic stand-in for the Inception forward, same output shapes: (B,H,W,3) uint8 -> pool, spatial, logits
+    # One image at a time: the values must not depend on how the images are batched, and a CPU's matrix product
+    # may round differently for different batch sizes.
     g = torch.Generator().manual_seed(0)
-    f = x[:, :4, :4].reshape(len(x), -1).float() / 255  # (B,48)
-    pool = torch.relu(f @ torch.randn(48, 2048, generator=g))
-    return pool, f @ torch.randn(48, 2023, generator=g), pool @ self.fc.weight.T
+    w_pool, w_spatial = torch.randn(48, 2048, generator=g), torch.randn(48, 2023, generator=g)
+    out = []
+    for f in x[:, :4, :4].reshape(len(x), 1, -1).float() / 255:  # (1, 48) each
+        pool = torch.relu(f @ w_pool)
+        out.append((pool, f @ w_spatial, pool @ self.fc.weight.T))
+    return tuple(torch.cat(t) for t in zip(*out))
 
 
 def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
