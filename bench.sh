@@ -42,9 +42,9 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
       rm -f /tmp/bw.txt; echo "+ $m"
       TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT=/tmp/bw.txt timeout 200 python -c "import sys, torch._inductor.config as c; c.benchmark_harness = False; import train; train.main(sys.argv[1:])" $m $R --bench 1 --compile > /dev/null 2>&1
       grep -A1 SUMMARY /tmp/bw.txt | grep GB | sort -u; done ;;
-  graphs)  # ms of GPU kernels per step, grouped by the graph that launched them (chrome trace of --bench's profiled steps)
+  graphs)  # ms of GPU kernels per step, grouped by the graph that launched them, and the largest kernels (chrome trace of --bench's profiled steps)
     for m in "--model SiT-B/2 --vae-weights random --batch-size 256" "--model JiT-B/16 --batch-size 128"; do
-      echo "+ $m"; python - $m $R --bench 10 --compile 2>&1 <<'PY' | grep -E "BENCH|GRAPH"
+      echo "+ $m"; python - $m $R --bench 10 --compile 2>&1 <<'PY' | grep -E "BENCH|GRAPH|KERNEL"
 import json, sys, torch, train
 class Profile(torch.profiler.profile):  # --bench's profiler, keeping its chrome trace
     def stop(self):
@@ -69,6 +69,12 @@ for k in (e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"
 for n, v in sorted(ms.items(), key=lambda x: -x[1]):
     print(f"GRAPH {v:6.1f} ms/step  {n}")
 print(f"GRAPH {sum(ms.values()):6.1f} ms/step  all kernels")
+per = {}  # the largest kernels by name: ms per step and launches per step
+for k in (e for e in ev if e.get("cat") == "kernel"):
+    t, n = per.get(k["name"], (0, 0))
+    per[k["name"]] = (t + k["dur"] / 3e3, n + 1 / 3)
+for n, (t, c) in sorted(per.items(), key=lambda x: -x[1][0])[:25]:
+    print(f"KERNEL {t:6.2f} ms/step {c:4.0f}x  {n[:110]}")
 PY
     done ;;
   encoders) run python encoders.py --bench ;;

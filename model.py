@@ -245,7 +245,7 @@ def rope_tables(head_dim, grid, prefix=0):
 
 def apply_rope(x, cos, sin):
     # x (B, T, heads, hd): each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as a swap of the
-    # pair times the signed sin table. Compiled, the swap is one plain load per element; the official
+    # pair times the signed sin table. Compiled, the swap is one unmasked load per element; the official
     # stack([-x2, x1]) became masked gathers that ran at a third of the memory bandwidth.
     return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
 
