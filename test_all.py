@@ -208,6 +208,62 @@ def test_model_jit_attention_is_token_major_in_memory(monkeypatch):
     assert len(seen) == 4 and all(t.transpose(1, 2).stride(-2) == t.shape[-1] for qkv in seen for t in qkv)
 
 
+_QK_KERNEL_CHECK = """
+import torch, model
+torch.manual_seed(0)
+for hd in (16, 20):                                            # 20: not a power of two (JiT-H has 80)
+    cos, sin = model.rope_tables(hd, 4, prefix=2)              # 18 tokens
+    w0, g = torch.randn(hd) * 0.2 + 1, torch.randn(3, 18, 4, hd)
+    qkv0 = torch.randn(3, 18, 3, 4, hd)                        # q: a strided view, as in JiTAttention
+    res = []
+    for kernel in (False, True):
+        qkv, w = qkv0.clone().requires_grad_(), w0.clone().requires_grad_()
+        q = qkv[:, :, 0]                                       # 216 rows: the last program is partly masked
+        out = model.qk_norm_rope(q, w, cos, sin, 1e-6) if kernel else model.apply_rope(
+            w * torch.nn.functional.rms_norm(q, (hd,), eps=1e-6), cos, sin)
+        (out * g).sum().backward()
+        res.append([out.detach(), qkv.grad, w.grad])
+    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(res[1], res[0])]
+    assert max(errs) < 1e-6 and res[1][1][:, :, 1:].abs().max() == 0, (hd, errs)
+print("ok")
+"""
+
+
+def test_model_qk_norm_rope_kernel_matches_pytorch_in_the_triton_interpreter():
+    # the GPU kernels of JiT's q/k norm + RoPE, run on the CPU by Triton's interpreter, in fp32: the same output and
+    # gradients (input and weight) as the PyTorch definition
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _QK_KERNEL_CHECK], cwd=os.path.dirname(model.__file__), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_model_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(monkeypatch):
+    torch.manual_seed(0)
+    m = _randomize(_tiny_jit()).cuda()
+    for blk in m.blocks:
+        blk.attn.q_norm.weight.data.normal_(1, 0.2)
+    x, t, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
+    calls, op = [], model.qk_norm_rope
+    monkeypatch.setattr(model, "qk_norm_rope", lambda *a: calls.append(1) or op(*a))
+
+    def run(bf16):
+        m.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            out, h = m(x, t, y, align_depth=2)
+        (out.float().square().sum() + h.float().sum()).backward()
+        return [out.detach().float()] + [p.grad.clone() for p in m.parameters() if p.requires_grad]
+    got32, got16 = run(False), run(True)
+    assert len(calls) == 2 * 2 * len(m.blocks)                # q and k of every block, both runs
+    monkeypatch.setattr(model, "triton", None)                # the PyTorch definition
+    ref32, ref16 = run(False), run(True)
+    err = lambda a, b: max(((u - v).norm() / v.norm().clamp_min(1e-12)).item() for u, v in zip(a, b))
+    assert err(got32, ref32) < 1e-5, err(got32, ref32)
+    assert err(got16, ref32) < 1.2 * err(ref16, ref32) + 1e-3, (err(got16, ref32), err(ref16, ref32))
+
+
 @pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28), (3, 16, (2, 4), 8)])
 def test_model_patch_matmul_equals_the_conv(C, D, p, side):
     torch.manual_seed(0)
