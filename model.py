@@ -12,6 +12,7 @@ No projector lives here: align.py owns it, so the same networks train with or wi
 
     python model.py     # prints the parameter count of every configuration
 """
+import contextlib
 import math
 
 import torch
@@ -310,7 +311,8 @@ if triton is not None:
         B, T, H, hd = x.shape
         assert x.stride(-1) == 1, "the head dim must be contiguous"
         grid = (triton.cdiv(B * T * H, _ROWS),)
-        kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H, HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton uses the current GPU
+            kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H, HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
 
     @torch.library.custom_op("irepa::qk_norm_rope", mutates_args=())
     def qk_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
