@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
 # random encoder/VAE weights, and the samplers / encoders / FID Inception at the table's sizes.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume[-eager]|ddp-sample|bytes|graphs|encoders|sample|fid|metrics] ... (default: the
+# usage: bash bench.sh [train|train-eager|train-xl|qk|scaling|ddp-resume[-eager]|ddp-sample|bytes|graphs|encoders|sample|fid|metrics] ... (default: the
 # single-GPU set), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -13,6 +13,9 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 256 --bench 30 --compile ;;
+  qk)  # JiT-B/16 batch 128 with the q/k Triton kernels, then with the PyTorch path (model.triton = None), twice
+    for i in 1 2; do run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile
+      run python -c "import sys, model; model.triton = None; import train; train.main(sys.argv[1:])" --model JiT-B/16 $R --batch-size 128 --bench 40 --compile; done ;;
   train-xl) run python train.py --model SiT-XL/2 $R --vae-weights random --batch-size 256 --bench 6 --compile --recompute 12 ;;
   scaling)  # same per-GPU batch on 1 and on all GPUs of the host
     n=$(nvidia-smi -L | wc -l)
