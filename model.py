@@ -264,18 +264,20 @@ def apply_rope(x, cos, sin):
 # backward recomputes the norm from the input: JiT-B/16 trains 1.3-3.4% faster (README, Performance).
 if triton is not None:
     @triton.jit
-    def _qk_rows(X, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1), as (ROWS, P) tiles:
-        # P is HD rounded up to a power of two (JiT-H's 80 -> 128), the lanes past HD masked
+    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
+        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1), as (ROWS, P) tiles,
+        # with the norm's weight and the RoPE tables: P is HD rounded up to a power of two (JiT-H's 80 -> 128), the
+        # lanes past HD masked
         rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, P)
         ok = (rows < n_rows)[:, None] & (cols < HD)
         b, t, h = rows // (T * H), rows // H % T, rows % H
         x = tl.load(X + (b.to(tl.int64) * sb + t * st + h * sh)[:, None] + cols, mask=ok, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(x * x, 1) / HD + eps)[:, None]  # 1 / rms
+        w = tl.load(W + cols, mask=cols < HD, other=0.0)
         cos = tl.load(COS + t[:, None] * HD + cols, mask=ok, other=0.0)
         sin = tl.load(SIN + t[:, None] * HD + cols, mask=ok, other=0.0)
         out = rows.to(tl.int64)[:, None] * HD + cols  # offsets in a contiguous (B, T, H, HD) tensor
-        return out, ok, x, r, cos, sin
+        return out, ok, x, r, w, cos, sin
 
     @triton.jit
     def _swap_pairs(x, ROWS: tl.constexpr, P: tl.constexpr):
@@ -286,8 +288,7 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_fwd(X, W, COS, SIN, Y, eps, sb, st, sh, H, T, n_rows,
                           HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, cos, sin = _qk_rows(X, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
-        w = tl.load(W + tl.arange(0, P), mask=tl.arange(0, P) < HD, other=0.0)
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
         y = (x * r * w).to(X.dtype.element_ty).to(tl.float32)  # RMSNorm, rounded to x's dtype as the official
         y = y * cos + _swap_pairs(y, ROWS, P) * sin
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=ok)
@@ -295,8 +296,7 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_bwd(X, W, COS, SIN, G, DX, DW, eps, sb, st, sh, H, T, n_rows,
                           HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, cos, sin = _qk_rows(X, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
-        w = tl.load(W + tl.arange(0, P), mask=tl.arange(0, P) < HD, other=0.0)
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
         g = tl.load(G + out, mask=ok, other=0.0).to(tl.float32)
         dy = (g * cos + _swap_pairs(g * sin, ROWS, P)).to(X.dtype.element_ty).to(tl.float32)  # RoPE, transposed
         n, dn = x * r, dy * w
