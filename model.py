@@ -498,6 +498,11 @@ models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
     image_size, 16, 128, 6, 4, bottleneck=32, in_context_len=4, in_context_start=2, num_classes=num_classes)
 
 
+def noise_std(family, image_size):
+    """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT latents always use 1."""
+    return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
+
+
 def build_model(name, image_size=256, num_classes=1000):
     if name not in models:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(models)}")
