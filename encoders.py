@@ -24,9 +24,9 @@ except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist"
     raise ImportError(f"timm cannot import torchvision ({err}): this torchvision wheel does not match the installed "
                       "torch (PyPI's torchvision needs PyPI's CUDA torch, not a +cpu build). Install both from "
                       "requirements.txt into a fresh venv, as the README's quick start does.") from err
-from timm.layers import Mlp, resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed
 
-from model import patch_matmul
+import kernels
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -173,35 +173,6 @@ def _webssl_state_dict(sd, grid):
     return out
 
 
-class _PatchMatmul(nn.Module):
-    """timm's patch-embedding conv run as one matrix product (model.patch_matmul: same values, faster)."""
-
-    def __init__(self, conv):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        return patch_matmul(x, self.conv).permute(0, 3, 1, 2)  # (B, D, h, w), as the conv returns it
-
-
-class _LinearGELU(nn.Module):
-    """timm Mlp's fc1 + GELU. In bf16/fp16 on a GPU: one cuBLASLt matrix product with the bias and the GELU in its
-    epilogue (the tanh form, in fp32 before the output's one rounding: closer to the exact fp32 GELU than a bf16
-    product followed by a bf16 GELU; README, Performance). Elsewhere (CPU, fp32) the original two ops."""
-
-    def __init__(self, fc1, approximate):
-        super().__init__()
-        self.fc1, self.approximate = fc1, approximate
-
-    def forward(self, x):
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        if not x.is_cuda or dtype not in (torch.bfloat16, torch.float16) or self.fc1.bias is None:
-            return F.gelu(self.fc1(x), approximate=self.approximate)
-        w, b = self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)
-        h = torch._addmm_activation(b, x.flatten(0, -2).to(dtype), w.t(), use_gelu=True)  # (B*T, hidden)
-        return h.unflatten(0, x.shape[:-1])
-
-
 class Encoder(nn.Module):
     """Frozen target encoder: uint8 images (B,3,R,R) -> patch tokens (B,(R/16)^2,D) float32."""
 
@@ -213,13 +184,6 @@ class Encoder(nn.Module):
         self.num_prefix = getattr(model, "num_prefix_tokens", 0)  # CLS + registers, dropped
         if spec["prenorm"]:
             self.model.norm = nn.Identity()
-        conv = getattr(getattr(model, "patch_embed", None), "proj", None)  # ViTs; Hiera's overlaps (stride < kernel)
-        if isinstance(conv, nn.Conv2d) and conv.stride == conv.kernel_size and conv.padding == (0, 0) \
-                and self.size % conv.kernel_size[0] == 0 and self.size % conv.kernel_size[1] == 0:
-            model.patch_embed.proj = _PatchMatmul(conv)
-        for m in model.modules():  # ViT MLPs: the GELU in the first matrix product's epilogue
-            if type(m) is Mlp and isinstance(m.act, nn.GELU) and type(m.fc1) is nn.Linear:
-                m.fc1, m.act = _LinearGELU(m.fc1, m.act.approximate), nn.Identity()
         for name, s in zip(("mean", "std"), spec["stats"]):  # built once: no host-to-device copy per step
             self.register_buffer(name, torch.tensor(s).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
@@ -451,7 +415,7 @@ def bench(batch_size, vae_batch_size, steps):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     warnings.simplefilter("ignore")  # random weights on purpose
     x = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
-    enc = load_encoder("dinov2-vit-b", 256, weights="random").to(device)
+    enc = kernels.enable(load_encoder("dinov2-vit-b", 256, weights="random").to(device))  # as train.py
     with torch.autocast(device, dtype=torch.bfloat16):
         r = _img_per_s(lambda: enc(x), batch_size, steps)
     print(f"dinov2-vit-b forward, bf16, batch {batch_size}, 256 px: {r:,.0f} img/s")

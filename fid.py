@@ -26,9 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 from scipy.special import log_softmax
+from PIL import Image
 from tqdm import tqdm
-
-from sample import check_at_least, check_writable, open_rgb, setup_device
 
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 WEIGHT_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHT_FILES[0]
@@ -254,6 +253,17 @@ def precision_recall(ref_feats, sample_feats, k=3, batch=10000):
 
 # ---- images in, features out ----
 
+def read_png(path):
+    """An 8-bit RGB image file as uint8 (H, W, 3), or a ValueError naming the file."""
+    try:
+        im = Image.open(path)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would clip these to white
+            raise ValueError(f"{im.mode} pixels (16-bit or float): convert the file to 8-bit")
+        return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def open_images(path):
     """((N,H,W,3), read(start, end, batch) -> iterator of uint8 (b,H,W,3) arrays) for a folder of PNGs or an npz's
     arr_0, which is streamed from its zip member (50K images never sit in memory)."""
@@ -261,7 +271,7 @@ def open_images(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(".png"))
         if not files:
             raise ValueError(f"{path}: folder holds no .png files")
-        load = lambda f: np.asarray(open_rgb(f))
+        load = lambda f: read_png(f)
         shape = load(files[0]).shape
 
         def read(start, end, batch):
@@ -414,9 +424,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.bench and (not args.samples or not (args.ref or args.save_stats)):
         p.error("give samples and --ref and/or --save-stats (or --bench)")
-    check_writable(p, [("--json", args.json), ("--save-stats", args.save_stats)])
-    check_at_least(p, args, ("batch_size",))
-    device, _, world = setup_device()  # its TF32 switch does not reach the Inception or distances (strict_fp32)
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            p.error(f"{flag} {path}: its folder does not exist or is not writable")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    device, world = torch.device("cpu"), int(os.environ.get("WORLD_SIZE", 1))  # torchrun: one process per GPU
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.bench:

@@ -1,5 +1,183 @@
-"""GPU fast paths (being written): enable(module) swaps them in place."""
+"""
+GPU fast paths: each class here is a subclass of a plain module defined elsewhere (torch, timm, model.py)
+that computes the same function faster on a GPU. Nothing in this file changes what is computed (the GELU
+epilogue rounds once where bf16 autocast rounds twice); the tests compare each fast path with its plain
+definition. A reader learning iREPA can skip this file.
+
+    kernels.enable(module)   # in place, on a GPU: train.py and sample.py call it once; parameter names stay
+
+  PatchConv         a patch-embedding conv (stride = kernel) as one matrix product, output token-major
+  LinearGELU        a timm MLP's fc1 + GELU (the frozen encoders) as one matrix product with a GELU epilogue
+  JiTAttentionQK    JiT's q/k RMSNorm + RoPE as one Triton kernel each way (forward, backward)
+
+What each one gains in the real training step: docs/PERFORMANCE.md (`bash docs/profile.sh fastpaths`).
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+import model
+
+try:  # Triton ships with PyTorch's CUDA builds
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS wheels: JiT keeps its PyTorch q/k path
+    triton = None
+
+# -----------------------------------------------------------------------------
+# Patch embeddings: cuDNN ran these convs far below the GPU's matrix rate with layout copies around them,
+# and their channel-major output made the (B, T, D) token stream a strided view, which torch.compile
+# carried through every residual add (each LayerNorm then read rows with a 1 KB stride).
+
+
+class PatchConv(nn.Conv2d):
+    """A Conv2d with stride = kernel and no padding, as one matrix product over the unfolded patches.
+    Returns (B, D, h, w) like the conv, token-major in memory, so flatten(2).transpose(1, 2) is contiguous."""
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        ph, pw = self.kernel_size
+        h, w = H // ph, W // pw  # a stride-p conv drops the last H % p rows and W % p columns
+        x = x[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        return F.linear(x, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+
+
+def is_patch_conv(m):
+    return (type(m) is nn.Conv2d and m.stride == m.kernel_size and m.padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1)
+
+# -----------------------------------------------------------------------------
+# The frozen encoder's ViT MLPs: fc1, bias and GELU in one cuBLASLt call
+
+
+class LinearGELU(nn.Linear):
+    """gelu(fc1(x)) of a timm Mlp whose act enable() replaced by Identity. In bf16/fp16 on a GPU: one
+    matrix product with the bias and the (tanh) GELU in its epilogue, in fp32 before the one rounding of the
+    output: closer to the fp32 GELU than a bf16 product followed by a bf16 GELU. Elsewhere the two ops."""
+    approximate = "none"  # the replaced nn.GELU's, set by enable()
+
+    def forward(self, x):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if not x.is_cuda or dtype not in (torch.bfloat16, torch.float16) or self.bias is None:
+            return F.gelu(super().forward(x), approximate=self.approximate)
+        w, b = self.weight.to(dtype), self.bias.to(dtype)
+        h = torch._addmm_activation(b, x.flatten(0, -2).to(dtype), w.t(), use_gelu=True)  # (B*T, hidden)
+        return h.unflatten(0, x.shape[:-1])
+
+# -----------------------------------------------------------------------------
+# JiT's q/k RMSNorm + RoPE: apply_rope(RMSNorm(x)) of model.py, which stays the definition. Compiled, that
+# PyTorch ran at ~0.9 TB/s (rows of only 64 values, the pair swap as a gather, fp32 intermediates in the
+# backward). Here a program loads 32 whole rows, swaps pairs in registers, and the backward recomputes the
+# norm from the input.
+
+if triton is not None:
+    @triton.jit
+    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
+        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1), as (ROWS, P) tiles,
+        # with the norm's weight and the RoPE tables: P is HD rounded up to a power of two (JiT-H's 80 -> 128), the
+        # lanes past HD masked
+        rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, P)
+        ok = (rows < n_rows)[:, None] & (cols < HD)
+        b, t, h = rows // (T * H), rows // H % T, rows % H
+        x = tl.load(X + (b.to(tl.int64) * sb + t * st + h * sh)[:, None] + cols, mask=ok, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 1) / HD + eps)[:, None]  # 1 / rms
+        w = tl.load(W + cols, mask=cols < HD, other=0.0)
+        cos = tl.load(COS + t[:, None] * HD + cols, mask=ok, other=0.0)
+        sin = tl.load(SIN + t[:, None] * HD + cols, mask=ok, other=0.0)
+        out = rows.to(tl.int64)[:, None] * HD + cols  # offsets in a contiguous (B, T, H, HD) tensor
+        return out, ok, x, r, w, cos, sin
+
+    @triton.jit
+    def _swap_pairs(x, ROWS: tl.constexpr, P: tl.constexpr):
+        # (x1, x2, x3, x4, ...) -> (x2, x1, x4, x3, ...): apply_rope's flip
+        a, b = tl.split(tl.reshape(x, (ROWS, P // 2, 2)))
+        return tl.reshape(tl.join(b, a), (ROWS, P))
+
+    @triton.jit
+    def _qk_norm_rope_fwd(X, W, COS, SIN, Y, eps, sb, st, sh, H, T, n_rows,
+                          HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
+        y = (x * r * w).to(X.dtype.element_ty).to(tl.float32)  # RMSNorm, rounded to x's dtype as the official
+        y = y * cos + _swap_pairs(y, ROWS, P) * sin
+        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _qk_norm_rope_bwd(X, W, COS, SIN, G, DX, DW, eps, sb, st, sh, H, T, n_rows,
+                          HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
+        g = tl.load(G + out, mask=ok, other=0.0).to(tl.float32)
+        dy = (g * cos + _swap_pairs(g * sin, ROWS, P)).to(X.dtype.element_ty).to(tl.float32)  # RoPE, transposed
+        n, dn = x * r, dy * w
+        dx = r * (dn - n * (tl.sum(dn * n, 1) / HD)[:, None])  # RMSNorm's backward
+        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=ok)
+        # this program's share of the weight's gradient, summed over the programs after the kernel
+        tl.store(DW + tl.program_id(0) * HD + tl.arange(0, P), tl.sum(dy * n, 0), mask=tl.arange(0, P) < HD)
+
+    _ROWS = 32  # rows per program: 4 KB of bf16 in and out at head dim 64
+
+    def _qk_launch(kernel, x, *args):  # args: the kernel's tensors after X, then eps
+        B, T, H, hd = x.shape
+        assert x.stride(-1) == 1, "the head dim must be contiguous"
+        grid = (triton.cdiv(B * T * H, _ROWS),)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton uses the current GPU
+            kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H, HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
+
+    @torch.library.custom_op("irepa::qk_norm_rope", mutates_args=())
+    def qk_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """apply_rope(RMSNorm(x)) for x (B, T, heads, hd) -> (B, T, heads, hd) in x's dtype; cos, sin (T, 1, hd)."""
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _qk_launch(_qk_norm_rope_fwd, x, w, cos.contiguous(), sin.contiguous(), y, eps)
+        return y
+
+    @torch.library.custom_op("irepa::qk_norm_rope_backward", mutates_args=())
+    def _qk_norm_rope_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw = torch.empty(triton.cdiv(x.shape[:3].numel(), _ROWS), x.shape[-1], dtype=torch.float32, device=x.device)
+        _qk_launch(_qk_norm_rope_bwd, x, w, cos.contiguous(), sin.contiguous(), g.contiguous(), dx, dw, eps)
+        return dx, dw.sum(0).to(w.dtype)
+
+    @qk_norm_rope.register_fake
+    def _(x, w, cos, sin, eps):  # output shapes, for torch.compile
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    @_qk_norm_rope_backward.register_fake
+    def _(g, x, w, cos, sin, eps):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(w)
+
+    def _qk_save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])  # x is a view of the qkv output, which attention keeps anyway (for v)
+        ctx.eps = inputs[4]
+
+    def _qk_grad(ctx, g):
+        return *_qk_norm_rope_backward(g, *ctx.saved_tensors, ctx.eps), None, None, None
+
+    qk_norm_rope.register_autograd(_qk_grad, setup_context=_qk_save)
+
+
+class JiTAttentionQK(model.JiTAttention):
+    """JiT attention whose q/k norm + RoPE runs as the Triton op above on a GPU (model.JiTAttention elsewhere)."""
+
+    def qk_norm_rope(self, q, k, cos, sin):
+        if not q.is_cuda:
+            return super().qk_norm_rope(q, k, cos, sin)
+        return (qk_norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps),
+                qk_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps))
+
+# -----------------------------------------------------------------------------
 
 
 def enable(module):
+    """Swap the fast paths into `module` in place (class swaps: parameters and their names stay). Returns it."""
+    for m in module.modules():
+        if is_patch_conv(m):
+            m.__class__ = PatchConv
+        elif type(m) is Mlp and isinstance(m.act, nn.GELU) and type(m.fc1) is nn.Linear:
+            m.fc1.__class__, m.fc1.approximate, m.act = LinearGELU, m.act.approximate, nn.Identity()
+        elif type(m) is model.JiTAttention and triton is not None:
+            m.__class__ = JiTAttentionQK
     return module

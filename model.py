@@ -12,19 +12,12 @@ No projector lives here: align.py owns it, so the same networks train with or wi
 
     python model.py     # prints the parameter count of every configuration
 """
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-try:  # Triton ships with PyTorch's CUDA builds: JiT's q/k norm + RoPE kernels on a GPU (below)
-    import triton
-    import triton.language as tl
-except ImportError:  # e.g. macOS wheels: the PyTorch path everywhere
-    triton = None
 
 # -----------------------------------------------------------------------------
 # Pieces both families share (DiT lineage)
@@ -74,19 +67,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-def patch_matmul(x, conv):
-    """conv(x) for a patch embedding (stride = kernel, no padding), as one matrix product over the unfolded
-    patches: (B, C, H, W) -> (B, H/p, W/p, D), token-major in memory. Same values (the weights stay a Conv2d,
-    under the official names). cuDNN ran these convs far below the GPU's matrix rate and added layout copies
-    around them; as matrix products the training step is ~2% faster (README, Performance). Token-major
-    output also keeps the residual stream contiguous: a channel-major view made every LayerNorm read with
-    a 1 KB stride under torch.compile."""
-    B, C, H, W = x.shape
-    ph, pw = conv.kernel_size
-    x = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)  # (B, h, w, C*ph*pw)
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
-
-
 def unpatchify(x, p, c):
     # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
     B, T, _ = x.shape
@@ -129,7 +109,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x):
-        return patch_matmul(x, self.proj).flatten(1, 2)  # (B, T, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D), tokens in row-major order
 
 
 class Attention(nn.Module):
@@ -257,97 +237,6 @@ def apply_rope(x, cos, sin):
     return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
 
 
-# JiT's q/k RMSNorm + RoPE on the GPU: one hand-written Triton kernel each way (Triton ships with PyTorch's CUDA
-# builds). They compute apply_rope(RMSNorm(x)) above, which stays the definition: the CPU runs it, and the tests
-# compare the kernels with it. Compiled, that PyTorch ran at ~0.9 TB/s (rows of only 64 values, the pair swap as a
-# gather, fp32 intermediates in the backward). Here a program loads 32 whole rows, swaps pairs in registers, and the
-# backward recomputes the norm from the input: JiT-B/16 trains 1.3-3.4% faster (README, Performance).
-if triton is not None:
-    @triton.jit
-    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1), as (ROWS, P) tiles,
-        # with the norm's weight and the RoPE tables: P is HD rounded up to a power of two (JiT-H's 80 -> 128), the
-        # lanes past HD masked
-        rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, P)
-        ok = (rows < n_rows)[:, None] & (cols < HD)
-        b, t, h = rows // (T * H), rows // H % T, rows % H
-        x = tl.load(X + (b.to(tl.int64) * sb + t * st + h * sh)[:, None] + cols, mask=ok, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, 1) / HD + eps)[:, None]  # 1 / rms
-        w = tl.load(W + cols, mask=cols < HD, other=0.0)
-        cos = tl.load(COS + t[:, None] * HD + cols, mask=ok, other=0.0)
-        sin = tl.load(SIN + t[:, None] * HD + cols, mask=ok, other=0.0)
-        out = rows.to(tl.int64)[:, None] * HD + cols  # offsets in a contiguous (B, T, H, HD) tensor
-        return out, ok, x, r, w, cos, sin
-
-    @triton.jit
-    def _swap_pairs(x, ROWS: tl.constexpr, P: tl.constexpr):
-        # (x1, x2, x3, x4, ...) -> (x2, x1, x4, x3, ...): apply_rope's flip
-        a, b = tl.split(tl.reshape(x, (ROWS, P // 2, 2)))
-        return tl.reshape(tl.join(b, a), (ROWS, P))
-
-    @triton.jit
-    def _qk_norm_rope_fwd(X, W, COS, SIN, Y, eps, sb, st, sh, H, T, n_rows,
-                          HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
-        y = (x * r * w).to(X.dtype.element_ty).to(tl.float32)  # RMSNorm, rounded to x's dtype as the official
-        y = y * cos + _swap_pairs(y, ROWS, P) * sin
-        tl.store(Y + out, y.to(Y.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _qk_norm_rope_bwd(X, W, COS, SIN, G, DX, DW, eps, sb, st, sh, H, T, n_rows,
-                          HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
-        g = tl.load(G + out, mask=ok, other=0.0).to(tl.float32)
-        dy = (g * cos + _swap_pairs(g * sin, ROWS, P)).to(X.dtype.element_ty).to(tl.float32)  # RoPE, transposed
-        n, dn = x * r, dy * w
-        dx = r * (dn - n * (tl.sum(dn * n, 1) / HD)[:, None])  # RMSNorm's backward
-        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=ok)
-        # this program's share of the weight's gradient, summed over the programs after the kernel
-        tl.store(DW + tl.program_id(0) * HD + tl.arange(0, P), tl.sum(dy * n, 0), mask=tl.arange(0, P) < HD)
-
-    _ROWS = 32  # rows per program: 4 KB of bf16 in and out at head dim 64
-
-    def _qk_launch(kernel, x, *args):  # args: the kernel's tensors after X, then eps
-        B, T, H, hd = x.shape
-        assert x.stride(-1) == 1, "the head dim must be contiguous"
-        grid = (triton.cdiv(B * T * H, _ROWS),)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton uses the current GPU
-            kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H, HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
-
-    @torch.library.custom_op("irepa::qk_norm_rope", mutates_args=())
-    def qk_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     eps: float) -> torch.Tensor:
-        """apply_rope(RMSNorm(x)) for x (B, T, heads, hd) -> (B, T, heads, hd) in x's dtype; cos, sin (T, 1, hd)."""
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _qk_launch(_qk_norm_rope_fwd, x, w, cos.contiguous(), sin.contiguous(), y, eps)
-        return y
-
-    @torch.library.custom_op("irepa::qk_norm_rope_backward", mutates_args=())
-    def _qk_norm_rope_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw = torch.empty(triton.cdiv(x.shape[:3].numel(), _ROWS), x.shape[-1], dtype=torch.float32, device=x.device)
-        _qk_launch(_qk_norm_rope_bwd, x, w, cos.contiguous(), sin.contiguous(), g.contiguous(), dx, dw, eps)
-        return dx, dw.sum(0).to(w.dtype)
-
-    @qk_norm_rope.register_fake
-    def _(x, w, cos, sin, eps):  # output shapes, for torch.compile
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-    @_qk_norm_rope_backward.register_fake
-    def _(g, x, w, cos, sin, eps):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(w)
-
-    def _qk_save(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:4])  # x is a view of the qkv output, which attention keeps anyway (for v)
-        ctx.eps = inputs[4]
-
-    def _qk_grad(ctx, g):
-        return *_qk_norm_rope_backward(g, *ctx.saved_tensors, ctx.eps), None, None, None
-
-    qk_norm_rope.register_autograd(_qk_grad, setup_context=_qk_save)
-
-
 class JiTAttention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -360,17 +249,15 @@ class JiTAttention(nn.Module):
     def forward(self, x, cos, sin):
         B, T, D = x.shape
         # q, k, v stay token-major (B, T, heads, hd) and enter attention as transposed views (the official
-        # permutes them head-major): the q/k norm and RoPE compile into one kernel, and the attention output comes
-        # back token-major, so `proj` needs no transpose copy. Same values; README, Performance.
+        # permutes them head-major; same values): the output comes back token-major, `proj` needs no copy
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
-        if q.is_cuda and triton is not None:  # the same function, one kernel each way (above)
-            q = qk_norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
-            k = qk_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
-        else:
-            q = apply_rope(self.q_norm(q), cos, sin)
-            k = apply_rope(self.k_norm(k), cos, sin)
+        q, k = self.qk_norm_rope(q, k, cos, sin)
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+    def qk_norm_rope(self, q, k, cos, sin):
+        # q, k (B, T, heads, hd): RMSNorm per head, then rotate by position (kernels.py fuses this on a GPU)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
 class SwiGLU(nn.Module):
@@ -409,8 +296,7 @@ class BottleneckPatchEmbed(nn.Module):
         self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
 
     def forward(self, x):
-        h = patch_matmul(x, self.proj1)                                                   # (B, g, g, bottleneck)
-        return F.linear(h, self.proj2.weight.flatten(1), self.proj2.bias).flatten(1, 2)   # 1x1 conv: (B, T, D)
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
 
 
 class JiTFinalLayer(nn.Module):
