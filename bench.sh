@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU benchmarks behind the README's performance table: the real train.py loop on generated data with
-# random encoder/VAE weights, and the samplers / encoders / FID Inception at the table's sizes.
-# usage: bash bench.sh [train|train-eager|train-xl|qk|scaling|ddp-resume[-eager]|ddp-sample|bytes|graphs|encoders|sample|fid|metrics] ... (default: the
-# single-GPU set), or bash bench.sh data (the memmap loader alone)
+# GPU benchmarks behind the README's performance table (docs/PERFORMANCE.md tells the story): the real train.py
+# loop on generated data with random encoder/VAE weights, and the samplers / encoders / FID Inception at the
+# table's sizes. Run from the repository root. Profiling modes (bytes, graphs, fastpaths): docs/profile.sh.
+# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume|ddp-resume-eager|ddp-sample|encoders|sample|fid|metrics] ...
+#        (default: train-eager train encoders sample fid metrics, one GPU), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R="--encoder dinov2-vit-b --encoder-weights random --irepa --num-generated 1024 --image-size 256"
@@ -13,9 +14,6 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 256 --bench 30 --compile ;;
-  qk)  # JiT-B/16 batch 128 with the q/k Triton kernels, then with the PyTorch path (model.triton = None), twice
-    for i in 1 2; do run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile
-      run python -c "import sys, model; model.triton = None; import train; train.main(sys.argv[1:])" --model JiT-B/16 $R --batch-size 128 --bench 40 --compile; done ;;
   train-xl) run python train.py --model SiT-XL/2 $R --vae-weights random --batch-size 256 --bench 6 --compile --recompute 12 ;;
   scaling)  # same per-GPU batch on 1 and on all GPUs of the host
     n=$(nvidia-smi -L | wc -l)
@@ -23,7 +21,7 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
       CUDA_VISIBLE_DEVICES=0 run python train.py --model $m $R --batch-size $b --bench 30 --compile
       run torchrun --nproc_per_node=$n train.py --model $m $R --batch-size $((b * n)) --bench 30 --compile; done ;;
   ddp-resume|ddp-resume-eager)  # the used-by command on all GPUs: identical replicas, one checkpoint, resume continues
-    # the losses (bit for bit eager; compiled runs differ in the last bits from run to run: README, Resume)
+    # the losses (bit for bit eager; compiled runs differ in the last bits from run to run: README, Resume and checkpoints)
     n=$(nvidia-smi -L | wc -l); o=/tmp/ddp; rm -rf $o $o-r; e=$([ $w = ddp-resume-eager ] && echo --no-compile)
     C="torchrun --nproc_per_node=$n train.py $e --encoder dinov2-vit-b --irepa --model SiT-B/2 --encoder-weights random --vae-weights random --num-generated 1024 --batch-size $((64 * n)) --log-every 2 --sample-every 0"
     $C --steps 12 --ckpt-every 12 --out-dir $o 2>&1 | grep -E "replicas|Error"; ls $o/checkpoints
@@ -39,47 +37,6 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     torchrun --nproc_per_node=$n sample.py $S --out $o/sn.npz > /dev/null 2>&1
     torchrun --nproc_per_node=$n fid.py $o/sn.npz $F --json $o/fn.json > /dev/null 2>&1
     python -c "import json, numpy as np; a, b = np.load('$o/s1.npz'), np.load('$o/sn.npz'); print('npz identical on 1 and $n GPUs:', all(np.array_equal(a[k], b[k]) for k in a.files)); print(json.load(open('$o/f1.json'))); print(json.load(open('$o/fn.json')))" ;;
-  bytes)  # GB that each compiled graph's Inductor kernels read and write per step (encoder forward, network forward,
-    # backward); the ms beside them come from timing each kernel alone, not from the step. Slow: stops after 200 s
-    for m in "--model SiT-B/2 --vae-weights random --batch-size 256" "--model JiT-B/16 --batch-size 128"; do
-      rm -f /tmp/bw.txt; echo "+ $m"
-      TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT=/tmp/bw.txt timeout 200 python -c "import sys, torch._inductor.config as c; c.benchmark_harness = False; import train; train.main(sys.argv[1:])" $m $R --bench 1 --compile > /dev/null 2>&1
-      grep -A1 SUMMARY /tmp/bw.txt | grep GB | sort -u; done ;;
-  graphs)  # ms of GPU kernels per step, grouped by the graph that launched them, and the largest kernels (chrome trace of --bench's profiled steps)
-    for m in "--model SiT-B/2 --vae-weights random --batch-size 256" "--model JiT-B/16 --batch-size 128"; do
-      echo "+ $m"; python - $m $R --bench 10 --compile 2>&1 <<'PY' | grep -E "BENCH|GRAPH|KERNEL"
-import json, sys, torch, train
-class Profile(torch.profiler.profile):  # --bench's profiler, keeping its chrome trace
-    def stop(self):
-        super().stop()
-        self.export_chrome_trace("/tmp/graphs.json")
-torch.profiler.profile = Profile
-train.main(sys.argv[1:])
-ev = json.load(open("/tmp/graphs.json"))["traceEvents"]
-names = {"Torch-Compiled Region": "encoder forward", "CompiledFunctionBackward": "backward",
-         "CompiledFunction": "network forward", "Optimizer.step": "AdamW", "_foreach_lerp_": "EMA"}
-regions = []  # (thread, start, end, graph) of the CPU ranges that launch each graph's kernels
-for e in ev:
-    n = next((n for k, n in names.items() if k in e["name"]), None) if e.get("cat") in ("cpu_op", "user_annotation") else None
-    regions += [(e["tid"], e["ts"], e["ts"] + e["dur"], n)] if n and e.get("ph") == "X" else []
-launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")}
-ms = {}
-for k in (e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")):
-    l = launch.get(k["args"].get("correlation"))  # the innermost range around the launch names the graph
-    inside = sorted((b - a, n) for t, a, b, n in regions if l and t == l["tid"] and a <= l["ts"] <= b)
-    n = inside[0][1] if inside else "other (input copies, gradient norm)"
-    ms[n] = ms.get(n, 0) + k["dur"] / 3e3  # 3 profiled steps, us -> ms
-for n, v in sorted(ms.items(), key=lambda x: -x[1]):
-    print(f"GRAPH {v:6.1f} ms/step  {n}")
-print(f"GRAPH {sum(ms.values()):6.1f} ms/step  all kernels")
-per = {}  # the largest kernels by name: ms per step and launches per step
-for k in (e for e in ev if e.get("cat") == "kernel"):
-    t, n = per.get(k["name"], (0, 0))
-    per[k["name"]] = (t + k["dur"] / 3e3, n + 1 / 3)
-for n, (t, c) in sorted(per.items(), key=lambda x: -x[1][0])[:25]:
-    print(f"KERNEL {t:6.2f} ms/step {c:4.0f}x  {n[:110]}")
-PY
-    done ;;
   encoders) run python encoders.py --bench ;;
   sample)
     run python sample.py --bench --model SiT-B/2 --batch-size 256
@@ -87,18 +44,19 @@ PY
     run python sample.py --bench --model SiT-XL/2 --batch-size 256 --num-steps 25 ;;
   fid) run python fid.py --bench ;;
   metrics) echo "+ metrics"; /usr/bin/time -f "%e s wall" python metrics.py --encoder dinov2-vit-b --encoder-weights random --num-images 1000 2>&1 | tail -4 ;;
+  *) echo "unknown mode $w (see the usage line at the top; data runs alone: bash bench.sh data)"; exit 2 ;;
 esac; done; done
 # data: the prepared-memmap loader alone (python snippet below, outside the training loop)
 if [ "${1:-}" = data ]; then python - <<'PY'
-import time, numpy as np, torch, train
+import time, numpy as np, torch, data
 n, R, B = 8192, 256, 256
 img = np.lib.format.open_memmap("/tmp/bench_images.npy", "w+", np.uint8, (n, 3, R, R))
 img[:] = np.random.default_rng(0).integers(0, 256, (1, 3, R, R), dtype=np.uint8); img.flush()
 lat = np.lib.format.open_memmap("/tmp/bench_latents.npy", "w+", np.float32, (n, 8, R // 8, R // 8)); lat.flush()
 img, lat = np.load("/tmp/bench_images.npy", mmap_mode="r"), np.load("/tmp/bench_latents.npy", mmap_mode="r")
 for workers in (2, 4, 8):
-    data = train.Batches(img, np.zeros(n, np.int64), lat, B, 0, 1, 0, flip=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, sampler=range(60), prefetch_factor=4)
+    batches = data.Batches(img, np.zeros(n, np.int64), lat, B, 0, 1, 0, flip=True)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, sampler=range(60), prefetch_factor=4)
     for i, _ in enumerate(loader):
         t0 = time.time() if i == 10 else locals().get("t0")
     print(f"memmap loader, {workers} workers: {50 * B / (time.time() - t0):,.0f} img/s (256 px + SD-VAE posterior, page cache)")
