@@ -13,6 +13,7 @@ Everything else is REPA. `grep -n iREPA align.py` prints exactly the change.
 
     python align.py      # prints both methods' defaults and projector sizes
 """
+import argparse
 import math
 
 import torch.nn as nn
@@ -91,6 +92,7 @@ def alignment_loss(projector, h, z, gamma):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="Print REPA's and iREPA's defaults and projector sizes.").parse_args()
     for fam in ("SiT", "JiT"):
         print(f"{fam}: REPA {REPA[fam]}  iREPA {IREPA[fam]}")
     for conv in (False, True):

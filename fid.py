@@ -356,17 +356,21 @@ def statistics(pool, spatial):
             "mu_s": spatial.mean(0, dtype=np.float64), "sigma_s": np.cov(spatial, rowvar=False)}
 
 
+def read_ref(ref):
+    """(names in the reference npz, its stored statistics); a ValueError if it is unusable."""
+    if not zipfile.is_zipfile(ref):
+        raise ValueError(f"--ref {ref}: " + ("not an .npz (np.savez) file" if os.path.exists(ref) else "no such file"))
+    with np.load(ref) as z:  # stored statistics win over ones recomputed from arr_0, as in ADM
+        files, stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
+    if "arr_0" not in files and not {"mu", "sigma"} <= set(stats):
+        raise ValueError(f"reference {ref} holds {files}; it needs arr_0 (reference images) or mu and sigma")
+    return files, stats
+
+
 def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     """ADM's five numbers for samples against ref, and the samples' statistics. Every rank calls it; rank 0 gets
     (metrics dict, stats dict), the others (None, None). A stats-only ref gives IS, FID (and sFID with mu_s)."""
-    ref_files, ref_stats = [], {}
-    if ref:
-        if not zipfile.is_zipfile(ref):
-            raise ValueError(f"--ref {ref}: " + ("not an .npz (np.savez) file" if os.path.exists(ref) else "no such file"))
-        with np.load(ref) as z:  # stored statistics win over ones recomputed from arr_0, as in ADM
-            ref_files, ref_stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
-        if "arr_0" not in ref_files and not {"mu", "sigma"} <= set(ref_stats):
-            raise ValueError(f"reference {ref} holds {ref_files}; it needs arr_0 (reference images) or mu and sigma")
+    ref_files, ref_stats = read_ref(ref) if ref else ([], {})
     pool, spatial, shape = features(model, samples, batch_size, device)
     r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if "arr_0" in ref_files else [None] * 3
     if pool is None:
@@ -440,6 +444,14 @@ def main(argv=None):
     if args.bench:
         bench(device, args.batch_size)
         return None
+    try:  # the samples and the reference, checked before the weights load
+        n = open_images(args.samples)[0][0]
+        read_ref(args.ref) if args.ref else None
+    except ValueError as e:
+        p.error(str(e))
+    if n < 2048:
+        warnings.warn(f"{args.samples}: {n} images, fewer than the 2,048 Inception features: the covariance is "
+                      "singular and FID is not meaningful (papers use 50,000)")
     try:
         metrics, stats = evaluate(load_inception(args.inception, args.download, device), args.samples, args.ref,
                                   args.batch_size, device)

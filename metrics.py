@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from align import spatial_norm
 from encoders import ENCODERS, load_encoder
-from sample import check_at_least, check_writable, open_rgb
-from train import center_crop, generated_images  # ADM centre crop: box-filter halving, bicubic
+from data import center_crop, check_at_least, check_writable, generated_images, open_rgb  # center_crop: ADM's
 
 METRICS = ("lds", "cds", "srss", "rmsc")
 
@@ -254,7 +253,7 @@ def main(argv=None):
     add = p.add_argument
     add("--encoder", nargs="+", help=f"encoders (default: the --fid-table rows): {' '.join(ENCODERS)}")
     add("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
-    add("--images", help="image folder, first --num-images by name, centre crop (default: train.py's generated images)")
+    add("--images", help="image folder, first --num-images by name, centre crop (default: data.py's generated shapes)")
     add("--masks", help="mask folder for SRSS: same file names as the images, non-zero = foreground")
     add("--num-images", type=int, default=1000, help="images to score")
     add("--batch-size", type=int, default=100, help="images per encoder forward")

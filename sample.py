@@ -10,7 +10,6 @@ Sample i is in shard i // batch-size, whose noise (and uniform labels) come from
 same for any number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -20,10 +19,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
-from model import models
+import kernels
+from data import check_at_least, check_writable, find_checkpoint, save_grid, setup_device
+from model import models, noise_std
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
@@ -110,46 +110,6 @@ def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def open_rgb(path):
-    """An image file as 8-bit RGB (PIL), or a ValueError naming the file: unreadable, or 16-bit / float pixels,
-    which convert("RGB") would clip to white."""
-    try:
-        im = Image.open(path)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            raise ValueError(f"{im.mode} pixels (16-bit or float): convert the file to 8-bit")
-        return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def check_at_least(parser, args, names, least=1):
-    """argparse error unless every given flag among `names` (argparse dests) is at least `least`."""
-    for k in names:
-        if getattr(args, k) is not None and getattr(args, k) < least:
-            parser.error(f"--{k.replace('_', '-')} must be at least {least}, got {getattr(args, k)}")
-
-
-def check_writable(parser, outputs):
-    """argparse error unless the folder of every given output path (flag, path) exists and is writable."""
-    for flag, path in outputs:
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            parser.error(f"{flag} {path}: its folder does not exist or is not writable")
-
-
-def save_grid(images, path):
-    """Write uint8 images (N, H, W, 3) or (N, 3, H, W) (numpy or torch) as one PNG of ceil(sqrt(N)) columns."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8 or x.ndim != 4 or 3 not in (x.shape[1], x.shape[3]):
-        raise ValueError(f"save_grid wants uint8 (N,H,W,3) or (N,3,H,W), got {tuple(x.shape)} {x.dtype}")
-    x = x if x.shape[3] == 3 else x.permute(0, 2, 3, 1)
-    n, h, w, _ = x.shape
-    cols = math.ceil(math.sqrt(n))
-    grid = torch.zeros(math.ceil(n / cols) * h, cols * w, 3, dtype=torch.uint8)
-    for i in range(n):
-        grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = x[i]
-    Image.fromarray(grid.numpy()).save(path)
-
-
 def sampling_defaults(name):
     """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG, interval (0.1, 1]."""
     if name.startswith("SiT"):
@@ -159,33 +119,6 @@ def sampling_defaults(name):
 
 def shard_seed(seed, shard):
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
-
-
-def noise_std(family, image_size):
-    """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT latents always use 1."""
-    return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
-
-
-def find_checkpoint(path):
-    """A checkpoint file, or the newest checkpoints/*.pt of a train.py run directory."""
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))  # a killed write leaves *.pt.tmp: skipped
-    if not found:
-        raise FileNotFoundError(f"{path}: no such file, and not a run directory with checkpoints/*.pt")
-    return found[-1]
-
-
-def setup_device():
-    """(device, rank, world size) for a plain run or one torchrun process; TF32 matmuls on GPU, as the official."""
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return device, dist.get_rank(), dist.get_world_size()
-    return device, 0, 1
 
 
 def sample_to_file(model, vae, args, rank=0, world_size=1):
@@ -347,6 +280,8 @@ def main(argv=None):
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
     model = model.to(device).eval().requires_grad_(False)
+    if device.type == "cuda":  # GPU fast paths (kernels.py): same functions, same parameter names
+        model = kernels.enable(model)
     model = torch.compile(model) if args.compile else model
     if args.bench:
         return bench(model, args, device)

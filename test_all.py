@@ -191,14 +191,6 @@ def test_model_state_dict_keys_are_official_names():
     assert not any("rope" in k for k in keys)  # RoPE tables are derived, not stored (as the official)
 
 
-def test_model_token_stream_is_token_major_in_memory():
-    # a channel-major (B, T, D) view would be carried by torch.compile through every residual add and make each
-    # LayerNorm read strided rows (SiT-B/2 trained 3% slower compiled, 13% slower eager that way)
-    x = torch.randn(2, 4, 8, 8)
-    assert _tiny_sit().x_embedder(x).is_contiguous()
-    assert _tiny_jit().x_embedder(torch.randn(2, 3, 32, 32)).is_contiguous()
-
-
 def test_model_jit_attention_is_token_major_in_memory(monkeypatch):
     # JiT's q, k, v reach attention as head-major views of token-major tensors: compiled, the q/k norm and RoPE
     # then fuse into one kernel and the attention output needs no copy back (JiT-B/16 trained 1.2% faster)
@@ -206,77 +198,6 @@ def test_model_jit_attention_is_token_major_in_memory(monkeypatch):
     monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: seen.append((q, k, v)) or sdpa(q, k, v))
     _tiny_jit()(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2]))
     assert len(seen) == 4 and all(t.transpose(1, 2).stride(-2) == t.shape[-1] for qkv in seen for t in qkv)
-
-
-_QK_KERNEL_CHECK = """
-import torch, model
-torch.manual_seed(0)
-for hd in (16, 20):                                            # 20: not a power of two (JiT-H has 80)
-    cos, sin = model.rope_tables(hd, 4, prefix=2)              # 18 tokens
-    w0, g = torch.randn(hd) * 0.2 + 1, torch.randn(3, 18, 4, hd)
-    qkv0 = torch.randn(3, 18, 3, 4, hd)                        # q: a strided view, as in JiTAttention
-    res = []
-    for kernel in (False, True):
-        qkv, w = qkv0.clone().requires_grad_(), w0.clone().requires_grad_()
-        q = qkv[:, :, 0]                                       # 216 rows: the last program is partly masked
-        out = model.qk_norm_rope(q, w, cos, sin, 1e-6) if kernel else model.apply_rope(
-            w * torch.nn.functional.rms_norm(q, (hd,), eps=1e-6), cos, sin)
-        (out * g).sum().backward()
-        res.append([out.detach(), qkv.grad, w.grad])
-    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(res[1], res[0])]
-    assert max(errs) < 1e-6 and res[1][1][:, :, 1:].abs().max() == 0, (hd, errs)
-print("ok")
-"""
-
-
-def test_model_qk_norm_rope_kernel_matches_pytorch_in_the_triton_interpreter():
-    # the GPU kernels of JiT's q/k norm + RoPE, run on the CPU by Triton's interpreter, in fp32: the same output and
-    # gradients (input and weight) as the PyTorch definition
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _QK_KERNEL_CHECK], cwd=os.path.dirname(model.__file__), env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_model_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(monkeypatch):
-    torch.manual_seed(0)
-    m = _randomize(_tiny_jit()).cuda()
-    for blk in m.blocks:
-        blk.attn.q_norm.weight.data.normal_(1, 0.2)
-    x, t, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
-    calls, op = [], model.qk_norm_rope
-    monkeypatch.setattr(model, "qk_norm_rope", lambda *a: calls.append(1) or op(*a))
-
-    def run(bf16):
-        m.zero_grad()
-        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            out, h = m(x, t, y, align_depth=2)
-        (out.float().square().sum() + h.float().sum()).backward()
-        return [out.detach().float()] + [p.grad.clone() for p in m.parameters() if p.requires_grad]
-    got32, got16 = run(False), run(True)
-    assert len(calls) == 2 * 2 * len(m.blocks)                # q and k of every block, both runs
-    monkeypatch.setattr(model, "triton", None)                # the PyTorch definition
-    ref32, ref16 = run(False), run(True)
-    err = lambda a, b: max(((u - v).norm() / v.norm().clamp_min(1e-12)).item() for u, v in zip(a, b))
-    assert err(got32, ref32) < 1e-5, err(got32, ref32)
-    assert err(got16, ref32) < 1.2 * err(ref16, ref32) + 1e-3, (err(got16, ref32), err(ref16, ref32))
-
-
-@pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28), (3, 16, (2, 4), 8)])
-def test_model_patch_matmul_equals_the_conv(C, D, p, side):
-    torch.manual_seed(0)
-    conv, x = torch.nn.Conv2d(C, D, p, stride=p), torch.randn(2, C, side, side)
-    out = model.patch_matmul(x, conv)
-    assert out.is_contiguous()
-    torch.testing.assert_close(out, conv(x).permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-    # the networks' embeddings: the same values as the official conv, (B, T, D) token-major
-    sit, jit = _tiny_sit(), _tiny_jit()
-    x = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(sit.x_embedder(x), sit.x_embedder.proj(x).flatten(2).transpose(1, 2))
-    x, e = torch.randn(2, 3, 32, 32), jit.x_embedder
-    torch.testing.assert_close(e(x), e.proj2(e.proj1(x)).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_model_sit_small_size_works():
@@ -409,6 +330,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import data  # noqa: E402
 import train  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -429,10 +351,10 @@ def _state(path):
 
 
 def test_train_generated_images_deterministic_and_class_coloured():
-    a, la = train.generated_images(20, 32, seed=3)
-    b, lb = train.generated_images(20, 32, seed=3)
+    a, la = data.generated_images(20, 32, seed=3)
+    b, lb = data.generated_images(20, 32, seed=3)
     assert a.dtype == torch.uint8 and a.shape == (20, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
-    assert sorted(set(la.tolist())) == list(range(train.NUM_GENERATED_CLASSES))
+    assert sorted(set(la.tolist())) == list(range(data.NUM_GENERATED_CLASSES))
     # each class has its own colour: the most saturated pixels of a red-class image are red
     red = a[la == 0].float()
     assert (red[:, 0] - red[:, 2]).amax(dim=(1, 2)).min() > 100
@@ -441,7 +363,7 @@ def test_train_generated_images_deterministic_and_class_coloured():
 def test_train_center_crop_is_adm():
     from PIL import Image
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 700, 3), dtype=np.uint8))
-    out = train.center_crop(img, 64)
+    out = data.center_crop(img, 64)
     assert out.shape == (64, 64, 3)
     # reference: two box halvings (700x300 -> 350x150 -> 175x75), bicubic to short side 64, center crop
     ref = img.resize((350, 150), Image.BOX).resize((175, 75), Image.BOX)
@@ -522,25 +444,25 @@ def test_train_compiles_by_default_on_gpu_only(monkeypatch):
 
 def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoints" / "0000001.pt")
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    data.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def dying_save(obj, f):
         open(f, "wb").write(b"half a checkp")
         raise KeyboardInterrupt("killed mid-write")
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+        data.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(_state(path)["w"], torch.ones(3))
-    assert train.find_checkpoint(str(tmp_path)) == path  # the .tmp leftover is never picked up
+    assert data.find_checkpoint(str(tmp_path)) == path  # the .tmp leftover is never picked up
 
 
 def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_path):
     # a real SIGKILL while a large checkpoint is being written: the final name always holds a whole file
     path = tmp_path / "checkpoints" / "0000001.pt"
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, str(path))
-    code = (f"import sys, torch; sys.path.insert(0, {_ROOT!r}); import train; "
-            f"train.save_checkpoint({{'step': 2, 'w': torch.zeros(64, 1024, 1024)}}, {str(path)!r})")
+    data.save_checkpoint({"step": 1, "w": torch.ones(3)}, str(path))
+    code = (f"import sys, torch; sys.path.insert(0, {_ROOT!r}); import data; "
+            f"data.save_checkpoint({{'step': 2, 'w': torch.zeros(64, 1024, 1024)}}, {str(path)!r})")
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
     while not os.path.exists(str(path) + ".tmp") and proc.poll() is None and time.time() < deadline:
@@ -548,7 +470,7 @@ def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _state(path)["step"] in (1, 2)  # the old checkpoint, or (if the write won the race) the whole new one
-    assert train.find_checkpoint(str(tmp_path)) == str(path)
+    assert data.find_checkpoint(str(tmp_path)) == str(path)
 
 
 def test_train_ddp_gloo_two_processes(tmp_path):
@@ -585,8 +507,9 @@ def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
+    import warnings
     from PIL import Image
-    imgs, labels = train.generated_images(16, 40, seed=0)
+    imgs, labels = data.generated_images(16, 40, seed=0)
     for i, (im, k) in enumerate(zip(imgs, labels)):
         os.makedirs(tmp_path / "data" / f"class{k.item() % 2}", exist_ok=True)
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"class{k.item() % 2}" / f"{i}.png")
@@ -614,8 +537,14 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
     assert np.load(tmp_path / "prep" / "latents.npy").shape == (16, 8, 4, 4)
     meta = json.load(open(tmp_path / "prep" / "meta.json"))
     json.dump({**meta, "vae": "/elsewhere/vae.safetensors"}, open(tmp_path / "prep" / "meta.json", "w"))
-    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(SystemExit, match="latents of the VAE /elsewhere"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit, match="latents of the VAE /else"):
+        warnings.simplefilter("always")
         train.main(sit)
+    assert not [w for w in caught if "RANDOM" in str(w.message)]  # refused before the (random) VAE is built
+    os.remove(tmp_path / "prep" / "meta.json")  # a --resume that does not fit is refused before any preparation
+    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(SystemExit, match="does not fit the flags given"):
+        train.main(["--resume", str(tmp_path / "run"), "--num-classes", "3", "--steps", "4"])
+    assert not os.path.exists(tmp_path / "prep" / "meta.json")
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -774,46 +703,6 @@ def test_encoders_real_forward_small_models():
         assert normed == (name in ("dinov2-vit-s", "dinov3-vit-s16")), name  # PE: before the norm; Hiera: none
     with pytest.raises(ValueError, match="uint8"):
         enc(x.float())
-
-
-def test_encoders_patch_embedding_runs_as_a_matrix_product_with_the_convs_values():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    for name in ("dinov2-vit-s", "pe-vit-t", "sam2-vit-s"):
-        enc = _encoders_random(name, 32)
-        pe = enc.model.patch_embed
-        assert isinstance(pe.proj, encoders._PatchMatmul) == (name != "sam2-vit-s")  # Hiera's patches overlap
-        if name != "sam2-vit-s":
-            out = enc(x)
-            pe.proj = pe.proj.conv  # timm's own conv
-            torch.testing.assert_close(out, enc(x), rtol=1e-5, atol=1e-5)
-
-
-def test_encoders_mlp_gelu_is_wrapped_with_the_same_values_off_the_gpu():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    enc = _encoders_random("mae-vit-l", 32)  # no layer scale: the MLPs move the output
-    mlps = [m for m in enc.modules() if isinstance(m, encoders.Mlp)]
-    assert len(mlps) == 24 and all(isinstance(m.fc1, encoders._LinearGELU) for m in mlps)
-    out = enc(x)
-    for m in mlps:  # timm's own fc1 and GELU
-        m.fc1, m.act = m.fc1.fc1, nn.GELU(approximate=m.fc1.approximate)
-    assert torch.equal(out, enc(x))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_encoders_gelu_epilogue_on_gpu_is_as_close_to_fp32_as_bf16_autocast():
-    torch.manual_seed(0)
-    fc1 = nn.Linear(768, 3072).cuda()
-    x = torch.randn(4, 257, 768, device="cuda")
-    ref = F.gelu(fc1(x))                                 # exact GELU in fp32
-    fused = encoders._LinearGELU(fc1, "none")
-    with torch.autocast("cuda", torch.bfloat16):
-        out, plain = fused(x), F.gelu(fc1(x))
-    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
-    err = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
-    assert err(out) < err(plain) and err(out) < 4e-3, (err(out), err(plain))  # equal if the epilogue were not used
-    torch.testing.assert_close(fused(x), ref)          # fp32: timm's two ops
 
 
 def _encoders_official_preprocess(name, x, R):
@@ -1023,6 +912,140 @@ def test_encoders_pretrained_file_and_hub_cache_load_like_official_pe(monkeypatc
         assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, 192)
 
 # =============================================================================
+# kernels.py: every GPU fast path against its plain definition
+
+import copy  # noqa: E402
+import kernels  # noqa: E402
+
+
+@pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28), (3, 16, (2, 4), 8),
+                                           (3, 8, 4, 10)])
+def test_kernels_patch_conv_equals_the_conv(C, D, p, side):
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(C, D, p, stride=p), torch.randn(2, C, side, side)
+    ref = conv(x)
+    kernels.enable(conv)
+    out = conv(x)
+    assert type(conv) is kernels.PatchConv and out.permute(0, 2, 3, 1).is_contiguous()  # token-major memory
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_token_stream_is_token_major_and_keys_stay():
+    # a channel-major (B, T, D) view would be carried by torch.compile through every residual add and make each
+    # LayerNorm read strided rows (SiT-B/2 trained 3% slower compiled, 13% slower eager that way)
+    for net, x in ((_tiny_sit(), torch.randn(2, 4, 8, 8)), (_tiny_jit(), torch.randn(2, 3, 32, 32))):
+        ref, keys = net.x_embedder(x), list(net.state_dict())
+        kernels.enable(net)
+        assert net.x_embedder(x).is_contiguous() and list(net.state_dict()) == keys
+        torch.testing.assert_close(net.x_embedder(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_encoder_patch_embedding_is_a_matrix_product_with_the_convs_values():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for name in ("dinov2-vit-s", "pe-vit-t", "sam2-vit-s"):
+        enc = _encoders_random(name, 32)
+        ref = enc(x)  # timm's own conv
+        kernels.enable(enc)
+        assert isinstance(enc.model.patch_embed.proj, kernels.PatchConv) == (name != "sam2-vit-s")  # Hiera overlaps
+        torch.testing.assert_close(enc(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_mlp_gelu_is_swapped_with_the_same_values_off_the_gpu():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    enc = _encoders_random("mae-vit-l", 32)  # no layer scale: the MLPs move the output
+    enc.model.patch_embed.proj.__class__ = kernels.PatchConv  # the other fast path, on in both
+    ref = enc(x)  # timm's own fc1 and GELU
+    kernels.enable(enc)
+    mlps = [m for m in enc.modules() if isinstance(m, kernels.Mlp)]
+    assert len(mlps) == 24 and all(type(m.fc1) is kernels.LinearGELU for m in mlps)
+    assert torch.equal(enc(x), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_kernels_gelu_epilogue_on_gpu_is_as_close_to_fp32_as_bf16_autocast():
+    torch.manual_seed(0)
+    fc1 = nn.Linear(768, 3072).cuda()
+    x = torch.randn(4, 257, 768, device="cuda")
+    ref = F.gelu(fc1(x))                                 # exact GELU in fp32
+    fused = copy.deepcopy(fc1)
+    fused.__class__ = kernels.LinearGELU                 # as enable() does
+    with torch.autocast("cuda", torch.bfloat16):
+        out, plain = fused(x), F.gelu(fc1(x))
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    err = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
+    assert err(out) < err(plain) and err(out) < 4e-3, (err(out), err(plain))  # equal if the epilogue were not used
+    torch.testing.assert_close(fused(x), ref)          # fp32: the two ops
+
+
+_QK_KERNEL_CHECK = """
+import torch, kernels, model
+torch.manual_seed(0)
+for hd in (16, 20):                                            # 20: not a power of two (JiT-H has 80)
+    cos, sin = model.rope_tables(hd, 4, prefix=2)              # 18 tokens
+    w0, g = torch.randn(hd) * 0.2 + 1, torch.randn(3, 18, 4, hd)
+    qkv0 = torch.randn(3, 18, 3, 4, hd)                        # q: a strided view, as in JiTAttention
+    res = []
+    for kernel in (False, True):
+        qkv, w = qkv0.clone().requires_grad_(), w0.clone().requires_grad_()
+        q = qkv[:, :, 0]                                       # 216 rows: the last program is partly masked
+        out = kernels.qk_norm_rope(q, w, cos, sin, 1e-6) if kernel else model.apply_rope(
+            w * torch.nn.functional.rms_norm(q, (hd,), eps=1e-6), cos, sin)
+        (out * g).sum().backward()
+        res.append([out.detach(), qkv.grad, w.grad])
+    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(res[1], res[0])]
+    assert max(errs) < 1e-6 and res[1][1][:, :, 1:].abs().max() == 0, (hd, errs)
+print("ok")
+"""
+
+
+def test_kernels_qk_norm_rope_matches_pytorch_in_the_triton_interpreter():
+    # the GPU kernels of JiT's q/k norm + RoPE, run on the CPU by Triton's interpreter, in fp32: the same output and
+    # gradients (input and weight) as the PyTorch definition
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _QK_KERNEL_CHECK], cwd=os.path.dirname(model.__file__), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
+
+
+def test_kernels_enable_swaps_jit_attention_and_keeps_cpu_results():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    plain = _randomize(_tiny_jit())
+    fast = kernels.enable(copy.deepcopy(plain))
+    assert all(type(b.attn) is kernels.JiTAttentionQK for b in fast.blocks)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+    torch.testing.assert_close(fast(x, t, y)[0], plain(x, t, y)[0], rtol=1e-5, atol=1e-5)  # the CPU: plain paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_kernels_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(monkeypatch):
+    torch.manual_seed(0)
+    plain = _randomize(_tiny_jit()).cuda()
+    for blk in plain.blocks:
+        blk.attn.q_norm.weight.data.normal_(1, 0.2)
+    fast = kernels.enable(copy.deepcopy(plain))
+    x, t, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
+    calls, op = [], kernels.qk_norm_rope
+    monkeypatch.setattr(kernels, "qk_norm_rope", lambda *a: calls.append(1) or op(*a))
+
+    def run(m, bf16):
+        m.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            out, h = m(x, t, y, align_depth=2)
+        (out.float().square().sum() + h.float().sum()).backward()
+        return [out.detach().float()] + [p.grad.clone() for p in m.parameters() if p.requires_grad]
+    got32, got16 = run(fast, False), run(fast, True)
+    assert len(calls) == 2 * 2 * len(fast.blocks)             # q and k of every block, both runs
+    ref32, ref16 = run(plain, False), run(plain, True)         # the PyTorch definition
+    err = lambda a, b: max(((u - v).norm() / v.norm().clamp_min(1e-12)).item() for u, v in zip(a, b))
+    assert err(got32, ref32) < 1e-5, err(got32, ref32)
+    assert err(got16, ref32) < 1.2 * err(ref16, ref32) + 1e-3, (err(got16, ref32), err(ref16, ref32))
+
+
+# =============================================================================
 # sample.py
 
 import argparse  # noqa: E402
@@ -1127,12 +1150,12 @@ def test_sample_ode_exact_for_point_mass():
 def test_sample_save_grid_layout(tmp_path):
     imgs = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 4, 3).contiguous() * 40
     for layout in (imgs, imgs.permute(0, 3, 1, 2).numpy()):
-        sample.save_grid(layout, tmp_path / "g.png")
+        data.save_grid(layout, tmp_path / "g.png")
         g = np.asarray(Image.open(tmp_path / "g.png"))
         assert g.shape == (4, 12, 3)  # 5 images -> 3 columns, 2 rows of 2x4 tiles
         assert g[2, 4, 0] == 4 * 40 and g[0, 8, 0] == 2 * 40 and g[3, 11, 0] == 0
     with pytest.raises(ValueError):
-        sample.save_grid(imgs.float(), tmp_path / "g.png")
+        data.save_grid(imgs.float(), tmp_path / "g.png")
 
 
 def _sample_args(out, n, labels="balanced", extra=()):

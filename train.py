@@ -15,6 +15,9 @@ Randomness is a function of (seed, step, rank): the noise of step s is drawn aft
 them, and the data order is a permutation seeded by (seed, epoch), so a resumed run repeats the
 uninterrupted one exactly and the checkpoint's step is its data and RNG position (bit for bit when eager;
 compiled GPU kernels add some gradients in a varying order, so there the last bits differ run to run).
+
+Reading order: the objective (both losses), presets and flags, the set-up steps in the order main() calls
+them, then main() with the training loop.
 """
 import argparse
 import copy
@@ -29,152 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import align
 import encoders
-from model import build_model, models
-from sample import check_at_least, find_checkpoint, generate, noise_std, open_rgb, save_grid, setup_device
-
-# -----------------------------------------------------------------------------
-# Generated data: class-conditional shapes and colours the project draws itself, so that everything
-# runs offline. Class k has its own shape and colour; position, size and background vary per image.
-
-NUM_GENERATED_CLASSES = 10
-_SHAPES = ["circle", "square", "triangle", "diamond", "ring", "cross", "hbar", "vbar", "star", "half"]
-_COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220),
-            (40, 220, 230), (250, 140, 20), (120, 40, 160), (245, 245, 245), (20, 20, 20)]
-
-
-def _draw(k, size, rng):
-    bg = tuple(int(v) for v in rng.integers(70, 170, 3))
-    img = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(img)
-    r = size * rng.uniform(0.22, 0.34)
-    cx, cy = size * rng.uniform(0.35, 0.65, 2)
-    box = [cx - r, cy - r, cx + r, cy + r]
-    c, shape = _COLOURS[k], _SHAPES[k]
-    if shape == "circle":
-        d.ellipse(box, fill=c)
-    elif shape == "square":
-        d.rectangle(box, fill=c)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
-    elif shape == "diamond":
-        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=c)
-    elif shape == "ring":
-        d.ellipse(box, outline=c, width=max(1, int(r / 3)))
-    elif shape == "cross":
-        d.line([box[0], box[1], box[2], box[3]], fill=c, width=max(1, int(r / 3)))
-        d.line([box[0], box[3], box[2], box[1]], fill=c, width=max(1, int(r / 3)))
-    elif shape == "hbar":
-        d.rectangle([box[0], cy - r / 3, box[2], cy + r / 3], fill=c)
-    elif shape == "vbar":
-        d.rectangle([cx - r / 3, box[1], cx + r / 3, box[3]], fill=c)
-    elif shape == "star":
-        pts = [(cx + (r if i % 2 == 0 else r / 2.5) * math.cos(math.pi * i / 5 - math.pi / 2),
-                cy + (r if i % 2 == 0 else r / 2.5) * math.sin(math.pi * i / 5 - math.pi / 2)) for i in range(10)]
-        d.polygon(pts, fill=c)
-    else:
-        d.pieslice(box, 180, 360, fill=c)
-    return np.asarray(img)
-
-
-def generated_images(n, image_size, seed=0):
-    """n deterministic images -> (uint8 (n, 3, R, R), long (n,)), labels cycling through the classes."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % NUM_GENERATED_CLASSES
-    imgs = np.stack([_draw(int(k), image_size, rng) for k in labels])
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
-
-# -----------------------------------------------------------------------------
-# ImageNet-style folders -> memory-mapped arrays, once
-
-
-def center_crop(pil, size):
-    """ADM center crop: halve with a box filter while large, bicubic to the short side, center crop."""
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil)
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[y:y + size, x:x + size]
-
-
-@torch.no_grad()
-def posterior(vae, images, out, device, batch=64):
-    """SD-VAE posterior of uint8 images (N, 3, R, R), written batch by batch into out (N, 8, R/8, R/8): mean | std."""
-    for i in tqdm(range(0, len(images), batch), desc="SD-VAE posterior"):
-        mean, std = vae.encode(torch.from_numpy(np.asarray(images[i:i + batch])).to(device).float() / 127.5 - 1)
-        out[i:i + batch] = torch.cat([mean, std], 1).cpu().numpy()
-    return out
-
-
-def prepare(data_path, out, image_size, vae, vae_name, device):
-    """Class folders (sorted names -> labels 0..C-1) -> out/{images.npy (N,3,R,R) uint8, labels.npy,
-    [latents.npy (N,8,R/8,R/8) float32: VAE posterior mean|std], meta.json}. Corrupt files are reported and
-    skipped. meta.json, written last, names the source, size and VAE: without it the preparation did not finish."""
-    classes = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d)))
-    files = [(os.path.join(data_path, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(data_path, c)))]
-    if not files:
-        raise SystemExit(f"no images under {data_path}: expected one sub-folder of images per class")
-    os.makedirs(out, exist_ok=True)
-    imgs = np.lib.format.open_memmap(os.path.join(out, "images.tmp.npy"), "w+", np.uint8,
-                                     (len(files), 3, image_size, image_size))
-    labels, n = [], 0
-    for path, label in tqdm(files, desc=f"preparing {data_path}"):
-        try:
-            imgs[n] = center_crop(open_rgb(path), image_size).transpose(2, 0, 1)
-        except ValueError as e:
-            print(f"skipping unreadable image {e}", file=sys.stderr)
-            continue
-        labels.append(label)
-        n += 1
-    imgs.flush()
-    np.save(os.path.join(out, "labels.npy"), np.array(labels, dtype=np.int64))
-    if vae is not None:
-        posterior(vae, imgs[:n], np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float32,
-                                                           (n, 8, image_size // 8, image_size // 8)), device).flush()
-    del imgs
-    final = np.load(os.path.join(out, "images.tmp.npy"), mmap_mode="r")[:n]
-    np.save(os.path.join(out, "images.npy"), final)  # drops the skipped slots at the end
-    os.remove(os.path.join(out, "images.tmp.npy"))
-    with open(os.path.join(out, "meta.tmp.json"), "w") as f:
-        json.dump({"source": os.path.abspath(data_path), "image_size": image_size, "vae": vae_name,
-                   "classes": classes}, f)
-    os.replace(os.path.join(out, "meta.tmp.json"), os.path.join(out, "meta.json"))
-
-
-class Batches(torch.utils.data.Dataset):
-    """Item s = this rank's slice of global batch s: (uint8 images, labels, latents or None).
-    Order: a permutation per epoch seeded by (seed, epoch); JiT's flips seeded by (seed, step)."""
-
-    def __init__(self, images, labels, latents, global_batch, rank, world, seed, flip):
-        self.images, self.labels, self.latents = images, labels, latents
-        self.n, self.B, self.b, self.rank = len(labels), global_batch, global_batch // world, rank
-        self.seed, self.flip = seed, flip
-        self._epoch, self._perm = None, None  # this epoch's permutation, made on first use (ImageNet: 1.28M)
-        if self.n < global_batch:
-            raise SystemExit(f"the dataset has {self.n} images, fewer than one global batch of {global_batch}")
-
-    def __len__(self):
-        return 2 ** 62
-
-    def __getitem__(self, step):
-        per_epoch = self.n // self.B
-        epoch, i = divmod(step, per_epoch)
-        if self._epoch != epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n)
-        idx = np.sort(self._perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b])
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
-        if self.flip:
-            flips = np.random.default_rng((self.seed, 1, step)).random(self.B)[self.rank * self.b:][:self.b] < 0.5
-            x[torch.from_numpy(flips)] = x[torch.from_numpy(flips)].flip(-1)
-        lat = torch.from_numpy(np.ascontiguousarray(self.latents[idx])) if self.latents is not None else None
-        return x, torch.from_numpy(np.asarray(self.labels[idx])), lat
+import kernels
+from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, find_checkpoint, generated_images, posterior,
+                  prepare, save_checkpoint, save_grid, setup_device, trim_log)
+from model import build_model, models, noise_std
+from sample import generate
 
 # -----------------------------------------------------------------------------
 # The training objective: denoising loss (SiT or JiT) + coeff * REPA/iREPA alignment
@@ -220,7 +86,7 @@ PRESETS = {
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
                 ckpt_every=50_000, sample_every=10_000, warmup_steps=None, ema="0.9999,0.9996"),
 }
-PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (the datasheet's dense peak is 989e12; README)
+PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (its dense datasheet peak: 989e12; docs)
 FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
     "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
     "JiT": dict(betas=(0.9, 0.95), clip=None, flip=True),
@@ -327,93 +193,103 @@ def get_args(argv=None):
     args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
     return args
 
-
-def trim_log(path, step):
-    """On resume: keep the log records up to the checkpoint's step (a killed run logs past its last checkpoint,
-    and its last line may be cut), so that log.jsonl reads as one uninterrupted run."""
-    keep = []
-    for line in open(path):
-        try:
-            keep += [line] if json.loads(line)["step"] <= step else []
-        except (ValueError, KeyError):
-            pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def save_checkpoint(state, path):
-    """Atomic: a killed write leaves the previous checkpoint and no half file under the final name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
 # -----------------------------------------------------------------------------
-# Main loop
+# Set-up steps, in the order main() calls them
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device, rank, world = setup_device()
-    ddp = world > 1
-    family = "JiT" if args.model.startswith("JiT") else "SiT"
-    fam = FAMILY[family]
+def prepared_arrays(args):
+    """--data-path's prepared arrays: (folder, its meta.json or None where no preparation finished, the VAE
+    whose latents they must hold: a file, "random" or the hub's; JiT: None)."""
+    name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}"
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)  # next to the run folder
+    prep = next((d for d in (args.prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
+                args.prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
+    path = os.path.join(prep, "meta.json")
+    meta = json.load(open(path)) if os.path.exists(path) else None
+    vae = None if args.model.startswith("JiT") else args.vae_weights or "stabilityai/sd-vae-ft-mse"
+    return prep, meta, os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
 
-    # ---- everything that can be wrong is checked before any training (cheap checks first)
+
+def check_run(args, family, world):
+    """Every refusal that needs no built module, cheap ones first: a run that cannot go stops before it loads
+    weights, prepares data or writes anything."""
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path} does not exist")
     token_px = int(args.model.split("/")[-1]) * (8 if family == "SiT" else 1)  # SiT: VAE factor 8 x patch
     if args.image_size % token_px:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of {token_px}, the pixels per token of "
-                         f"{args.model}")
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of {token_px}, the pixels per "
+                         f"token of {args.model}")
     if args.encoder != "none":
         if args.encoder not in encoders.ENCODERS:
             raise SystemExit(f"unknown encoder {args.encoder!r}; choose one of: {', '.join(encoders.ENCODERS)}")
         grid = args.image_size // token_px
         if grid != args.image_size // 16:
-            raise SystemExit(f"{args.model} at {args.image_size} px has a {grid}x{grid} token grid but {args.encoder} "
-                             f"gives {args.image_size // 16}x{args.image_size // 16} tokens: use a model with 16-pixel "
-                             "tokens (SiT-*/2, JiT-*/16) or --encoder none")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every rerun
+            raise SystemExit(f"{args.model} at {args.image_size} px has a {grid}x{grid} token grid but "
+                             f"{args.encoder} gives {args.image_size // 16}x{args.image_size // 16} tokens: "
+                             "use a model with 16-pixel tokens (SiT-*/2, JiT-*/16) or --encoder none")
+        with torch.device("meta"):  # the network's shape, without allocating its weights
+            blocks = len(build_model(args.model, args.image_size, args.num_classes).blocks)
+        if args.encoder_depth > blocks:
+            raise SystemExit(f"--encoder-depth {args.encoder_depth}: {args.model} has {blocks} blocks")
+    if args.data_path:  # arrays prepared before must hold this data set, at this size, with this VAE's latents
+        args.prepared_dir, meta, vae_name = prepared_arrays(args)  # in the checkpoints: a moved run finds them
+        source = os.path.abspath(args.data_path)
+        if meta and (meta["source"], meta["image_size"]) != (source, args.image_size):
+            raise SystemExit(f"{args.prepared_dir} holds {meta['source']} at {meta['image_size']} px, not "
+                             f"{source} at {args.image_size} px: pass another --prepared-dir or delete it")
+        if meta and vae_name and meta.get("vae") not in (None, vae_name):
+            raise SystemExit(f"{args.prepared_dir} holds latents of the VAE {meta['vae']}, not {vae_name}: "
+                             "pass another --prepared-dir or delete it")
+
+
+def build(args, family, device):
+    """(network, frozen target encoder, projector, SD-VAE): encoder and projector are None without alignment,
+    the VAE None for JiT. The same initial weights on every rank and every rerun."""
+    torch.manual_seed(args.seed)
     net = build_model(args.model, args.image_size, args.num_classes).to(device)
-    if args.encoder != "none" and args.encoder_depth > len(net.blocks):
-        raise SystemExit(f"--encoder-depth {args.encoder_depth}: {args.model} has {len(net.blocks)} blocks")
-    encoder = vae = projector = None
+    encoder = projector = vae = None
     if args.encoder != "none":
         encoder = encoders.load_encoder(args.encoder, args.image_size, weights=args.encoder_weights).to(device)
         projector = align.make_projector(net.hidden_size, encoder.embed_dim, args.proj == "conv").to(device)
     if family == "SiT":
         vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
+    return net, encoder, projector, vae
 
-    # ---- data
+
+def resume_state(args, net, emas, projector, opt, rank):
+    """Loads --resume's network, EMA(s), projector and optimiser into the built ones, or refuses a checkpoint
+    that does not fit them; cuts the run's log back to the checkpoint. Returns the checkpoint's step."""
+    ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+    try:
+        net.load_state_dict(ck["model"])
+        for ema, key in zip(emas, ("ema", "ema2")):
+            ema.load_state_dict(ck[key])
+        if (projector is None) != (ck["proj"] is None):
+            raise ValueError("the run was trained " + ("without" if ck["proj"] is None else "with") + " an encoder")
+        if projector is not None:
+            projector.load_state_dict(ck["proj"])
+        opt.load_state_dict(ck["opt"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"--resume {args.resume} does not fit the flags given now (--model, --image-size, "
+                         f"--num-classes, --encoder, --proj, --ema must match the run's): {str(e)[:600]}")
+    if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
+        trim_log(os.path.join(args.out_dir, "log.jsonl"), ck["step"])
+    return ck["step"]
+
+
+def load_data(args, family, vae, device, rank, world):
+    """The training set as Batches: --data-path's arrays (rank 0 prepares them on first use), else generated
+    shapes (SiT: with their VAE posterior, computed once)."""
     if args.data_path:
-        name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}"
-        beside = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)  # next to the run folder
-        prep = next((d for d in (args.prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
-                    args.prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
-        source = os.path.abspath(args.data_path)
-        vae_name = None  # whose latents the arrays hold: a file, "random" or the hub's (JiT: none)
-        if family == "SiT":
-            vae_name = args.vae_weights or "stabilityai/sd-vae-ft-mse"
-            vae_name = os.path.abspath(vae_name) if os.path.isfile(vae_name) else vae_name
-        meta_path = os.path.join(prep, "meta.json")
-        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
-        if meta and (meta["source"], meta["image_size"]) != (source, args.image_size):
-            raise SystemExit(f"{prep} holds {meta['source']} at {meta['image_size']} px, not {source} at "
-                             f"{args.image_size} px: pass another --prepared-dir or delete it")
-        if meta and vae_name and meta.get("vae") not in (None, vae_name):
-            raise SystemExit(f"{prep} holds latents of the VAE {meta['vae']}, not {vae_name}: pass another "
-                             "--prepared-dir or delete it")
+        prep, meta, vae_name = prepared_arrays(args)
         no_latents = meta is not None and vae_name and meta.get("vae") is None  # JiT's arrays, for a SiT run
         if rank == 0 and (meta is None or no_latents):
             if no_latents:
                 print(f"{prep} holds JiT's arrays without latents: preparing it again for SiT")
             prepare(args.data_path, prep, args.image_size, vae, vae_name, device)
-        args.prepared_dir = prep  # in the checkpoints: a moved run still finds its arrays
-        if ddp:
+        if world > 1:
             dist.barrier()
         images = np.load(os.path.join(prep, "images.npy"), mmap_mode="r")
         labels = np.load(os.path.join(prep, "labels.npy"))
@@ -423,46 +299,115 @@ def main(argv=None):
     else:
         images, labels = generated_images(args.num_generated, args.image_size, seed=1234)
         images, labels, latents = images.numpy(), labels.numpy(), None
-        if family == "SiT":  # the posterior of the generated images, computed once
+        if family == "SiT":
             r = args.image_size // 8
             latents = posterior(vae, images, np.empty((len(images), 8, r, r), np.float32), device)
-    data = Batches(images, labels, latents, args.batch_size, rank, world, args.seed, fam["flip"])
-    warmup = args.warmup_steps if args.warmup_steps is not None else 5 * (data.n // args.batch_size)
+    return Batches(images, labels, latents, args.batch_size, rank, world, args.seed, FAMILY[family]["flip"])
 
-    # ---- model, EMA(s), optimiser
+
+class Bench:
+    """--bench N: 5 warm-up (and compile) steps, N timed steps, then 3 steps under the profiler (rank 0);
+    report() prints the kernel table and the BENCH line bench.sh reads. A benchmark writes no log, checkpoint
+    or samples (main's `writes`)."""
+
+    def __init__(self, args, device, rank, world):
+        args.steps = args.log_every = 8 + args.bench
+        self.args, self.device, self.rank, self.world, self.clock = args, device, rank, world, {}
+
+    def step(self, step):  # after each training step: the clock at steps 5 and 5 + N, then the profiler
+        if step in (5, 5 + self.args.bench):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.clock[step] = time.time()
+            if step > 5 and self.rank == 0:
+                self.prof = torch.profiler.profile()
+                self.prof.start()
+
+    def report(self, flops_per_img):
+        if self.rank != 0:
+            return
+        self.prof.stop()
+        print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25,
+                                             max_name_column_width=90))
+        a = self.args
+        ips = a.bench * a.batch_size / (self.clock[5 + a.bench] - self.clock[5]) / self.world
+        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
+        mfu = ips * flops_per_img / PEAK_FLOPS if flops_per_img else float("nan")
+        print(f"BENCH {a.model} enc={a.encoder} proj={a.proj} batch={a.batch_size} world={self.world} "
+              f"compile={a.compile} {a.precision}: {ips:.1f} img/s per GPU, MFU {mfu:.1%}, "
+              f"peak memory {mem:.1f} GiB, {flops_per_img / 1e9 if flops_per_img else float('nan'):.0f} GFLOP/img")
+
+
+def count_flops(objective, encoder, data, device, amp, family, vae):
+    """Training FLOPs per image (network forward+backward, encoder forward), counted by torch on 2 images."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y, lat = data[0]
+    x, y = x[:2].to(device), y[:2].to(device)
+    inp = vae.scale(lat[:2].to(device).chunk(2, 1)[0]) if family == "SiT" else x.float() / 127.5 - 1
+    with FlopCounterMode(display=False) as fc:
+        target = encoder(x) if encoder is not None else None  # in fp32: the counter skips bf16's fused GELU product
+        with amp:
+            objective(inp, y, target)[0].backward()
+    objective.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2
+
+
+def sample_grid(ema, family, vae, args, step, device):
+    """A grid from the EMA network in eval mode: one row of each class (at most 8 classes x 8)."""
+    k = min(args.num_classes, 8)
+    y = torch.arange(k, device=device).repeat_interleave(8)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    ema.eval()
+    imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode", num_steps=50,
+                    noise_scale=noise_std(family, args.image_size), generator=gen)
+    path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_grid(imgs, path)
+
+
+def check_replicas(objective, rank, world):
+    """DDP: every replica must hold the same weights; compares per-tensor checksums across ranks."""
+    sums = torch.stack([p.detach().double().sum() for p in objective.parameters()])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    if rank == 0:
+        print(f"replicas identical across {world} ranks: {bool(torch.equal(lo, hi))}")
+
+# -----------------------------------------------------------------------------
+# Main: set-up, then the training loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device, rank, world = setup_device()
+    ddp, family = world > 1, "JiT" if args.model.startswith("JiT") else "SiT"
+    fam = FAMILY[family]
+    check_run(args, family, world)
+    net, encoder, projector, vae = build(args, family, device)
+    if device.type == "cuda":  # GPU fast paths (kernels.py): same functions, same names; before the EMA copies
+        net = kernels.enable(net)
+        encoder = kernels.enable(encoder) if encoder is not None else None
+
+    # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before any data work
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
                           noise_scale=noise_std(family, args.image_size))
     decays = [float(d) for d in args.ema.split(",")]
     emas = [copy.deepcopy(net).requires_grad_(False) for _ in decays]
     params = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0,
-                            fused=device.type == "cuda")
-    step = 0
-    if args.bench:  # 5 warmup/compile steps, N timed steps, then 3 steps under the profiler
-        args.steps, args.log_every = 8 + args.bench, 8 + args.bench
-    if args.resume:
-        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
-        try:
-            net.load_state_dict(ck["model"])
-            for ema, key in zip(emas, ("ema", "ema2")):
-                ema.load_state_dict(ck[key])
-            if (projector is None) != (ck["proj"] is None):
-                raise ValueError("the run was trained " + ("without" if ck["proj"] is None else "with") + " an encoder")
-            if projector is not None:
-                projector.load_state_dict(ck["proj"])
-            opt.load_state_dict(ck["opt"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise SystemExit(f"--resume {args.resume} does not fit the flags given now (--model, --image-size, "
-                             f"--num-classes, --encoder, --proj, --ema must match the run's): {str(e)[:600]}")
-        step = ck["step"]
-        if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
-            trim_log(os.path.join(args.out_dir, "log.jsonl"), step)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0, fused=device.type == "cuda")
+    step = resume_state(args, net, emas, projector, opt, rank) if args.resume else 0
+    data = load_data(args, family, vae, device, rank, world)
+    warmup = args.warmup_steps if args.warmup_steps is not None else 5 * (data.n // args.batch_size)
+    bench = Bench(args, device, rank, world) if args.bench else None  # sets --steps and --log-every
+    writes = rank == 0 and not args.bench  # the one process that writes the log, samples and checkpoints
+
+    # ---- DDP and compilation
     train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True) if ddp else objective
     if ddp and args.compile:
-        # One compiled graph; the gradients are all-reduced after the backward instead of overlapping it. Overlap
-        # (Dynamo's per-bucket graphs) let NCCL's kernels slow the compute kernels ~5%, while the all-reduce alone
-        # takes ~1.7 ms per step (2x H200, SiT-B/2: 1,934-1,938 vs 1,875-1,903 img/s per GPU; README, Performance)
+        # one compiled graph, gradients all-reduced after the backward: Dynamo's per-bucket graphs overlap the
+        # all-reduce, but NCCL's kernels beside the backward slow it by more than they hide (docs/PERFORMANCE.md)
         torch._dynamo.config.optimize_ddp = False
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
@@ -471,11 +416,11 @@ def main(argv=None):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
         print(json.dumps(vars(args), indent=1, default=str))
-        n_par = sum(p.numel() for p in params)
-        print(f"{args.model}: {n_par:,} trainable parameters (incl. projector), {world} rank(s), device {device}")
-
+        print(f"{args.model}: {sum(p.numel() for p in params):,} trainable parameters (incl. projector), "
+              f"{world} rank(s), device {device}")
+    if writes:
+        os.makedirs(args.out_dir, exist_ok=True)
     workers = args.num_workers if device.type == "cuda" else 0  # CPU runs: no worker start-up cost
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, sampler=range(step, args.steps),
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -484,9 +429,8 @@ def main(argv=None):
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the last log
     t0, last_log = time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
-    timing = {}  # --bench only: step -> time, and the profiler
-    for x, y, lat in loader:
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
+    for x, y, lat in loader:  # x uint8 (B, 3, R, R), y (B,), lat (SiT) posterior mean|std (B, 8, R/8, R/8)
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # step s's noise: resumable exactly
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad():
             target = None
@@ -517,12 +461,8 @@ def main(argv=None):
             acc += torch.stack([loss.detach().float(), denoise.detach().float(), rep.detach().float(), gnorm.float()])
         step += 1
         bar.update(1)
-        if args.bench and step in (5, 5 + args.bench):  # bench: time the steps after warmup and compilation
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            timing[step] = time.time()
-            if step > 5 and rank == 0:
-                timing["prof"] = torch.profiler.profile()
-                timing["prof"].start()
+        if bench:
+            bench.step(step)
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:  # never save a NaN
             if ddp:
                 dist.all_reduce(acc)
@@ -532,78 +472,34 @@ def main(argv=None):
                 good = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "*.pt"))) or ["none"]
                 raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; "
                                  f"the last good checkpoint is {good[-1]}")
-            dt = time.time() - t0
-            ips = (step - last_log) * args.batch_size / dt / world
+            ips = (step - last_log) * args.batch_size / (time.time() - t0) / world
             rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
             if flops_per_img:
                 rec["mfu"] = ips * flops_per_img / PEAK_FLOPS
             if rank == 0:
                 bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
-            if rank == 0 and not args.bench:  # a benchmark leaves no trace in a run's log
+            if writes:
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
             t0, last_log = time.time(), step
-        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps) and not args.bench:
+        if writes and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(emas[0], family, vae, args, step, device)
-        if (step % args.ckpt_every == 0 or step == args.steps) and not args.bench:
-            if rank == 0:
-                state = dict(model=net.state_dict(), ema=emas[0].state_dict(), opt=opt.state_dict(), args=vars(args),
-                             step=step, proj=projector.state_dict() if projector is not None else None)
-                if len(emas) > 1:
-                    state["ema2"] = emas[1].state_dict()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            if writes:
+                state = dict(model=net.state_dict(), opt=opt.state_dict(), args=vars(args), step=step,
+                             proj=projector.state_dict() if projector is not None else None)
+                state.update({key: ema.state_dict() for key, ema in zip(("ema", "ema2"), emas)})
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
             if ddp:
                 dist.barrier()
     bar.close()
-    if ddp:  # every replica must hold the same weights: compare per-tensor checksums across ranks
-        sums = torch.stack([p.detach().double().sum() for p in objective.parameters()])
-        lo, hi = sums.clone(), sums.clone()
-        dist.all_reduce(lo, dist.ReduceOp.MIN)
-        dist.all_reduce(hi, dist.ReduceOp.MAX)
-        if rank == 0:
-            print(f"replicas identical across {world} ranks: {bool(torch.equal(lo, hi))}")
-    if args.bench and rank == 0:
-        timing["prof"].stop()
-        table = timing["prof"].key_averages().table(sort_by="self_device_time_total", row_limit=25,
-                                                    max_name_column_width=90)
-        print(table)
-        ips = args.bench * args.batch_size / (timing[5 + args.bench] - timing[5]) / world
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-        mfu = ips * flops_per_img / PEAK_FLOPS if flops_per_img else float("nan")
-        print(f"BENCH {args.model} enc={args.encoder} proj={args.proj} batch={args.batch_size} world={world} "
-              f"compile={args.compile} {args.precision}: {ips:.1f} img/s per GPU, MFU {mfu:.1%}, "
-              f"peak memory {mem:.1f} GiB, {flops_per_img / 1e9 if flops_per_img else float('nan'):.0f} GFLOP/img")
+    if bench:
+        bench.report(flops_per_img)
     if ddp:
+        check_replicas(objective, rank, world)
         dist.destroy_process_group()
-
-
-def count_flops(objective, encoder, data, device, amp, family, vae):
-    """Training FLOPs per image (network forward+backward, encoder forward), counted by torch on 2 images."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x, y, lat = data[0]
-    x, y = x[:2].to(device), y[:2].to(device)
-    inp = vae.scale(lat[:2].to(device).chunk(2, 1)[0]) if family == "SiT" else x.float() / 127.5 - 1
-    with FlopCounterMode(display=False) as fc:
-        target = encoder(x) if encoder is not None else None  # in fp32: the counter skips bf16's fused GELU product
-        with amp:
-            objective(inp, y, target)[0].backward()
-    objective.zero_grad(set_to_none=True)
-    return fc.get_total_flops() / 2
-
-
-def sample_grid(ema, family, vae, args, step, device):
-    """A grid from the EMA network in eval mode: one row of each class (at most 8 classes x 8)."""
-    k = min(args.num_classes, 8)
-    y = torch.arange(k, device=device).repeat_interleave(8)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    ema.eval()
-    imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode", num_steps=50,
-                    noise_scale=noise_std(family, args.image_size), generator=gen)
-    path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_grid(imgs, path)
 
 
 if __name__ == "__main__":
