@@ -6,9 +6,10 @@ Data and files around the method, shared by train.py, sample.py and metrics.py; 
   image folders      prepare: ImageNet-style class folders -> memory-mapped uint8 crops, labels and, for SiT,
                      the SD-VAE posterior (posterior); Batches: a rank's slice of global batch s, order from
                      (seed, epoch)
-  run files          setup_device (plain run or torchrun process), find_checkpoint, save_checkpoint (atomic),
-                     trim_log (resume), check_at_least / check_writable (command-line checks)
+  run files          setup_device (plain run or torchrun process), find_checkpoint, load_checkpoint (as data),
+                     save_checkpoint (atomic), trim_log (resume), check_at_least / check_writable
 """
+import argparse
 import glob
 import json
 import math
@@ -214,6 +215,13 @@ def find_checkpoint(path):
     if not found:
         raise FileNotFoundError(f"{path}: no such file, and not a run directory with checkpoints/*.pt")
     return found[-1]
+
+
+def load_checkpoint(path, mmap=False):
+    """A checkpoint file as data: torch.load with weights_only=True runs no code from the file. Beyond tensors
+    and containers it admits argparse.Namespace, the `args` of the official SiT and JiT checkpoints."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def save_checkpoint(state, path):
