@@ -6,6 +6,9 @@ paper's cosine self-similarity picture (raw vs spatially normalised tokens), and
   python metrics.py --encoder dinov2-vit-b mae-vit-l --images DIR --masks DIR --spnorm-gamma 0.6 --save m.csv
   python metrics.py --encoder dinov2-vit-b mae-vit-l --num-images 16 --viz viz.png
   python metrics.py --fid-table fid.csv --images DIR --masks DIR     (the encoders are the table's rows)
+
+--images DIR is a flat folder of images or an ImageNet-style folder of class sub-folders (read in train.py's
+order); unreadable files are named on stderr and skipped. SRSS masks match images by name in a flat folder.
 """
 import argparse
 import csv
@@ -13,6 +16,7 @@ import functools
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,16 +121,40 @@ def rmsc(z):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def image_files(folder):
+    """(image files in reading order, whether by class): a folder's images by name or, if it holds none,
+    ImageNet-style class sub-folders, sorted class names then file names (the order of train.py's prepare)."""
+    is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M of them
+    files = sorted(filter(is_image, Path(folder).iterdir()))
+    if files:
+        return files, False
+    classes = sorted(d for d in Path(folder).iterdir() if d.is_dir())
+    return [f for c in classes for f in sorted(filter(is_image, c.iterdir()))], True
+
+
 def load_folder(images, masks=None, n=None, size=256):
-    """First n images of a folder by name, centre-cropped, uint8 (N, 3, size, size); with a mask folder (same file
-    name stem, non-zero = foreground, cropped like the image) bool masks (N, size, size), else None."""
-    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
+    """First n readable images of image_files(images), centre-cropped, uint8 (N, 3, size, size); unreadable
+    files are named on stderr and skipped, as train.py does. With a mask folder (flat image folders only: same
+    file name stem, non-zero = foreground, cropped like the image) bool masks (N, size, size), else None."""
+    files, by_class = image_files(images)
     if not files:
-        raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images}")
+        raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images} or in class sub-folders of it")
+    if masks and by_class:
+        raise ValueError(f"--masks: masks are matched to images by file name, only for a flat folder of "
+                         f"images; {images} holds class sub-folders")
     mask_files = {p.stem: p for p in Path(masks).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if masks else {}
-    x, m = [], []
-    for f in tqdm(files, desc="images"):
-        img = open_rgb(f)
+    x, m, skipped = [], [], 0
+    bar = tqdm(total=min(n or len(files), len(files)), desc="images")
+    for f in files:
+        if len(x) == n:
+            break
+        try:
+            img = open_rgb(f)
+        except ValueError as e:  # e: "PATH: why"
+            tqdm.write(f"skipping unreadable image {e}", file=sys.stderr)
+            skipped += 1
+            continue
+        bar.update()
         x.append(center_crop(img, size))
         if masks:
             if f.stem not in mask_files:
@@ -136,6 +164,9 @@ def load_folder(images, masks=None, n=None, size=256):
                 raise ValueError(f"mask {mask_files[f.stem].name} is {'x'.join(map(str, mask.size))}, "
                                  f"image {f.name} is {'x'.join(map(str, img.size))}")
             m.append(center_crop(mask, size) >= 128)
+    bar.close()
+    if not x:
+        raise ValueError(f"no readable image in {images} ({skipped} unreadable)")
     x = torch.from_numpy(np.stack(x)).permute(0, 3, 1, 2).contiguous()
     return x, torch.from_numpy(np.stack(m)) if masks else None
 
@@ -149,10 +180,9 @@ def patch_masks(masks, grid):
 
 
 @torch.no_grad()
-def score_encoder(name, weights, images, masks, args, device):
-    """Metrics of one encoder, mean over the images {row: {metric: mean}}, raw and (--spnorm-gamma) spatially
-    normalised, and the first image's tokens (T, D)."""
-    encoder = load_encoder(name, resolution=images.shape[-1], weights=weights).to(device)
+def score_encoder(name, encoder, images, masks, args, device):
+    """Metrics of one encoder (its module, on device), mean over the images {row: {metric: mean}}, raw and
+    (--spnorm-gamma) spatially normalised, and the first image's tokens (T, D)."""
     scores, first, g = {}, None, args.spnorm_gamma
     for i in tqdm(range(0, len(images), args.batch_size), desc=name):
         z = encoder(images[i:i + args.batch_size].to(device))  # (B, T, D)
@@ -290,6 +320,10 @@ def main(argv=None):
         p.error(f"--fid-table: need >= 3 of the scored encoders in {args.fid_table} to correlate with gFID")
     check_writable(p, [("--save", args.save), ("--viz", args.viz)])
     check_at_least(p, args, ("num_images", "batch_size"))
+    weights = weights * len(names) if len(weights) == 1 else weights
+    for name, w in zip(names, weights):  # a mistyped file fails now, not after the images and other encoders
+        if w not in (None, "random") and not Path(w).is_file():
+            p.error(f"--encoder-weights {w} (for {name}): no such file")
     try:
         images, masks = (load_folder(args.images, args.masks, args.num_images) if args.images else
                          (generated_images(args.num_images, 256)[0], None))
@@ -297,9 +331,13 @@ def main(argv=None):
         p.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     means, first = {}, {}
-    for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
+    for name, w in zip(names, weights):
         try:
-            m, first[name] = score_encoder(name, w, images, masks, args, device)
+            encoder = load_encoder(name, resolution=images.shape[-1], weights=w)
+        except (RuntimeError, OSError) as e:  # hub weights not cached and not downloadable, no such file
+            p.error(str(e))
+        try:
+            m, first[name] = score_encoder(name, encoder.to(device), images, masks, args, device)
         except ValueError as e:  # e.g. tokens that do not fit --grid
             p.error(f"{name}: {e}")
         means.update(m)

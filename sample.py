@@ -1,10 +1,14 @@
 """Sample from SiT (latent) or JiT (pixel) checkpoints with the official samplers.
 
-  python sample.py --ckpt ckpt.pt                                        # 8x8 PNG grid: samples.png
+  python sample.py --ckpt RUN                                            # 8x8 PNG grid in RUN/samples/
   python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM-format npz for fid.py
   torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
   python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
 
+Without --out the grid goes beside the checkpoint, never into the current directory: for a train.py run's
+RUN/checkpoints/NNNNNNN.pt (--ckpt RUN: its newest) to RUN/samples/sample-NNNNNNN.png, for any other FILE.pt
+to FILE-samples.png beside it.
+Checkpoints are read as data (data.load_checkpoint): a file whose unpickling would run code is refused.
 Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
 Sample i is in shard i // batch-size, whose noise (and uniform labels) come from (seed, shard): the npz is the
 same for any number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
@@ -13,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -22,7 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import kernels
-from data import check_at_least, check_writable, find_checkpoint, save_grid, setup_device
+from data import (check_at_least, check_writable, find_checkpoint, load_checkpoint as read_checkpoint,
+                  save_grid, setup_device)
 from model import models, noise_std
 
 
@@ -184,13 +190,29 @@ def bench(model, args, device):
     print(f"bf16 vs fp32 relative L2 of the samples: {((out['bf16'] - out['fp32']).norm() / out['fp32'].norm()):.3e}")
 
 
+def default_out(ckpt):
+    """The grid's path without --out: for a train.py checkpoint RUN/checkpoints/NAME.pt the run's own
+    RUN/samples/sample-NAME.png (train.py's grids are NAME.png there), else FILE-samples.png beside it."""
+    folder, stem = os.path.dirname(ckpt), os.path.splitext(os.path.basename(ckpt))[0]
+    if os.path.basename(folder) == "checkpoints":
+        return os.path.join(os.path.dirname(folder), "samples", f"sample-{stem}.png")
+    return os.path.join(folder, f"{stem}-samples.png")
+
+
 def load_checkpoint(path, ema):
     """(state dict, saved settings) from our checkpoints, official SiT/REPA/iREPA ones or official JiT ones (EMA
     'model_ema1', keys under 'net.'). Sampling needs neither the projector nor JiT's stored RoPE tables (recomputed)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # official args are argparse Namespaces
-    except Exception as e:  # truncated, not a torch file
-        parser.error(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__}: {e})")
+        ckpt = read_checkpoint(path)  # as data: tensors, containers and the official argparse Namespace args
+    except Exception as e:  # truncated, not a torch file, or a pickle that is more than data
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # a function or class the file would call on loading
+        if found:
+            parser.error(f"--ckpt {path}: refused: it holds {found[1]}, which loading would run as code; "
+                         "sample.py reads checkpoints as data only (tensors, containers, argparse.Namespace)")
+        # torch's weights-only text offers weights_only=False, not a choice here: keep only its reason
+        why = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        why = " ".join(why.split())
+        parser.error(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__}: {why})")
     if not isinstance(ckpt, dict):
         parser.error(f"--ckpt {path}: not a checkpoint (a {type(ckpt).__name__}, not a dict of weights)")
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
@@ -225,7 +247,8 @@ add("--noise-scale", type=float, help="JiT initial noise std (default: from the 
 add("--labels", choices=["uniform", "balanced"], help="uniform random (SiT protocol, SiT default) or class "
     "i * C // N for sample i (JiT protocol, JiT default)")
 add("--num-samples", type=int, default=64, help="number of images")
-add("--out", default="samples.png", help=".npz (ADM format for fid.py) or .png (a grid of all samples)")
+add("--out", help=".npz (ADM format for fid.py) or .png (a grid of all samples) (default: a grid beside the "
+    "checkpoint: RUN/samples/sample-NNNNNNN.png for RUN/checkpoints/NNNNNNN.pt, else CKPT-samples.png)")
 add("--grid", type=int, default=0, help="PNG grid of the first N samples (.npz --out: beside it; .png: default all)")
 add("--batch-size", type=int, default=256, help="images per forward and per shard, on each process")
 add("--seed", type=int, default=0, help="global seed; shard s draws from a generator seeded with (seed, s)")
@@ -245,6 +268,8 @@ def main(argv=None):
         except FileNotFoundError as e:
             parser.error(f"--ckpt {e}")
     sd, saved = load_checkpoint(args.ckpt, args.ema) if args.ckpt else (None, {})
+    vae_from_ckpt = [f"--{k.replace('_', '-')} {v}" for k, v in saved.items()
+                     if k.startswith("vae") and v is not None and getattr(args, k) is None]
     for k, v in saved.items():  # flags given on the command line win
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.model not in models:
@@ -260,13 +285,29 @@ def main(argv=None):
         parser.error(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
     if family == "jit" and args.mode == "sde":
         parser.error("JiT samples with --mode heun or ode; sde is for SiT")
-    if not args.out.endswith((".npz", ".png")):
+    if args.out is None and args.ckpt:
+        args.out = default_out(args.ckpt)
+        try:
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        except OSError as e:
+            parser.error(f"cannot make the folder of the default grid {args.out} ({e}): give --out")
+    if args.out and not args.out.endswith((".npz", ".png")):
         parser.error(f"--out {args.out} must end in .npz or .png")
     check_writable(parser, [("--out", args.out)])
     if args.grid > args.num_samples:
         parser.error(f"--grid {args.grid} asks for more images than --num-samples {args.num_samples}")
     if args.bench and not torch.cuda.is_available():
         parser.error("--bench needs a GPU")
+
+    vae = None
+    if family == "sit" and not args.bench:  # before building the model: missing weights fail at once
+        from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
+        torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank and rerun
+        try:
+            vae = load_vae(args.vae_weights, args.vae_stats)
+        except (RuntimeError, OSError) as e:  # not cached and not downloadable, or no such file
+            where = f" (from the checkpoint: {' '.join(vae_from_ckpt)}; a flag overrides it)"
+            parser.error(f"{e}{where if vae_from_ckpt else ''}")
 
     device, rank, world_size = setup_device()  # torchrun: the ranks share the folder of --out
     model = models[args.model](image_size=args.image_size, num_classes=args.num_classes)
@@ -285,12 +326,7 @@ def main(argv=None):
     model = torch.compile(model) if args.compile else model
     if args.bench:
         return bench(model, args, device)
-    vae = None
-    if family == "sit":
-        from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
-        torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank and rerun
-        vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
-    sample_to_file(model, vae, args, rank, world_size)
+    sample_to_file(model, None if vae is None else vae.to(device).eval(), args, rank, world_size)
     if dist.is_initialized():
         dist.destroy_process_group()
 

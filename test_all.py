@@ -408,8 +408,9 @@ def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys, 
     with pytest.raises(SystemExit):
         train.main(["--resume", str(moved)])
     assert "at step 6 already: pass --steps above it" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="does not fit the flags given now"):
+    with pytest.raises(SystemExit):  # the class count defines the model: refused before anything is built
         train.main(["--resume", str(moved), "--num-classes", "20", "--steps", "8"])
+    assert "--num-classes 20 differs from the run's 10" in capsys.readouterr().err
     monkeypatch.chdir(moved)  # a relative checkpoint path: the run folder is still the one above checkpoints/
     train.main(["--resume", os.path.join("checkpoints", "0000006.pt"), "--steps", "8"])
     assert (moved / "checkpoints" / "0000008.pt").exists()
@@ -506,7 +507,7 @@ def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in _state(tmp_path / "checkpoints" / "0000004.pt")["model"].values())
 
 
-def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
+def test_train_image_folder_with_corrupt_file(tmp_path, capsys, monkeypatch):
     import warnings
     from PIL import Image
     imgs, labels = data.generated_images(16, 40, seed=0)
@@ -517,34 +518,133 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys):
     bad.write_bytes(b"\x89PNG not really")
     deep = tmp_path / "data" / "class0" / "deep.png"
     Image.fromarray(np.full((40, 40), 300, np.uint16)).save(deep)  # 16-bit: convert("RGB") would make it white
-    run = [*_TINY, "--num-classes", "2", "--steps", "2", "--ckpt-every", "2", "--num-workers", "0",
-           "--out-dir", str(tmp_path / "run"), "--prepared-dir", str(tmp_path / "prep")]
-    train.main([*run, "--data-path", str(tmp_path / "data")])
+    run = lambda out: [*_TINY, "--num-classes", "2", "--steps", "2", "--ckpt-every", "2", "--num-workers", "0",
+                       "--out-dir", str(tmp_path / out)]
+    prep = ["--prepared-dir", str(tmp_path / "prep")]
+    train.main([*run("r1"), *prep, "--data-path", str(tmp_path / "data")])
     err = capsys.readouterr().err
     assert str(bad) in err and f"{deep}: I" in err and "convert the file to 8-bit" in err
     assert np.load(tmp_path / "prep" / "images.npy").shape == (16, 3, 32, 32)
-    assert os.path.exists(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    assert os.path.exists(tmp_path / "r1" / "checkpoints" / "0000002.pt")
     shutil.copytree(tmp_path / "data", tmp_path / "other")  # another dataset must not reuse these arrays
     with pytest.raises(SystemExit, match=f"holds {tmp_path / 'data'} at 32 px, not {tmp_path / 'other'}"):
-        train.main([*run, "--data-path", str(tmp_path / "other")])
+        train.main([*run("r2"), *prep, "--data-path", str(tmp_path / "other")])
     os.remove(tmp_path / "prep" / "meta.json")  # as after a preparation killed before its end: prepared again
-    train.main([*run, "--data-path", str(tmp_path / "other")])
+    train.main([*run("r2"), *prep, "--data-path", str(tmp_path / "other")])
     assert json.load(open(tmp_path / "prep" / "meta.json"))["source"] == str(tmp_path / "other")
-    sit = [*run, "--data-path", str(tmp_path / "other"), "--model", "SiT-S/2", "--vae-weights", "random"]
+    kept = {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
+    sit = [*run("r3"), "--data-path", str(tmp_path / "other"), "--model", "SiT-S/2", "--vae-weights", "random"]
     with pytest.warns(UserWarning, match="RANDOM"):
-        train.main(sit)  # SiT on JiT's arrays: prepared again, now with the VAE's latents
-    assert json.load(open(tmp_path / "prep" / "meta.json"))["vae"] == "random"
-    assert np.load(tmp_path / "prep" / "latents.npy").shape == (16, 8, 4, 4)
-    meta = json.load(open(tmp_path / "prep" / "meta.json"))
-    json.dump({**meta, "vae": "/elsewhere/vae.safetensors"}, open(tmp_path / "prep" / "meta.json", "w"))
+        train.main(sit)  # SiT needs the VAE's latents: its own folder beside the run; JiT's arrays stay as they were
+    own = tmp_path / "prepared-other-32-random-vae"
+    assert json.load(open(own / "meta.json"))["vae"] == "random"
+    assert np.load(own / "latents.npy").shape == (16, 8, 4, 4)
+    assert kept == {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
+    with pytest.raises(SystemExit, match="no VAE latents"):  # JiT's arrays named for a SiT run: refused, kept
+        train.main([*sit, "--out-dir", str(tmp_path / "r4"), *prep])
+    meta = json.load(open(own / "meta.json"))
+    json.dump({**meta, "vae": "/elsewhere/vae.safetensors"}, open(own / "meta.json", "w"))
     with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit, match="latents of the VAE /else"):
         warnings.simplefilter("always")
-        train.main(sit)
+        train.main([*sit, "--out-dir", str(tmp_path / "r5")])
     assert not [w for w in caught if "RANDOM" in str(w.message)]  # refused before the (random) VAE is built
-    os.remove(tmp_path / "prep" / "meta.json")  # a --resume that does not fit is refused before any preparation
-    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(SystemExit, match="does not fit the flags given"):
-        train.main(["--resume", str(tmp_path / "run"), "--num-classes", "3", "--steps", "4"])
-    assert not os.path.exists(tmp_path / "prep" / "meta.json")
+    # a --resume that changes the model is refused before any VAE encoding or preparation: the arrays stay as they are
+    monkeypatch.setattr(train, "posterior", lambda *a, **k: pytest.fail("VAE encoding before the refusal"))
+    monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("preparation before the refusal"))
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "r1"), "--model", "SiT-S/2", "--vae-weights", "random", "--steps", "4"])
+    assert "--model SiT-S/2 differs from the run's JiT-demo/16" in capsys.readouterr().err
+    assert kept == {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
+
+
+def test_train_fresh_run_into_a_run_folder_is_refused_and_start_over_moves_it_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
+    first = {p: (run / p).read_bytes() for p in ("log.jsonl", "checkpoints/0000002.pt")}
+    with pytest.raises(SystemExit, match=f"--out-dir {run} holds a run already .* --resume {run}"):
+        train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1"])
+    assert first == {p: (run / p).read_bytes() for p in first}  # nothing overwritten, nothing appended
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1", "--start-over"])
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and first == {p: (aside[0] / p).read_bytes() for p in first}  # moved, not deleted
+    assert f"moved the old run in {run} to {aside[0]}" in capsys.readouterr().out
+    assert len(open(run / "log.jsonl").readlines()) == 1 and (run / "checkpoints" / "0000002.pt").exists()
+
+
+def test_train_default_run_folders_of_repa_and_irepa_differ():
+    enc = ["--encoder", "dinov2-vit-b", "--model", "SiT-B/2"]
+    folders = {train.get_args(enc).out_dir, train.get_args([*enc, "--irepa"]).out_dir, train.get_args([]).out_dir}
+    assert folders == {os.path.join("out", "SiT-B-2-dinov2-vit-b-repa"), os.path.join("out", "SiT-B-2-dinov2-vit-b-irepa"),
+                       os.path.join("out", "JiT-demo-16-none")}
+
+
+def test_train_damaged_newest_checkpoint_names_the_newest_good_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*_TINY, "--steps", "6", "--ckpt-every", "2", "--out-dir", str(run)])
+    newest = run / "checkpoints" / "0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # cut, as by a full disk
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run), "--steps", "8"])
+    err = capsys.readouterr().err
+    good = run / "checkpoints" / "0000004.pt"
+    assert f"{newest} is not a readable" in err and f"the newest good one is {good}: resume from it with --resume {good}" in err
+    train.main(["--resume", str(good), "--steps", "8"])  # the command it names works
+    assert (run / "checkpoints" / "0000008.pt").exists()
+
+
+def test_train_resume_says_file_step_and_each_changed_setting(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
+    capsys.readouterr()
+    train.main(["--resume", str(run), "--steps", "4", "--lr", "2e-3"])
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'checkpoints' / '0000002.pt'} at step 2" in out
+    assert "resume changes --lr: 0.001 -> 0.002" in out and "resume changes --steps: 2 -> 4" in out
+    with pytest.raises(SystemExit):  # the global batch sets the data order: exact resume could not hold
+        train.main(["--resume", str(run), "--steps", "6", "--batch-size", "16"])
+    assert "--batch-size 16 differs from the run's 8" in capsys.readouterr().err
+    assert not (run / "checkpoints" / "0000006.pt").exists()
+
+
+def test_train_loads_checkpoints_as_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
+    ck = _state(run / "checkpoints" / "0000002.pt")
+    ck["args"]["note"] = _Boom(str(tmp_path / "ran"))  # a pickle that would run code when loaded
+    torch.save(ck, run / "checkpoints" / "0000002.pt")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run), "--steps", "4"])
+    assert not (tmp_path / "ran").exists() and "not a readable train.py checkpoint" in capsys.readouterr().err
+
+
+class _Boom:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    used_by = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"]
+    assert train.get_args(used_by).model == "JiT-demo/16" and train.get_args(used_by).data_path is None
+    imgs, labels = data.generated_images(16, 32, seed=0)
+    from PIL import Image
+    for i, (im, k) in enumerate(zip(imgs, labels)):  # a tiny ImageNet: 2 class folders
+        os.makedirs(tmp_path / "data" / "imagenet" / "train" / f"n{k.item() % 2}", exist_ok=True)
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "data/imagenet/train" / f"n{k.item() % 2}" / f"{i}.png")
+    args = train.get_args(used_by)
+    assert args.data_path == os.path.join("data", "imagenet", "train") and args.model == "SiT-B/2"  # the paper's run
+    assert train.get_args([]).data_path is None and train.get_args([]).model == "JiT-demo/16"  # bare: the demo
+    with pytest.warns(UserWarning, match="RANDOM"):  # and it trains on those folders
+        train.main([*used_by, "--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8", "--num-classes", "2",
+                    "--steps", "1", "--sample-every", "0", "--no-compile", "--num-workers", "0"])
+    assert f"data: {os.path.join('data', 'imagenet', 'train')}" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "data")
+    train.main([*_TINY, "--steps", "1", "--out-dir", str(tmp_path / "demo")])  # no ImageNet: says it trains the demo
+    out = capsys.readouterr().out
+    assert "generated shapes, the offline demo's data" in out and "--data-path /imagenet/train" in out
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -573,8 +673,9 @@ def test_train_bench_prints_speed_and_leaves_no_log(tmp_path, capsys):
     assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
-def test_train_sample_grid_written(tmp_path):
+def test_train_sample_grid_written(tmp_path, capsys):
     train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--sample-every", "2", "--out-dir", str(tmp_path)])
+    assert f"sampling 64 images from the EMA for {tmp_path / 'samples' / '0000002.png'}" in capsys.readouterr().out
     from PIL import Image
     assert Image.open(tmp_path / "samples" / "0000002.png").size == (8 * 32, 8 * 32)
     import sample  # sample.py takes the run directory and picks its newest checkpoint
@@ -1026,7 +1127,9 @@ def test_kernels_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(mon
     plain = _randomize(_tiny_jit()).cuda()
     for blk in plain.blocks:
         blk.attn.q_norm.weight.data.normal_(1, 0.2)
-    fast = kernels.enable(copy.deepcopy(plain))
+    fast = copy.deepcopy(plain)
+    for blk in fast.blocks:  # the q/k fast path alone (the patch conv's matrix product would round unlike cuDNN's TF32)
+        blk.attn.__class__ = kernels.JiTAttentionQK
     x, t, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
     calls, op = [], kernels.qk_norm_rope
     monkeypatch.setattr(kernels, "qk_norm_rope", lambda *a: calls.append(1) or op(*a))
@@ -1326,6 +1429,72 @@ def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_o
         sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--image-size", "64"])
     assert "does not fit --model SiT-B/2 --image-size 64" in capsys.readouterr().err
 
+
+def _error_line(err):
+    # an argparse error as users see it: the usage (wrapped on indented lines), then one "prog: error:" line
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[0].startswith("usage:"), err
+    assert all(line.startswith(" ") for line in lines[1:-1]) and ": error: " in lines[-1], err
+    return lines[-1]
+
+
+class _sample_Trap:
+    """Unpickling it calls open(marker, "w"): a pickle-loaded checkpoint holding it runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_sample_checkpoint_holding_code_is_refused_unrun(tmp_path, capsys):
+    marker, path = tmp_path / "ran", tmp_path / "trap.pt"
+    ckpt = torch.load(_sample_ckpt(tmp_path), weights_only=False)
+    torch.save({**ckpt, "trap": _sample_Trap(marker)}, path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(path), "--num-steps", "1", "--num-samples", "1",
+                     "--out", str(tmp_path / "s.png")])
+    line = _error_line(capsys.readouterr().err)  # names the function the file would call
+    assert e.value.code == 2 and f"--ckpt {path}: refused: it holds io.open" in line
+    assert not marker.exists() and not (tmp_path / "s.png").exists()
+    torch.load(path, weights_only=False)["trap"].close()  # the premise: pickle itself would have run it
+    assert marker.exists()
+
+
+def test_sample_default_out_goes_beside_the_checkpoint(tmp_path, monkeypatch, capsys, cpu_only):
+    run, cwd = tmp_path / "run", tmp_path / "cwd"
+    os.makedirs(run / "checkpoints")
+    os.makedirs(cwd)
+    monkeypatch.chdir(cwd)
+    os.rename(_sample_ckpt(tmp_path), run / "checkpoints" / "0000002.pt")
+    flags = ["--num-steps", "1", "--num-samples", "4", "--batch-size", "4"]
+    sample.main(["--ckpt", str(run), *flags])  # a run folder: its newest checkpoint, grid under RUN/samples/
+    grid = run / "samples" / "sample-0000002.png"
+    assert Image.open(grid).size == (64, 64) and f"wrote {grid}: 4 images" in capsys.readouterr().out
+    sample.main(["--ckpt", _sample_ckpt(tmp_path, official=True), *flags])  # any other file: beside it
+    assert Image.open(tmp_path / "official-samples.png").size == (64, 64)
+    assert os.listdir(cwd) == [] and sorted(os.listdir(run / "samples")) == ["sample-0000002.png"]
+
+
+def test_sample_missing_vae_weights_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # nothing cached, and no download
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
+    monkeypatch.setitem(sample.models, "SiT-B/2", tiny)
+    args = argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)
+    torch.save({"ema": tiny(32, 10).state_dict(), "args": args}, tmp_path / "o.pt")
+    flags = ["--ckpt", str(tmp_path / "o.pt"), "--num-samples", "1", "--out", str(tmp_path / "s.png")]
+    for argv, want in [(["--vae-weights", "/nonexistent/file.safetensors"],
+                        "SD-VAE weights file not found: /nonexistent/file.safetensors"),
+                       ([], "sd-vae-ft-mse/diffusion_pytorch_model.safetensors are not cached here")]:
+        with pytest.raises(SystemExit) as e:
+            sample.main(flags + argv)
+        line = _error_line(capsys.readouterr().err)
+        assert e.value.code == 2 and want in line
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "s.png.shards").exists()
+
 # =============================================================================
 # metrics.py
 
@@ -1570,6 +1739,78 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--fid-table", str(tmp_path / "two.csv")], "need >= 3 of the scored encoders")
     metrics.main(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "10x20"])
     assert "LDS" in capsys.readouterr().out
+
+
+def test_metrics_missing_encoder_weights_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # nothing cached, and no download
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    _metrics_write_images(tmp_path / "img", tmp_path / "mask", n=2)
+    images = ["--images", str(tmp_path / "img")]
+    two = ["dino-vit-s", "dinov2-vit-b", "--encoder-weights", "random", "/nonexistent.pth", *images]
+    path = "--encoder-weights /nonexistent.pth (for dinov2-vit-b): no such file"
+    hub = "encoder dinov2-vit-b: weights timm/vit_base_patch14_dinov2.lvd142m/model.safetensors are not"
+    for argv, want in [(two, path), (["dinov2-vit-b"], hub)]:  # hub weights: missing as the encoder loads
+        with pytest.raises(SystemExit) as e:
+            metrics.main(["--encoder", *argv, "--num-images", "2"])
+        line = _error_line(capsys.readouterr().err)  # not even a progress bar before it
+        assert e.value.code == 2 and want in line
+
+
+def _metrics_class_tree(root, per_class=3):
+    # generated images as root/tree/CLASS/N.png, two classes, and as root/flat/CLASS-N.png (the same order)
+    images = iter(data.generated_images(2 * per_class, 64)[0].permute(0, 2, 3, 1).numpy())
+    os.makedirs(root / "flat")
+    for c in ("a", "b"):
+        os.makedirs(root / "tree" / c)
+        for i in range(per_class):
+            im = Image.fromarray(next(images))
+            im.save(root / "tree" / c / f"{i}.png")
+            im.save(root / "flat" / f"{c}-{i}.png")
+
+
+def _metrics_means(folder, out, *flags):
+    metrics.main(["--encoder", "toy-a", "--images", str(folder), "--save", str(out), *flags])
+    return json.loads(out.read_text())
+
+
+def test_metrics_class_folders_score_like_a_flat_folder(tmp_path, monkeypatch, capsys, cpu_only):
+    monkeypatch.setitem(metrics.ENCODERS, "toy-a", None)
+    monkeypatch.setattr(metrics, "load_encoder", _metrics_toy_encoder)
+    _metrics_class_tree(tmp_path)
+    tree = {}
+    for n in ("4", "1000"):  # 4: all of class a, then the first of b
+        tree[n] = _metrics_means(tmp_path / "tree", tmp_path / "t.json", "--num-images", n)
+        assert tree[n] == _metrics_means(tmp_path / "flat", tmp_path / "f.json", "--num-images", n)
+        assert tree[n]["num_images"] == min(int(n), 6)
+    assert tree["4"]["means"] != tree["1000"]["means"]  # the first 4 are not all
+    (tmp_path / "mask").mkdir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "tree"), "--masks",
+                      str(tmp_path / "mask")])
+    assert "only for a flat folder of images" in _error_line(capsys.readouterr().err)
+
+
+def test_metrics_unreadable_image_is_skipped_by_path(tmp_path, monkeypatch, capsys, cpu_only):
+    monkeypatch.setitem(metrics.ENCODERS, "toy-a", None)
+    monkeypatch.setattr(metrics, "load_encoder", _metrics_toy_encoder)
+    _metrics_class_tree(tmp_path)
+    want = {n: _metrics_means(tmp_path / "flat", tmp_path / "w.json", "--num-images", n)
+            for n in ("4", "1000")}
+    for folder, bad in (("flat", "a-1x.png"), ("tree", "a/1x.png")):  # sorted between the good a-1 and a-2
+        (tmp_path / folder / bad).write_bytes(b"not an image")
+        for n in ("4", "1000"):  # the first 4 readable ones: the same images as without the bad file
+            capsys.readouterr()
+            assert _metrics_means(tmp_path / folder, tmp_path / "g.json", "--num-images", n) == want[n]
+            assert f"skipping unreadable image {tmp_path / folder / bad}: " in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert f"skipping unreadable image {tmp_path / 'bad' / 'x.png'}" in err
+    assert f"no readable image in {tmp_path / 'bad'} (1 unreadable)" in _error_line(err[err.index("usage:"):])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

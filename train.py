@@ -37,8 +37,8 @@ from tqdm import tqdm
 import align
 import encoders
 import kernels
-from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, find_checkpoint, generated_images, posterior,
-                  prepare, save_checkpoint, save_grid, setup_device, trim_log)
+from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, find_checkpoint, generated_images, load_checkpoint,
+                  posterior, prepare, save_checkpoint, save_grid, setup_device, trim_log)
 from model import build_model, models, noise_std
 from sample import generate
 
@@ -86,11 +86,38 @@ PRESETS = {
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
                 ckpt_every=50_000, sample_every=10_000, warmup_steps=None, ema="0.9999,0.9996"),
 }
+IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout, found without --data-path
+# a resume continues a run as it was: these define its model, method and data order (others may change, said)
+FIXED_ON_RESUME = ("model", "image_size", "num_classes", "encoder", "irepa", "proj", "encoder_depth", "vae_stats",
+                   "ema", "batch_size", "seed", "num_generated")
 PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (its dense datasheet peak: 989e12; docs)
 FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
     "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
     "JiT": dict(betas=(0.9, 0.95), clip=None, flip=True),
 }
+
+
+def readable_checkpoint(p, resume):
+    """(file, checkpoint read as data, its tensors memory-mapped) for --resume DIR|FILE, or an argparse error.
+    A damaged newest file of a run folder is named, with the newest good one to resume from instead."""
+    try:
+        path = os.path.abspath(find_checkpoint(resume))
+    except FileNotFoundError as e:
+        p.error(f"--resume {e}")
+
+    def read(f):
+        try:
+            ck = load_checkpoint(f, mmap=True)
+            return ck if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck) else None
+        except Exception:  # truncated, not a torch file, or a pickle that is more than data
+            return None
+    ck = read(path)
+    if ck is None:
+        older = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt")))
+        good = next((f for f in reversed(older[:older.index(path)] if path in older else []) if read(f)), None)
+        hint = f"; the newest good one is {good}: resume from it with --resume {good}" if good else ""
+        p.error(f"--resume: {path} is not a readable train.py checkpoint (damaged?){hint}")
+    return path, ck
 
 
 def get_args(argv=None):
@@ -111,7 +138,8 @@ def get_args(argv=None):
                    "0.6 SiT / 0.8 JiT with --irepa; a negative value disables it)")
     p.add_argument("--proj-coeff", type=float, help="weight of the alignment loss (default: the paper's)")
     p.add_argument("--encoder-depth", type=int, help="align the tokens after this block (default: 4 for S/B, 8 for L/XL/H)")
-    p.add_argument("--data-path", help="ImageNet-style class folders (prepared once into --prepared-dir)")
+    p.add_argument("--data-path", help="ImageNet-style class folders, prepared once into --prepared-dir (default: "
+                   f"{IMAGENET} if it exists and --model or --encoder is given, else generated shapes)")
     p.add_argument("--prepared-dir", help="where prepared arrays live (default: <out-dir>/../prepared-<name>-<size>)")
     p.add_argument("--num-classes", type=int, help="default: 1000 with --data-path, 10 for generated data")
     p.add_argument("--num-generated", type=int, default=2000, help="size of the generated dataset")
@@ -124,7 +152,9 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=int, help="PNG sample grid from the EMA every N steps and at the end "
                    "(0: never)")
     p.add_argument("--log-every", type=int, help="reduce, print and log every N steps")
-    p.add_argument("--out-dir", help="run directory (default: out/<model>-<encoder>)")
+    p.add_argument("--out-dir", help="run directory (default: out/<model>-<encoder>-<none|repa|irepa>)")
+    p.add_argument("--start-over", action="store_true", help="a fresh run in an --out-dir that holds one: move the "
+                   "old run aside to <out-dir>.old-<time> first (without it, such a run is refused)")
     p.add_argument("--resume", help="a run directory (latest checkpoint) or a checkpoint file")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step and "
                    "the encoder (default: on with a GPU, 1.5x the eager speed; off on CPU, where compiling takes minutes)")
@@ -151,26 +181,29 @@ def get_args(argv=None):
     if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir} is a file")
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
-    if args.resume and (args.bench or given & {"irepa", "proj"}):
-        p.error("--resume continues a run as it was: it takes no --bench, --irepa or --proj")
+    if args.resume and args.bench:
+        p.error("--resume continues a run as it was: it takes no --bench")
     if args.resume:  # the checkpoint's configuration, then the flags given now
-        try:
-            path = os.path.abspath(find_checkpoint(args.resume))
-            ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: reads args, not weights
-            saved, ck_step = ck["args"], ck["step"]
-        except FileNotFoundError as e:
-            p.error(f"--resume {e}")
-        except Exception as e:  # truncated file, not a torch file, not a train.py checkpoint
-            p.error(f"--resume {args.resume}: not a readable train.py checkpoint ({type(e).__name__}: {e})")
+        path, ck = readable_checkpoint(p, args.resume)
+        saved = ck["args"]
+        for k in given & set(FIXED_ON_RESUME):
+            if getattr(args, k) != saved.get(k):
+                p.error(f"--resume continues a run as it was, but --{k.replace('_', '-')} {getattr(args, k)} "
+                        f"differs from the run's {saved.get(k)}: drop the flag, or start a new run")
         for k, v in saved.items():
             if k not in given:
                 setattr(args, k, v)
+            elif k not in ("resume", "start_over") and v != getattr(args, k) and os.environ.get("RANK", "0") == "0":
+                print(f"resume changes --{k.replace('_', '-')}: {v} -> {getattr(args, k)}")
         if "out_dir" not in given and os.path.basename(os.path.dirname(path)) == "checkpoints":
             args.out_dir = os.path.dirname(os.path.dirname(path))  # the run continues where its checkpoint is
-        if ck_step >= args.steps:
-            p.error(f"--resume {path} is at step {ck_step} already: pass --steps above it to go on")
+        if ck["step"] >= args.steps:
+            p.error(f"--resume {path} is at step {ck['step']} already: pass --steps above it to go on")
         args.resume = path
     else:
+        if args.data_path is None and given & {"model", "encoder"} and "num_generated" not in given \
+                and os.path.isdir(IMAGENET):  # the used-by command, where the official layout holds ImageNet
+            args.data_path = IMAGENET
         preset = "JiT" if (args.model or "").startswith("JiT") else "SiT"
         preset = "demo" if args.model is None and args.data_path is None else preset
         for k, v in PRESETS[preset].items():
@@ -189,7 +222,8 @@ def get_args(argv=None):
         args.lr = 5e-5 * args.batch_size / 256 if args.lr is None else args.lr
         args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
         args.compile = torch.cuda.is_available() if args.compile is None else args.compile
-        args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}")
+        method = "" if args.encoder == "none" else "-irepa" if args.irepa else "-repa"  # runs of both never mix
+        args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}{method}")
     args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
     return args
 
@@ -200,14 +234,17 @@ def get_args(argv=None):
 def prepared_arrays(args):
     """--data-path's prepared arrays: (folder, its meta.json or None where no preparation finished, the VAE
     whose latents they must hold: a file, "random" or the hub's; JiT: None)."""
-    name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}"
+    vae = None if args.model.startswith("JiT") else args.vae_weights or "stabilityai/sd-vae-ft-mse"
+    vae = os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
+    # one folder per data set, size and VAE: a run with other settings prepares its own and never rewrites these
+    tag = "" if vae is None else "-" + os.path.splitext(os.path.basename(vae))[0] + ("-vae" if vae == "random" else "")
+    name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}{tag}"
     beside = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)  # next to the run folder
     prep = next((d for d in (args.prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
                 args.prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
     path = os.path.join(prep, "meta.json")
     meta = json.load(open(path)) if os.path.exists(path) else None
-    vae = None if args.model.startswith("JiT") else args.vae_weights or "stabilityai/sd-vae-ft-mse"
-    return prep, meta, os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
+    return prep, meta, vae
 
 
 def check_run(args, family, world):
@@ -233,15 +270,20 @@ def check_run(args, family, world):
             blocks = len(build_model(args.model, args.image_size, args.num_classes).blocks)
         if args.encoder_depth > blocks:
             raise SystemExit(f"--encoder-depth {args.encoder_depth}: {args.model} has {blocks} blocks")
+    old = [f for f in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
+    if old and not args.resume and not args.bench and not args.start_over:  # a run folder belongs to one run
+        raise SystemExit(f"--out-dir {args.out_dir} holds a run already ({' and '.join(old)}): continue it with "
+                         f"--resume {args.out_dir}, choose another --out-dir, or pass --start-over to move it aside")
     if args.data_path:  # arrays prepared before must hold this data set, at this size, with this VAE's latents
         args.prepared_dir, meta, vae_name = prepared_arrays(args)  # in the checkpoints: a moved run finds them
         source = os.path.abspath(args.data_path)
         if meta and (meta["source"], meta["image_size"]) != (source, args.image_size):
             raise SystemExit(f"{args.prepared_dir} holds {meta['source']} at {meta['image_size']} px, not "
                              f"{source} at {args.image_size} px: pass another --prepared-dir or delete it")
-        if meta and vae_name and meta.get("vae") not in (None, vae_name):
-            raise SystemExit(f"{args.prepared_dir} holds latents of the VAE {meta['vae']}, not {vae_name}: "
-                             "pass another --prepared-dir or delete it")
+        if meta and vae_name and meta.get("vae") != vae_name:
+            held = f"latents of the VAE {meta['vae']}" if meta.get("vae") else "no VAE latents (a JiT run's arrays)"
+            raise SystemExit(f"{args.prepared_dir} holds {held}, not {vae_name}'s: pass another --prepared-dir, "
+                             "or none (each VAE prepares its own folder beside the run)")
 
 
 def build(args, family, device):
@@ -250,18 +292,21 @@ def build(args, family, device):
     torch.manual_seed(args.seed)
     net = build_model(args.model, args.image_size, args.num_classes).to(device)
     encoder = projector = vae = None
-    if args.encoder != "none":
-        encoder = encoders.load_encoder(args.encoder, args.image_size, weights=args.encoder_weights).to(device)
-        projector = align.make_projector(net.hidden_size, encoder.embed_dim, args.proj == "conv").to(device)
-    if family == "SiT":
-        vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
+    try:  # missing weights: the loaders' one-line message (file and flag), not a traceback
+        if args.encoder != "none":
+            encoder = encoders.load_encoder(args.encoder, args.image_size, weights=args.encoder_weights).to(device)
+            projector = align.make_projector(net.hidden_size, encoder.embed_dim, args.proj == "conv").to(device)
+        if family == "SiT":
+            vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
     return net, encoder, projector, vae
 
 
 def resume_state(args, net, emas, projector, opt, rank):
     """Loads --resume's network, EMA(s), projector and optimiser into the built ones, or refuses a checkpoint
     that does not fit them; cuts the run's log back to the checkpoint. Returns the checkpoint's step."""
-    ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(args.resume)
     try:
         net.load_state_dict(ck["model"])
         for ema, key in zip(emas, ("ema", "ema2")):
@@ -284,10 +329,7 @@ def load_data(args, family, vae, device, rank, world):
     shapes (SiT: with their VAE posterior, computed once)."""
     if args.data_path:
         prep, meta, vae_name = prepared_arrays(args)
-        no_latents = meta is not None and vae_name and meta.get("vae") is None  # JiT's arrays, for a SiT run
-        if rank == 0 and (meta is None or no_latents):
-            if no_latents:
-                print(f"{prep} holds JiT's arrays without latents: preparing it again for SiT")
+        if rank == 0 and meta is None:
             prepare(args.data_path, prep, args.image_size, vae, vae_name, device)
         if world > 1:
             dist.barrier()
@@ -356,12 +398,13 @@ def sample_grid(ema, family, vae, args, step, device):
     """A grid from the EMA network in eval mode: one row of each class (at most 8 classes x 8)."""
     k = min(args.num_classes, 8)
     y = torch.arange(k, device=device).repeat_interleave(8)
+    path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tqdm.write(f"sampling {len(y)} images from the EMA for {path} (50 steps: a few minutes on a CPU)")
     gen = torch.Generator(device).manual_seed(args.seed)
     ema.eval()
     imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode", num_steps=50,
                     noise_scale=noise_std(family, args.image_size), generator=gen)
-    path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(imgs, path)
 
 
@@ -419,6 +462,16 @@ def main(argv=None):
         print(json.dumps(vars(args), indent=1, default=str))
         print(f"{args.model}: {sum(p.numel() for p in params):,} trainable parameters (incl. projector), "
               f"{world} rank(s), device {device}")
+        print(f"resuming from {args.resume} at step {step}" if args.resume else f"a new run in {args.out_dir}")
+        print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
+              f"data: {args.model} trains on {args.num_generated} generated shapes, the offline demo's data (no "
+              f"--data-path, no {IMAGENET}); for the paper's run pass --data-path /imagenet/train")
+        if args.compile:
+            print("compiling the training step and the encoder: the first steps take a minute or two")
+    if writes and args.start_over and not args.resume and os.path.exists(args.out_dir):
+        aside = f"{os.path.normpath(args.out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(args.out_dir, aside)  # moved, never deleted
+        print(f"--start-over: moved the old run in {args.out_dir} to {aside}")
     if writes:
         os.makedirs(args.out_dir, exist_ok=True)
     workers = args.num_workers if device.type == "cuda" else 0  # CPU runs: no worker start-up cost
