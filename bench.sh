@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table (docs/PERFORMANCE.md tells the story): the real train.py
-# loop on generated data with random encoder/VAE weights, and the samplers / encoders / FID Inception at the
-# table's sizes. Run from the repository root. Profiling modes (bytes, graphs, fastpaths): docs/profile.sh.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume|ddp-resume-eager|ddp-sample|encoders|sample|fid|metrics] ...
-#        (default: train-eager train encoders sample fid metrics, one GPU), or bash bench.sh data (the memmap loader alone)
+# loop on generated data with random encoder/VAE weights, the samplers and metrics.py at the table's sizes. Run from the repository root. Profiling modes (bytes, graphs, fastpaths): docs/profile.sh.
+# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume|ddp-resume-eager|ddp-sample|sample|metrics] ...
+#        (default: train-eager train sample metrics, one GPU), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R="--encoder dinov2-vit-b --encoder-weights random --irepa --num-generated 1024 --image-size 256"
 run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
-[ "${1:-}" = data ] || for what in "${@:-train-eager train encoders sample fid metrics}"; do for w in $what; do case $w in
+[ "${1:-}" = data ] || for what in "${@:-train-eager train sample metrics}"; do for w in $what; do case $w in
   train-eager) run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 20 --no-compile ;;
   train)
     run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
@@ -37,12 +36,10 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     torchrun --nproc_per_node=$n sample.py $S --out $o/sn.npz > /dev/null 2>&1
     torchrun --nproc_per_node=$n fid.py $o/sn.npz $F --json $o/fn.json > /dev/null 2>&1
     python -c "import json, numpy as np; a, b = np.load('$o/s1.npz'), np.load('$o/sn.npz'); print('npz identical on 1 and $n GPUs:', all(np.array_equal(a[k], b[k]) for k in a.files)); print(json.load(open('$o/f1.json'))); print(json.load(open('$o/fn.json')))" ;;
-  encoders) run python encoders.py --bench ;;
   sample)
     run python sample.py --bench --model SiT-B/2 --batch-size 256
     run python sample.py --bench --model SiT-B/2 --batch-size 256 --compile
     run python sample.py --bench --model SiT-XL/2 --batch-size 256 --num-steps 25 ;;
-  fid) run python fid.py --bench ;;
   metrics) echo "+ metrics"; /usr/bin/time -f "%e s wall" python metrics.py --encoder dinov2-vit-b --encoder-weights random --num-images 1000 2>&1 | tail -4 ;;
   *) echo "unknown mode $w (see the usage line at the top; data runs alone: bash bench.sh data)"; exit 2 ;;
 esac; done; done

@@ -3,9 +3,8 @@ Data and files around the method, shared by train.py, sample.py and metrics.py; 
 
   image files        open_rgb (8-bit RGB or a named error), center_crop (ADM's), save_grid (one PNG)
   generated shapes   generated_images: class-conditional shapes the project draws itself, so all runs offline
-  image folders      prepare: ImageNet-style class folders -> memory-mapped uint8 crops, labels and, for SiT,
-                     the SD-VAE posterior (posterior); Batches: a rank's slice of global batch s, order from
-                     (seed, epoch)
+  image folders      prepare: ImageNet-style class folders -> memory-mapped uint8 crops, labels and, for SiT, the
+                     SD-VAE posterior (posterior); Batches: a rank's slice of global batch s (order: seed, epoch)
   run files          setup_device (plain run or torchrun process), find_checkpoint, load_checkpoint (as data),
                      save_checkpoint (atomic), trim_log (resume), check_at_least / check_writable
 """
@@ -63,8 +62,7 @@ def save_grid(images, path):
     Image.fromarray(grid.numpy()).save(path)
 
 # -----------------------------------------------------------------------------
-# Generated data: class-conditional shapes and colours the project draws itself, so that everything
-# runs offline. Class k has its own shape and colour; position, size and background vary per image.
+# Generated data: class k has its own shape and colour; position, size and background vary per image
 
 
 NUM_GENERATED_CLASSES = 10
@@ -74,13 +72,11 @@ _COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 6
 
 
 def _draw(k, size, rng):
-    bg = tuple(int(v) for v in rng.integers(70, 170, 3))
-    img = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(img)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(70, 170, 3)))
+    d, c, shape = ImageDraw.Draw(img), _COLOURS[k], _SHAPES[k]
     r = size * rng.uniform(0.22, 0.34)
     cx, cy = size * rng.uniform(0.35, 0.65, 2)
-    box = [cx - r, cy - r, cx + r, cy + r]
-    c, shape = _COLOURS[k], _SHAPES[k]
+    box, w = [cx - r, cy - r, cx + r, cy + r], max(1, int(r / 3))  # w: line width of the ring and the cross
     if shape == "circle":
         d.ellipse(box, fill=c)
     elif shape == "square":
@@ -90,10 +86,10 @@ def _draw(k, size, rng):
     elif shape == "diamond":
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=c)
     elif shape == "ring":
-        d.ellipse(box, outline=c, width=max(1, int(r / 3)))
+        d.ellipse(box, outline=c, width=w)
     elif shape == "cross":
-        d.line([box[0], box[1], box[2], box[3]], fill=c, width=max(1, int(r / 3)))
-        d.line([box[0], box[3], box[2], box[1]], fill=c, width=max(1, int(r / 3)))
+        d.line(box, fill=c, width=w)
+        d.line([box[0], box[3], box[2], box[1]], fill=c, width=w)
     elif shape == "hbar":
         d.rectangle([box[0], cy - r / 3, box[2], cy + r / 3], fill=c)
     elif shape == "vbar":
@@ -137,34 +133,31 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
     if not files:
         raise SystemExit(f"no images under {data_path}: expected one sub-folder of images per class")
     os.makedirs(out, exist_ok=True)
-    imgs = np.lib.format.open_memmap(os.path.join(out, "images.tmp.npy"), "w+", np.uint8,
-                                     (len(files), 3, image_size, image_size))
-    labels, n = [], 0
+    at = lambda name: os.path.join(out, name)
+    imgs = np.lib.format.open_memmap(at("images.tmp.npy"), "w+", np.uint8, (len(files), 3, image_size, image_size))
+    labels = []
     for path, label in tqdm(files, desc=f"preparing {data_path}"):
         try:
-            imgs[n] = center_crop(open_rgb(path), image_size).transpose(2, 0, 1)
+            imgs[len(labels)] = center_crop(open_rgb(path), image_size).transpose(2, 0, 1)
+            labels.append(label)
         except ValueError as e:
-            print(f"skipping unreadable image {e}", file=sys.stderr)
-            continue
-        labels.append(label)
-        n += 1
-    imgs.flush()
-    np.save(os.path.join(out, "labels.npy"), np.array(labels, dtype=np.int64))
+            tqdm.write(f"skipping unreadable image {e}", file=sys.stderr)
+    n, r = len(labels), image_size // 8
+    np.save(at("labels.npy"), np.array(labels, dtype=np.int64))
     if vae is not None:
-        posterior(vae, imgs[:n], np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float32,
-                                                           (n, 8, image_size // 8, image_size // 8)), device).flush()
+        posterior(vae, imgs[:n], np.lib.format.open_memmap(at("latents.npy"), "w+", np.float32, (n, 8, r, r)),
+                  device).flush()
+    np.save(at("images.npy"), imgs[:n])  # without the skipped slots at the end
     del imgs
-    final = np.load(os.path.join(out, "images.tmp.npy"), mmap_mode="r")[:n]
-    np.save(os.path.join(out, "images.npy"), final)  # drops the skipped slots at the end
-    os.remove(os.path.join(out, "images.tmp.npy"))
-    with open(os.path.join(out, "meta.tmp.json"), "w") as f:
+    os.remove(at("images.tmp.npy"))
+    with open(at("meta.tmp.json"), "w") as f:
         json.dump({"source": os.path.abspath(data_path), "image_size": image_size, "vae": vae_name,
                    "classes": classes}, f)
-    os.replace(os.path.join(out, "meta.tmp.json"), os.path.join(out, "meta.json"))
+    os.replace(at("meta.tmp.json"), at("meta.json"))
 
 
 class Batches(torch.utils.data.Dataset):
-    """Item s = this rank's slice of global batch s: (uint8 images, labels, latents or None).
+    """Item s = this rank's slice of global batch s, for any step s: (uint8 images, labels, latents or None).
     Order: a permutation per epoch seeded by (seed, epoch); JiT's flips seeded by (seed, step)."""
 
     def __init__(self, images, labels, latents, global_batch, rank, world, seed, flip):
@@ -175,12 +168,8 @@ class Batches(torch.utils.data.Dataset):
         if self.n < global_batch:
             raise SystemExit(f"the dataset has {self.n} images, fewer than one global batch of {global_batch}")
 
-    def __len__(self):
-        return 2 ** 62
-
     def __getitem__(self, step):
-        per_epoch = self.n // self.B
-        epoch, i = divmod(step, per_epoch)
+        epoch, i = divmod(step, self.n // self.B)  # n // B whole global batches per epoch
         if self._epoch != epoch:
             self._epoch, self._perm = epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n)
         idx = np.sort(self._perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b])
@@ -227,9 +216,8 @@ def load_checkpoint(path, mmap=False):
 def save_checkpoint(state, path):
     """Atomic: a killed write leaves the previous checkpoint and no half file under the final name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def trim_log(path, step):

@@ -1,16 +1,13 @@
 """Frozen target encoders (all through timm) and the SD-VAE (sd-vae-ft-mse), for REPA / iREPA.
 
-    python encoders.py --bench          # img/s: DINOv2-B forward (bf16, batch 256), VAE encode/decode (fp32, 256 px)
-    python encoders.py --bench --batch-size 4 --vae-batch-size 2 --steps 1     # quick CPU smoke run
-
-Encoders reproduce the official iREPA preprocessing and token choice (README, "Target encoders"); the VAE is a
-plain-torch AutoencoderKL whose keys follow diffusers, so the hub file loads strictly.
+Imported by train.py, sample.py and metrics.py, not run. Encoders reproduce the official iREPA preprocessing and
+token choice (README, "Encoders and metrics"); the VAE is a plain-torch AutoencoderKL whose keys follow diffusers,
+so the hub file loads strictly.
 """
-import argparse
+import contextlib
 import os
 import re
 import socket
-import time
 import warnings
 from urllib.parse import urlparse
 
@@ -25,8 +22,6 @@ except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist"
                       "torch (PyPI's torchvision needs PyPI's CUDA torch, not a +cpu build). Install both from "
                       "requirements.txt into a fresh venv, as the README's quick start does.") from err
 from timm.layers import resample_abs_pos_embed
-
-import kernels
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -96,9 +91,8 @@ ENCODERS = {
 
 
 def _weights_file(what, flag, repo, files):
-    """Hub `repo`'s first file of `files` (repo None: the URL files[0], cached where timm caches URL weights), from
-    the cache, else downloaded. Offline it fails within seconds (one socket probe, not huggingface_hub's ~25 s of
-    retries), naming the file and the flag."""
+    """Hub `repo`'s first file of `files` (repo None: the URL files[0], kept where timm keeps URL weights), cached,
+    else downloaded. Offline it fails within seconds (one socket probe, not huggingface_hub's ~25 s of retries)."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import RemoteEntryNotFoundError
     if repo is None:
@@ -122,12 +116,10 @@ def _weights_file(what, flag, repo, files):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.hub.download_url_to_file(url, path)
         return path
-    for f in files:
-        try:
+    for f in files[:-1]:  # e.g. model.safetensors, else pytorch_model.bin
+        with contextlib.suppress(RemoteEntryNotFoundError):
             return hf_hub_download(repo, f)
-        except RemoteEntryNotFoundError:
-            if f == files[-1]:
-                raise
+    return hf_hub_download(repo, files[-1])
 
 
 def _read(path):
@@ -241,9 +233,8 @@ def load_encoder(name, resolution=256, weights=None):
     if weights != "random" and not os.path.isfile(weights):
         raise FileNotFoundError(f"{what}: weights file not found: {weights}")
     renamed = "." not in tid  # mocov3 / webssl: no timm tag; timm builds the bare arch, the official file is renamed
-    by_timm = weights != "random" and not renamed
-    model = timm.create_model(tid, pretrained=by_timm, pretrained_cfg_overlay=dict(file=weights) if by_timm else None,
-                              **kw)
+    model = timm.create_model(tid, pretrained=weights != "random" and not renamed,
+                              pretrained_cfg_overlay=dict(file=weights), **kw)
     if renamed and weights != "random":
         sd = (_mocov3_state_dict if name.startswith("mocov3") else _webssl_state_dict)(_read(weights), grid)
         model.load_state_dict(sd, strict=True)
@@ -396,44 +387,3 @@ def load_vae(weights=None, stats=None):
         vae.latent_scale.copy_(s["latents_scale"].reshape(1, 4, 1, 1))
         vae.latent_shift.copy_(s["latents_bias"].reshape(1, 4, 1, 1))
     return vae.requires_grad_(False).eval()
-
-
-# ---- benchmark ----
-
-def _img_per_s(fn, n, steps):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()  # warm-up: cuDNN autotune, allocator
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return n * steps / (time.perf_counter() - t)
-
-
-def bench(batch_size, vae_batch_size, steps):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    warnings.simplefilter("ignore")  # random weights on purpose
-    x = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
-    enc = kernels.enable(load_encoder("dinov2-vit-b", 256, weights="random").to(device))  # as train.py
-    with torch.autocast(device, dtype=torch.bfloat16):
-        r = _img_per_s(lambda: enc(x), batch_size, steps)
-    print(f"dinov2-vit-b forward, bf16, batch {batch_size}, 256 px: {r:,.0f} img/s")
-    vae, xv = load_vae(weights="random").to(device), torch.rand(vae_batch_size, 3, 256, 256, device=device) * 2 - 1
-    z = vae.encode(xv)[0]
-    for what, fn in (("encode", lambda: vae.encode(xv)), ("decode", lambda: vae.decode(z))):
-        print(f"SD-VAE {what}, fp32, batch {len(xv)}, 256 px: {_img_per_s(fn, len(xv), steps):,.1f} img/s")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="time the encoder and VAE (random weights) and exit")
-    parser.add_argument("--batch-size", type=int, default=256, help="encoder benchmark batch size")
-    parser.add_argument("--vae-batch-size", type=int, default=64, help="VAE benchmark batch size")
-    parser.add_argument("--steps", type=int, default=10, help="timed iterations per measurement")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    if min(args.batch_size, args.vae_batch_size, args.steps) < 1:
-        parser.error("--batch-size, --vae-batch-size and --steps must be at least 1")
-    bench(args.batch_size, args.vae_batch_size, args.steps)

@@ -6,7 +6,6 @@ evaluator (evaluations/evaluator.py, TensorFlow) from the 2015-12-05 FID Incepti
   python fid.py samples_png_dir/ --ref stats.npz          # folder of PNGs; a stats-only ref (mu, sigma) gives IS, FID
   python fid.py samples.npz --save-stats stats.npz        # mu, sigma, mu_s, sigma_s of a batch
   torchrun --nproc_per_node=8 fid.py samples.npz --ref REF.npz   # feature extraction sharded over GPUs
-  python fid.py --bench                                   # img/s at batch 250 and batch-size invariance, random weights
 Weights: --inception PATH, else pt_inception-2015-12-05-6726825d.pth or weights-inception-2015-12-05-6726825d.pth
 in the torch hub cache (~/.cache/torch/hub/checkpoints/); --download fetches the pytorch-fid release file.
 """
@@ -14,7 +13,6 @@ import argparse
 import json
 import os
 import struct
-import time
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -50,9 +48,8 @@ POOLS = {"avg": lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),  # 
 
 
 class Mixed(nn.Module):
-    """An Inception block: branches concatenated on channels. A branch is a chain of steps, each a conv
-    (name, cin, cout, kernel, stride=1, padding=0), a list of convs on the same input concatenated (Mixed_7b/c),
-    or a 3x3 pool of POOLS."""
+    """An Inception block: branches concatenated on channels. A branch is a chain of steps, each a conv (name, cin,
+    cout, kernel, stride=1, padding=0), a list of convs on one input concatenated (Mixed_7b/c), or a POOLS key."""
 
     def __init__(self, *branches):
         super().__init__()
@@ -61,7 +58,7 @@ class Mixed(nn.Module):
             for name, *conv in step:
                 self.add_module(name, BasicConv2d(*conv))
 
-    def outputs(self, x):
+    def forward(self, x):
         outs = []
         for chain in self.branches:
             y = x
@@ -72,10 +69,7 @@ class Mixed(nn.Module):
                     ys = [getattr(self, name)(y) for name, *_ in step]
                     y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
             outs.append(y)
-        return outs
-
-    def forward(self, x):
-        return torch.cat(self.outputs(x), 1)
+        return torch.cat(outs, 1)
 
 
 def _block_a(cin, pool_ch):
@@ -145,7 +139,7 @@ class FIDInception(nn.Module):
                               ["max/2"])
         self.Mixed_7b, self.Mixed_7c = _block_e(1280, "avg"), _block_e(2048, "max")
         self.fc = nn.Linear(2048, 1008)
-        for m in self.modules():  # He init keeps random-weight activations O(1) (tests, --bench); weights replace it
+        for m in self.modules():  # He init keeps random-weight activations O(1) (tests); weights replace it
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
@@ -153,12 +147,9 @@ class FIDInception(nn.Module):
         with strict_fp32(x.device.type):
             x = (tf1_resize(x.permute(0, 3, 1, 2).contiguous().float()) - 128) / 128  # (B,3,299,299)
             for name, m in list(self.named_children())[:-1]:  # every layer but fc
-                if name == "Mixed_6d":
-                    outs = m.outputs(x)
-                    spatial = outs[0][:, :7].permute(0, 2, 3, 1).flatten(1)  # (B,17*17*7) in TF's NHWC order
-                    x = torch.cat(outs, 1)
-                else:
-                    x = m(x)
+                if name == "Mixed_6d":  # sFID features: its 1x1 branch once more (~1.5% of the FLOPs)
+                    spatial = m.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)  # (B,17*17*7) in TF's NHWC order
+                x = m(x)
                 if name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3"):
                     x = F.max_pool2d(x, 3, 2)
             pool = x.mean((2, 3))  # (B,2048) pool_3: 8x8 average
@@ -215,9 +206,8 @@ def inception_score(logits, split_size=5000):
 
 
 def _sqdist(u, v):
-    """ADM's DistanceBlock: squared distances |u|^2 - 2 u.v + |v|^2 in fp16 (sums accumulated in fp32 as on the GPU;
-    emulated by rounding every op to fp16), the whole block again in fp32 if any fp16 value overflowed.
-    (n,D), (m,D) -> (n,m) fp32."""
+    """ADM's DistanceBlock: squared distances |u|^2 - 2 u.v + |v|^2 in fp16 (every op rounded to fp16, sums in fp32
+    as on the GPU), the whole block again in fp32 if any fp16 value overflowed. (n,D), (m,D) -> (n,m) fp32."""
     h = lambda t: t.half().float()
     u16, v16 = h(u), h(v)
     nu, nv = h(h(u16 * u16).sum(1)), h(h(v16 * v16).sum(1))  # (n,), (m,)
@@ -271,12 +261,11 @@ def open_images(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(".png"))
         if not files:
             raise ValueError(f"{path}: folder holds no .png files")
-        load = lambda f: read_png(f)
-        shape = load(files[0]).shape
+        shape = read_png(files[0]).shape
 
         def read(start, end, batch):
             for i in range(start, end, batch):
-                imgs = [load(f) for f in files[i:min(i + batch, end)]]
+                imgs = [read_png(f) for f in files[i:min(i + batch, end)]]
                 if any(im.shape != shape for im in imgs):
                     raise ValueError(f"{path}: PNGs differ in size (first is {shape})")
                 yield np.stack(imgs)
@@ -289,11 +278,9 @@ def open_images(path):
             raise ValueError(f"{path}: no arr_0 in the npz (holds {[n[:-4] for n in z.namelist()]})")
         info = z.getinfo("arr_0.npy")
         with z.open(info) as f:
-            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            version = np.lib.format.read_magic(f)
-            if version not in header:
-                raise ValueError(f"{path}: arr_0 has npy format {version}; save it with np.savez")
-            shape, fortran, dtype = header[version](f)
+            fmt = np.lib.format  # header format 1.0, or 2.0 (3.0: UTF-8 text) when it exceeds 64 KiB
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
             offset = f.tell()  # of the array data inside the .npy member
     if len(shape) != 4 or shape[3] != 3:
         hint = " (looks NCHW: transpose to NHWC)" if len(shape) == 4 and shape[1] == 3 else ""
@@ -339,13 +326,12 @@ def features(model, path, batch_size=250, device="cpu"):
         out[i * batch_size:i * batch_size + len(x)] = torch.cat(model(x)[:2], 1)
     if world > 1:
         dist.all_reduce(top, dist.ReduceOp.MAX)
-    if top <= 1:
-        raise zero_one
-    if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)] if rank == 0 else None
         dist.gather(out, parts, dst=0)
         out = torch.cat(parts) if rank == 0 else None  # only the last non-empty shard is partial
-    if out is None:
+    if top <= 1:
+        raise zero_one
+    if rank != 0:
         return None, None, shape
     out = out[:n].cpu().numpy()
     return out[:, :2048], out[:, 2048:], shape
@@ -396,38 +382,18 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     return metrics, stats
 
 
-@torch.no_grad()
-def bench(device, batch_size=250, steps=20, image_size=256):
-    """Inception feature throughput (img/s) on random uint8 images with random weights, and batch-size invariance."""
-    model = FIDInception().eval().to(device)
-    x = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8, device=device)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    big, small = model(x), model(x[:2])  # also the warm-up
-    err = max(((s - b[:2]).abs().max() / b[:2].abs().max()).item() for s, b in zip(small, big))
-    sync()
-    t = time.time()
-    for _ in tqdm(range(steps), desc="bench"):
-        model(x)
-    sync()
-    rate = steps * batch_size / (time.time() - t)
-    print(f"{rate:.1f} img/s at batch {batch_size} on {device} -> 50,000 images in {50000 / rate:.1f} s; features at "
-          f"batch 2 vs {batch_size}: max relative difference {err:.1e} ({'OK' if err < 1e-5 else 'TOO BIG'})")
-    return rate, err
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="ADM-exact FID, sFID, Inception Score, precision and recall")
-    p.add_argument("samples", nargs="?", help="samples: .npz with arr_0 uint8 [N,H,W,3], or a folder of PNGs")
+    p.add_argument("samples", help="samples: .npz with arr_0 uint8 [N,H,W,3], or a folder of PNGs")
     p.add_argument("--ref", help="reference batch .npz: arr_0 reference images and/or mu, sigma (mu_s, sigma_s)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--save-stats", help="write mu, sigma, mu_s, sigma_s of the samples' features to this .npz")
     p.add_argument("--inception", help="Inception weights file (default: torch hub cache)")
     p.add_argument("--download", action="store_true", help="download the Inception weights if they are not cached")
     p.add_argument("--batch-size", type=int, default=250, help="images per Inception forward (per GPU)")
-    p.add_argument("--bench", action="store_true", help="measure feature throughput with random weights and exit")
     args = p.parse_args(argv)
-    if not args.bench and (not args.samples or not (args.ref or args.save_stats)):
-        p.error("give samples and --ref and/or --save-stats (or --bench)")
+    if not (args.ref or args.save_stats):
+        p.error("give --ref and/or --save-stats")
     for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             p.error(f"{flag} {path}: its folder does not exist or is not writable")
@@ -437,25 +403,18 @@ def main(argv=None):
     if torch.cuda.is_available():
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.bench:
-        bench(device, args.batch_size)
-        return None
-    try:  # the samples and the reference, checked before the weights load
-        n = open_images(args.samples)[0][0]
+    try:  # bad samples, reference or weights: the message, not a traceback
+        n = open_images(args.samples)[0][0]  # the samples and the reference are checked before the weights load
         read_ref(args.ref) if args.ref else None
-    except ValueError as e:
-        p.error(str(e))
-    if n < 2048:
-        warnings.warn(f"{args.samples}: {n} images, fewer than the 2,048 Inception features: the covariance is "
-                      "singular and FID is not meaningful (papers use 50,000)")
-    try:
+        if n < 2048:
+            warnings.warn(f"{args.samples}: {n} images, fewer than the 2,048 Inception features: the covariance is "
+                          "singular and FID is not meaningful (papers use 50,000)")
         metrics, stats = evaluate(load_inception(args.inception, args.download, device), args.samples, args.ref,
                                   args.batch_size, device)
-    except (ValueError, FileNotFoundError) as e:  # bad samples, reference or weights: the message, not a traceback
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if metrics is not None:
         if args.save_stats:

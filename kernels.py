@@ -1,8 +1,6 @@
-"""
-GPU fast paths: each class here is a subclass of a plain module defined elsewhere (torch, timm, model.py)
-that computes the same function faster on a GPU. Nothing in this file changes what is computed (the GELU
-epilogue rounds once where bf16 autocast rounds twice); the tests compare each fast path with its plain
-definition. A reader learning iREPA can skip this file.
+"""GPU fast paths: each class here subclasses a plain module (torch, timm, model.py) and computes the same
+function faster on a GPU (only the GELU epilogue rounds once where bf16 autocast rounds twice); the tests
+compare each fast path with its plain definition. A reader learning iREPA can skip this file.
 
     kernels.enable(module)   # in place, on a GPU: train.py and sample.py call it once; parameter names stay
 
@@ -28,9 +26,8 @@ except ImportError:  # e.g. macOS wheels: JiT keeps its PyTorch q/k path
     triton = None
 
 # -----------------------------------------------------------------------------
-# Patch embeddings: cuDNN ran these convs far below the GPU's matrix rate with layout copies around them,
-# and their channel-major output made the (B, T, D) token stream a strided view, which torch.compile
-# carried through every residual add (each LayerNorm then read rows with a 1 KB stride).
+# Patch embeddings: cuDNN ran these convs far below the matrix rate, and their channel-major output made the
+# (B, T, D) token stream a strided view that torch.compile carried through every residual add.
 
 
 class PatchConv(nn.Conv2d):
@@ -44,19 +41,13 @@ class PatchConv(nn.Conv2d):
         x = x[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)
         return F.linear(x, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
 
-
-def is_patch_conv(m):
-    return (type(m) is nn.Conv2d and m.stride == m.kernel_size and m.padding == (0, 0)
-            and m.dilation == (1, 1) and m.groups == 1)
-
 # -----------------------------------------------------------------------------
 # The frozen encoder's ViT MLPs: fc1, bias and GELU in one cuBLASLt call
 
 
 class LinearGELU(nn.Linear):
-    """gelu(fc1(x)) of a timm Mlp whose act enable() replaced by Identity. In bf16/fp16 on a GPU: one
-    matrix product with the bias and the (tanh) GELU in its epilogue, in fp32 before the one rounding of the
-    output: closer to the fp32 GELU than a bf16 product followed by a bf16 GELU. Elsewhere the two ops."""
+    """gelu(fc1(x)) of a timm Mlp whose act enable() made Identity. In bf16/fp16 on a GPU: one matrix product with
+    the bias and (tanh) GELU in its fp32 epilogue, rounded once (closer to fp32 than autocast's two ops)."""
     approximate = "none"  # the replaced nn.GELU's, set by enable()
 
     def forward(self, x):
@@ -68,17 +59,14 @@ class LinearGELU(nn.Linear):
         return h.unflatten(0, x.shape[:-1])
 
 # -----------------------------------------------------------------------------
-# JiT's q/k RMSNorm + RoPE: apply_rope(RMSNorm(x)) of model.py, which stays the definition. Compiled, that
-# PyTorch ran at ~0.9 TB/s (rows of only 64 values, the pair swap as a gather, fp32 intermediates in the
-# backward). Here a program loads 32 whole rows, swaps pairs in registers, and the backward recomputes the
-# norm from the input.
+# JiT's q/k RMSNorm + RoPE: apply_rope(RMSNorm(x)) of model.py, which stays the definition. A program loads
+# 32 whole rows, swaps pairs in registers (PyTorch gathers), and the backward recomputes the norm from the input.
 
 if triton is not None:
     @triton.jit
     def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1), as (ROWS, P) tiles,
-        # with the norm's weight and the RoPE tables: P is HD rounded up to a power of two (JiT-H's 80 -> 128), the
-        # lanes past HD masked
+        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1) as (ROWS, P) tiles,
+        # the norm's weight and the RoPE tables: P is HD rounded up to a power of two (JiT-H 80 -> 128), rest masked
         rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, P)
         ok = (rows < n_rows)[:, None] & (cols < HD)
         b, t, h = rows // (T * H), rows // H % T, rows % H
@@ -129,25 +117,21 @@ if triton is not None:
     def qk_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      eps: float) -> torch.Tensor:
         """apply_rope(RMSNorm(x)) for x (B, T, heads, hd) -> (B, T, heads, hd) in x's dtype; cos, sin (T, 1, hd)."""
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        y = x.new_empty(x.shape)  # contiguous
         _qk_launch(_qk_norm_rope_fwd, x, w, cos.contiguous(), sin.contiguous(), y, eps)
         return y
 
     @torch.library.custom_op("irepa::qk_norm_rope_backward", mutates_args=())
     def _qk_norm_rope_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor,
                                sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx = x.new_empty(x.shape)
         dw = torch.empty(triton.cdiv(x.shape[:3].numel(), _ROWS), x.shape[-1], dtype=torch.float32, device=x.device)
         _qk_launch(_qk_norm_rope_bwd, x, w, cos.contiguous(), sin.contiguous(), g.contiguous(), dx, dw, eps)
         return dx, dw.sum(0).to(w.dtype)
 
-    @qk_norm_rope.register_fake
-    def _(x, w, cos, sin, eps):  # output shapes, for torch.compile
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-    @_qk_norm_rope_backward.register_fake
-    def _(g, x, w, cos, sin, eps):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(w)
+    # output shapes, for torch.compile
+    qk_norm_rope.register_fake(lambda x, w, cos, sin, eps: x.new_empty(x.shape))
+    _qk_norm_rope_backward.register_fake(lambda g, x, w, cos, sin, eps: (x.new_empty(x.shape), torch.empty_like(w)))
 
     def _qk_save(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:4])  # x is a view of the qkv output, which attention keeps anyway (for v)
@@ -168,13 +152,12 @@ class JiTAttentionQK(model.JiTAttention):
         return (qk_norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps),
                 qk_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps))
 
-# -----------------------------------------------------------------------------
-
 
 def enable(module):
     """Swap the fast paths into `module` in place (class swaps: parameters and their names stay). Returns it."""
     for m in module.modules():
-        if is_patch_conv(m):
+        if (type(m) is nn.Conv2d and m.stride == m.kernel_size and m.padding == (0, 0)
+                and m.dilation == (1, 1) and m.groups == 1):  # a patch embedding
             m.__class__ = PatchConv
         elif type(m) is Mlp and isinstance(m.act, nn.GELU) and type(m.fc1) is nn.Linear:
             m.fc1.__class__, m.fc1.approximate, m.act = LinearGELU, m.act.approximate, nn.Identity()

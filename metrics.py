@@ -6,9 +6,6 @@ paper's cosine self-similarity picture (raw vs spatially normalised tokens), and
   python metrics.py --encoder dinov2-vit-b mae-vit-l --images DIR --masks DIR --spnorm-gamma 0.6 --save m.csv
   python metrics.py --encoder dinov2-vit-b mae-vit-l --num-images 16 --viz viz.png
   python metrics.py --fid-table fid.csv --images DIR --masks DIR     (the encoders are the table's rows)
-
---images DIR is a flat folder of images or an ImageNet-style folder of class sub-folders (read in train.py's
-order); unreadable files are named on stderr and skipped. SRSS masks match images by name in a flat folder.
 """
 import argparse
 import csv
@@ -31,6 +28,7 @@ from encoders import ENCODERS, load_encoder
 from data import center_crop, check_at_least, check_writable, generated_images, open_rgb  # center_crop: ADM's
 
 METRICS = ("lds", "cds", "srss", "rmsc")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # -----------------------------------------------------------------------------
 # metrics of patch tokens z (B, T, D) on an H x W grid; d = Manhattan distance between two tokens' positions
@@ -118,32 +116,22 @@ def rmsc(z):
 # images
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def image_files(folder):
-    """(image files in reading order, whether by class): a folder's images by name or, if it holds none,
-    ImageNet-style class sub-folders, sorted class names then file names (the order of train.py's prepare)."""
-    is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M of them
-    files = sorted(filter(is_image, Path(folder).iterdir()))
-    if files:
-        return files, False
-    classes = sorted(d for d in Path(folder).iterdir() if d.is_dir())
-    return [f for c in classes for f in sorted(filter(is_image, c.iterdir()))], True
-
-
 def load_folder(images, masks=None, n=None, size=256):
-    """First n readable images of image_files(images), centre-cropped, uint8 (N, 3, size, size); unreadable
-    files are named on stderr and skipped, as train.py does. With a mask folder (flat image folders only: same
-    file name stem, non-zero = foreground, cropped like the image) bool masks (N, size, size), else None."""
-    files, by_class = image_files(images)
+    """First n readable images of a folder, centre-cropped, uint8 (N, 3, size, size): its images by name or, if it
+    holds none, ImageNet-style class sub-folders (sorted class names, then file names: train.py's order); an
+    unreadable file is named on stderr and skipped. With a mask folder (flat image folders only: same file name
+    stem, non-zero = foreground, cropped like the image) bool masks (N, size, size), else None."""
+    is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M of them
+    files = sorted(filter(is_image, Path(images).iterdir()))
+    classes = [] if files else sorted(d for d in Path(images).iterdir() if d.is_dir())
+    files += [f for c in classes for f in sorted(filter(is_image, c.iterdir()))]
     if not files:
         raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images} or in class sub-folders of it")
-    if masks and by_class:
+    if masks and classes:
         raise ValueError(f"--masks: masks are matched to images by file name, only for a flat folder of "
                          f"images; {images} holds class sub-folders")
-    mask_files = {p.stem: p for p in Path(masks).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if masks else {}
-    x, m, skipped = [], [], 0
+    mask_files = {p.stem: p for p in filter(is_image, Path(masks).iterdir())} if masks else {}
+    x, m = [], []
     bar = tqdm(total=min(n or len(files), len(files)), desc="images")
     for f in files:
         if len(x) == n:
@@ -152,7 +140,6 @@ def load_folder(images, masks=None, n=None, size=256):
             img = open_rgb(f)
         except ValueError as e:  # e: "PATH: why"
             tqdm.write(f"skipping unreadable image {e}", file=sys.stderr)
-            skipped += 1
             continue
         bar.update()
         x.append(center_crop(img, size))
@@ -165,8 +152,8 @@ def load_folder(images, masks=None, n=None, size=256):
                                  f"image {f.name} is {'x'.join(map(str, img.size))}")
             m.append(center_crop(mask, size) >= 128)
     bar.close()
-    if not x:
-        raise ValueError(f"no readable image in {images} ({skipped} unreadable)")
+    if not x:  # then every file was tried
+        raise ValueError(f"no readable image in {images} ({len(files)} unreadable)")
     x = torch.from_numpy(np.stack(x)).permute(0, 3, 1, 2).contiguous()
     return x, torch.from_numpy(np.stack(m)) if masks else None
 
@@ -194,12 +181,10 @@ def score_encoder(name, encoder, images, masks, args, device):
     return {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()} for row, s in scores.items()}, first
 
 
-VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
-
-
 def colour(v):
     """Values in [0, 1] -> uint8 RGB (..., 3), piecewise linear through five viridis colours."""
-    return np.stack([np.interp(v, np.linspace(0, 1, len(VIRIDIS)), c) for c in VIRIDIS.T], -1).astype(np.uint8)
+    viridis = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    return np.stack([np.interp(v, np.linspace(0, 1, len(viridis)), c) for c in viridis.T], -1).astype(np.uint8)
 
 
 def draw_viz(path, image, tokens, gamma, grid, cell=112):
@@ -283,8 +268,9 @@ def main(argv=None):
     add = p.add_argument
     add("--encoder", nargs="+", help=f"encoders (default: the --fid-table rows): {' '.join(ENCODERS)}")
     add("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
-    add("--images", help="image folder, first --num-images by name, centre crop (default: data.py's generated shapes)")
-    add("--masks", help="mask folder for SRSS: same file names as the images, non-zero = foreground")
+    add("--images", help="flat image folder or ImageNet-style class folders (train.py's order): the first "
+        "--num-images readable ones, centre crop (default: data.py's generated shapes)")
+    add("--masks", help="mask folder for SRSS, flat --images only: same file names, non-zero = foreground")
     add("--num-images", type=int, default=1000, help="images to score")
     add("--batch-size", type=int, default=100, help="images per encoder forward")
     add("--grid", help="token grid HxW if not square, e.g. 16x12")
@@ -302,8 +288,8 @@ def main(argv=None):
     names, weights = args.encoder or [r["encoder"] for r in fid_rows], args.encoder_weights or [None]
     if not names:
         p.error("give --encoder NAME [NAME ...] (or --fid-table)")
-    if [n for n in names if n not in ENCODERS]:
-        p.error(f"unknown encoder(s) {' '.join(n for n in names if n not in ENCODERS)}; known: {' '.join(ENCODERS)}")
+    if unknown := [n for n in names if n not in ENCODERS]:
+        p.error(f"unknown encoder(s) {' '.join(unknown)}; known: {' '.join(ENCODERS)}")
     if len(weights) not in (1, len(names)):
         p.error(f"--encoder-weights: give one value or one per encoder ({len(names)}), got {len(weights)}")
     if args.masks and not args.images:

@@ -56,8 +56,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """num_classes + 1 rows: the last row is the null class used for classifier-free guidance.
-    Label dropout happens in train.py, for both families alike."""
+    """num_classes + 1 rows: the last is the null class of classifier-free guidance (label dropout: train.py)."""
 
     def __init__(self, num_classes, hidden_size):
         super().__init__()
@@ -69,10 +68,21 @@ class LabelEmbedder(nn.Module):
 
 def unpatchify(x, p, c):
     # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
-    B, T, _ = x.shape
-    g = math.isqrt(T)
+    B, g = x.shape[0], math.isqrt(x.shape[1])  # g: token grid side
     x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(B, c, g * p, g * p)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, patch_size, out_channels, norm):  # norm: SiT LayerNorm, JiT RMSNorm
+        super().__init__()
+        self.norm_final = norm
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 def check_input(model, x):
@@ -83,7 +93,7 @@ def check_input(model, x):
 
 
 def init_dit_weights(model):
-    """The DiT initialisation both official codebases use; ends with adaLN-Zero (output 0 at init)."""
+    """The DiT initialisation of both official codebases: adaLN-Zero (output 0 at init), patch convs as Linears."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -92,12 +102,15 @@ def init_dit_weights(model):
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
-    for block in model.blocks:
-        nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+    final = model.final_layer
+    for layer in [b.adaLN_modulation[-1] for b in model.blocks] + [final.adaLN_modulation[-1], final.linear]:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
+    for m in model.x_embedder.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 # -----------------------------------------------------------------------------
 # SiT: Scalable interpolant Transformer on SD-VAE latents (same network as DiT)
@@ -151,18 +164,6 @@ class SiTBlock(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class SiTFinalLayer(nn.Module):
-    def __init__(self, dim, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class SiT(nn.Module):
     def __init__(self, image_size=256, patch_size=2, hidden_size=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8):
@@ -179,11 +180,9 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         # (the official SiT-S builds this with width 768 and crashes; ours uses hidden_size)
-        self.final_layer = SiTFinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
+                                      nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
         init_dit_weights(self)
-        w = self.x_embedder.proj.weight  # patch embedding initialised like a Linear layer
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
 
     def forward(self, x, t, y, align_depth=None):
         check_input(self, x)
@@ -232,8 +231,7 @@ def rope_tables(head_dim, grid, prefix=0):
 
 def apply_rope(x, cos, sin):
     # x (B, T, heads, hd): each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as a swap of the
-    # pair times the signed sin table. Compiled, the swap is one unmasked load per element; the official
-    # stack([-x2, x1]) became masked gathers that ran at a third of the memory bandwidth.
+    # pair times the signed sin table (compiled: one unmasked load, where the official stack([-x2, x1]) gathers)
     return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
 
 
@@ -299,18 +297,6 @@ class BottleneckPatchEmbed(nn.Module):
         return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
 
 
-class JiTFinalLayer(nn.Module):
-    def __init__(self, dim, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = RMSNorm(dim)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class JiT(nn.Module):
     def __init__(self, image_size=256, patch_size=16, hidden_size=768, depth=12, num_heads=12,
                  bottleneck=128, in_context_len=32, in_context_start=4, mlp_ratio=4.0,
@@ -318,8 +304,7 @@ class JiT(nn.Module):
         super().__init__()
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.hidden_size = hidden_size
-        self.input_size = image_size
-        self.grid = image_size // patch_size
+        self.input_size, self.grid = image_size, image_size // patch_size  # pixels per side, tokens per side
         self.recompute = 0
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -333,11 +318,8 @@ class JiT(nn.Module):
             self.register_buffer(name + "_cos", cos, persistent=False)  # not in the official state dict
             self.register_buffer(name + "_sin", sin, persistent=False)
         self.blocks = nn.ModuleList([JiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = JiTFinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, RMSNorm(hidden_size))
         init_dit_weights(self)
-        for w in (self.x_embedder.proj1.weight, self.x_embedder.proj2.weight):
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj2.bias)
 
     def forward(self, x, t, y, align_depth=None):
         check_input(self, x)

@@ -5,10 +5,7 @@
   torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
   python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
 
-Without --out the grid goes beside the checkpoint, never into the current directory: for a train.py run's
-RUN/checkpoints/NNNNNNN.pt (--ckpt RUN: its newest) to RUN/samples/sample-NNNNNNN.png, for any other FILE.pt
-to FILE-samples.png beside it.
-Checkpoints are read as data (data.load_checkpoint): a file whose unpickling would run code is refused.
+Without --out the grid goes beside the checkpoint (default_out), never into the current directory.
 Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
 Sample i is in shard i // batch-size, whose noise (and uniform labels) come from (seed, shard): the npz is the
 same for any number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
@@ -209,10 +206,8 @@ def load_checkpoint(path, ema):
         if found:
             parser.error(f"--ckpt {path}: refused: it holds {found[1]}, which loading would run as code; "
                          "sample.py reads checkpoints as data only (tensors, containers, argparse.Namespace)")
-        # torch's weights-only text offers weights_only=False, not a choice here: keep only its reason
-        why = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-        why = " ".join(why.split())
-        parser.error(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__}: {why})")
+        cause = e.__context__ or e  # torch wraps an unpickling error in advice to load unsafely: keep its reason
+        parser.error(f"--ckpt {path}: not a readable checkpoint ({type(cause).__name__}: {cause})")
     if not isinstance(ckpt, dict):
         parser.error(f"--ckpt {path}: not a checkpoint (a {type(ckpt).__name__}, not a dict of weights)")
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"

@@ -7,17 +7,9 @@ Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo t
     torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa --data-path ...
     python train.py --resume out/JiT-demo-16-none                     # continue exactly where it stopped
 
-Presets: without --model and --data-path the small offline demo runs (JiT-demo/16, 64 px, generated
-shapes); otherwise the model family's paper recipe (README). A flag given explicitly always wins.
-With --data-path (ImageNet-style class folders) the first run prepares memory-mapped arrays once
-(ADM center crops as uint8, labels, and for SiT the SD-VAE posterior mean/std); later runs reuse them.
-Randomness is a function of (seed, step, rank): the noise of step s is drawn after reseeding with
-them, and the data order is a permutation seeded by (seed, epoch), so a resumed run repeats the
-uninterrupted one exactly and the checkpoint's step is its data and RNG position (bit for bit when eager;
-compiled GPU kernels add some gradients in a varying order, so there the last bits differ run to run).
-
-Reading order: the objective (both losses), presets and flags, the set-up steps in the order main() calls
-them, then main() with the training loop.
+Without --model and --data-path the offline demo runs, else the family's paper recipe (README); given flags win.
+Step s's noise is drawn after reseeding with (seed, s, rank) and the data order is seeded by (seed, epoch), so a
+resumed run repeats the uninterrupted one (bit for bit when eager; compiled kernels vary in the last bits).
 """
 import argparse
 import copy
@@ -98,8 +90,8 @@ FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
 
 
 def readable_checkpoint(p, resume):
-    """(file, checkpoint read as data, its tensors memory-mapped) for --resume DIR|FILE, or an argparse error.
-    A damaged newest file of a run folder is named, with the newest good one to resume from instead."""
+    """(file, checkpoint read as data, tensors memory-mapped) for --resume DIR|FILE, or an argparse error that
+    names a damaged file and the newest good one before it."""
     try:
         path = os.path.abspath(find_checkpoint(resume))
     except FileNotFoundError as e:
@@ -113,8 +105,8 @@ def readable_checkpoint(p, resume):
             return None
     ck = read(path)
     if ck is None:
-        older = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt")))
-        good = next((f for f in reversed(older[:older.index(path)] if path in older else []) if read(f)), None)
+        older = [f for f in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt"))) if f < path]
+        good = next((f for f in reversed(older) if read(f)), None)
         hint = f"; the newest good one is {good}: resume from it with --resume {good}" if good else ""
         p.error(f"--resume: {path} is not a readable train.py checkpoint (damaged?){hint}")
     return path, ck
@@ -122,13 +114,11 @@ def readable_checkpoint(p, resume):
 
 def get_args(argv=None):
     # allow_abbrev=False: on --resume only the flags given verbatim override the checkpoint's (see `given`)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", help="SiT-{S,B,L,XL}/{2,4,8}, JiT-{B,L,H}/{16,32} or JiT-demo/16 (default: SiT-B/2, "
                    "or the demo when no --data-path)")
     p.add_argument("--encoder", default="none", help="target encoder name (encoders.py) or 'none' for no alignment")
-    p.add_argument("--encoder-weights", help="encoder weights: a local file, or 'random' (tests, benchmarks); "
-                   "default: timm's pretrained download")
+    p.add_argument("--encoder-weights", help="a local file, 'random' (tests) or, by default, timm's download")
     p.add_argument("--vae-weights", help="SD-VAE (SiT): a local diffusers safetensors file, or 'random'; "
                    "default: stabilityai/sd-vae-ft-mse from the HF hub")
     p.add_argument("--vae-stats", help="SiT: per-channel latent statistics file (iREPA/REPA-E); default scale 0.18215")
@@ -137,7 +127,7 @@ def get_args(argv=None):
     p.add_argument("--spnorm-gamma", type=float, help="spatial-norm gamma of the target tokens (default: none, "
                    "0.6 SiT / 0.8 JiT with --irepa; a negative value disables it)")
     p.add_argument("--proj-coeff", type=float, help="weight of the alignment loss (default: the paper's)")
-    p.add_argument("--encoder-depth", type=int, help="align the tokens after this block (default: 4 for S/B, 8 for L/XL/H)")
+    p.add_argument("--encoder-depth", type=int, help="align tokens after block N (default: 4 for S/B, 8 for L/XL/H)")
     p.add_argument("--data-path", help="ImageNet-style class folders, prepared once into --prepared-dir (default: "
                    f"{IMAGENET} if it exists and --model or --encoder is given, else generated shapes)")
     p.add_argument("--prepared-dir", help="where prepared arrays live (default: <out-dir>/../prepared-<name>-<size>)")
@@ -149,23 +139,21 @@ def get_args(argv=None):
     p.add_argument("--ema", help="EMA decay(s), comma-separated; samples use the first (SiT 0.9999; JiT 0.9999,0.9996)")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--sample-every", type=int, help="PNG sample grid from the EMA every N steps and at the end "
-                   "(0: never)")
+    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps and at the end (0: never)")
     p.add_argument("--log-every", type=int, help="reduce, print and log every N steps")
     p.add_argument("--out-dir", help="run directory (default: out/<model>-<encoder>-<none|repa|irepa>)")
     p.add_argument("--start-over", action="store_true", help="a fresh run in an --out-dir that holds one: move the "
                    "old run aside to <out-dir>.old-<time> first (without it, such a run is refused)")
     p.add_argument("--resume", help="a run directory (latest checkpoint) or a checkpoint file")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step and "
-                   "the encoder (default: on with a GPU, 1.5x the eager speed; off on CPU, where compiling takes minutes)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step and the "
+                   "encoder (default: on GPU, 1.5x the eager speed; off on CPU, where compiling takes minutes)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--image-size", type=int, help="image side in pixels; the token grid follows it")
     p.add_argument("--seed", type=int, default=0, help="global seed")
     p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
     p.add_argument("--recompute", type=int, default=0, help="activation checkpointing of the first N blocks: "
                    "less memory (e.g. SiT-XL/2 at batch 256 per H100), more compute")
-    p.add_argument("--bench", type=int, default=0, help="benchmark: time N steps after warmup, print img/s, MFU, "
-                   "memory and a kernel profile")
+    p.add_argument("--bench", type=int, default=0, help="time N steps: img/s, MFU, memory, a kernel profile")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     check_at_least(p, args, ("batch_size", "steps", "log_every", "ckpt_every", "num_generated", "image_size",
@@ -200,18 +188,16 @@ def get_args(argv=None):
         if ck["step"] >= args.steps:
             p.error(f"--resume {path} is at step {ck['step']} already: pass --steps above it to go on")
         args.resume = path
-    else:
+    else:  # a new run: the recipe's preset, then the method's and family's defaults, for each flag not given
         if args.data_path is None and given & {"model", "encoder"} and "num_generated" not in given \
                 and os.path.isdir(IMAGENET):  # the used-by command, where the official layout holds ImageNet
             args.data_path = IMAGENET
         preset = "JiT" if (args.model or "").startswith("JiT") else "SiT"
-        preset = "demo" if args.model is None and args.data_path is None else preset
-        for k, v in PRESETS[preset].items():
+        for k, v in PRESETS["demo" if args.model is None and args.data_path is None else preset].items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-    if args.model not in models:  # before anything parses the name
-        p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
-    if not args.resume:  # the method's and family's defaults (a resumed run has its own)
+        if args.model not in models:  # before anything parses the name (a resumed run's model is a valid one)
+            p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
         fam = "JiT" if args.model.startswith("JiT") else "SiT"
         method = align.IREPA[fam] if args.irepa else align.REPA[fam]
         args.proj = args.proj or method["proj"]
@@ -248,8 +234,7 @@ def prepared_arrays(args):
 
 
 def check_run(args, family, world):
-    """Every refusal that needs no built module, cheap ones first: a run that cannot go stops before it loads
-    weights, prepares data or writes anything."""
+    """Every refusal that needs no built module: a run that cannot go stops before loading, preparing or writing."""
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     if args.data_path and not os.path.isdir(args.data_path):
@@ -287,8 +272,8 @@ def check_run(args, family, world):
 
 
 def build(args, family, device):
-    """(network, frozen target encoder, projector, SD-VAE): encoder and projector are None without alignment,
-    the VAE None for JiT. The same initial weights on every rank and every rerun."""
+    """(network, frozen target encoder, projector, SD-VAE) on the device: encoder and projector are None without
+    alignment, the VAE None for JiT. The same initial weights on every rank and every rerun."""
     torch.manual_seed(args.seed)
     net = build_model(args.model, args.image_size, args.num_classes).to(device)
     encoder = projector = vae = None
@@ -300,6 +285,9 @@ def build(args, family, device):
             vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
     except (RuntimeError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
+    if device.type == "cuda":  # the GPU fast paths (kernels.py): same functions, same parameter names
+        net = kernels.enable(net)
+        encoder = kernels.enable(encoder) if encoder is not None else None
     return net, encoder, projector, vae
 
 
@@ -307,18 +295,15 @@ def resume_state(args, net, emas, projector, opt, rank):
     """Loads --resume's network, EMA(s), projector and optimiser into the built ones, or refuses a checkpoint
     that does not fit them; cuts the run's log back to the checkpoint. Returns the checkpoint's step."""
     ck = load_checkpoint(args.resume)
-    try:
+    try:  # the run's settings (get_args) build these: only a checkpoint of other code can fail here
         net.load_state_dict(ck["model"])
         for ema, key in zip(emas, ("ema", "ema2")):
             ema.load_state_dict(ck[key])
-        if (projector is None) != (ck["proj"] is None):
-            raise ValueError("the run was trained " + ("without" if ck["proj"] is None else "with") + " an encoder")
         if projector is not None:
             projector.load_state_dict(ck["proj"])
         opt.load_state_dict(ck["opt"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(f"--resume {args.resume} does not fit the flags given now (--model, --image-size, "
-                         f"--num-classes, --encoder, --proj, --ema must match the run's): {str(e)[:600]}")
+        raise SystemExit(f"--resume {args.resume} does not fit the network its settings build: {str(e)[:600]}")
     if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
         trim_log(os.path.join(args.out_dir, "log.jsonl"), ck["step"])
     return ck["step"]
@@ -348,9 +333,8 @@ def load_data(args, family, vae, device, rank, world):
 
 
 class Bench:
-    """--bench N: 5 warm-up (and compile) steps, N timed steps, then 3 steps under the profiler (rank 0);
-    report() prints the kernel table and the BENCH line bench.sh reads. A benchmark writes no log, checkpoint
-    or samples (main's `writes`)."""
+    """--bench N: 5 warm-up (and compile) steps, N timed ones, then 3 under the profiler (rank 0); report() prints
+    the kernel table and the BENCH line bench.sh reads. A benchmark writes nothing (main's `writes`)."""
 
     def __init__(self, args, device, rank, world):
         args.steps = args.log_every = 8 + args.bench
@@ -369,15 +353,13 @@ class Bench:
         if self.rank != 0:
             return
         self.prof.stop()
-        print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25,
-                                             max_name_column_width=90))
-        a = self.args
+        print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
+        a, flops = self.args, flops_per_img or float("nan")
         ips = a.bench * a.batch_size / (self.clock[5 + a.bench] - self.clock[5]) / self.world
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
-        mfu = ips * flops_per_img / PEAK_FLOPS if flops_per_img else float("nan")
         print(f"BENCH {a.model} enc={a.encoder} proj={a.proj} batch={a.batch_size} world={self.world} "
-              f"compile={a.compile} {a.precision}: {ips:.1f} img/s per GPU, MFU {mfu:.1%}, "
-              f"peak memory {mem:.1f} GiB, {flops_per_img / 1e9 if flops_per_img else float('nan'):.0f} GFLOP/img")
+              f"compile={a.compile} {a.precision}: {ips:.1f} img/s per GPU, MFU {ips * flops / PEAK_FLOPS:.1%}, "
+              f"peak memory {mem:.1f} GiB, {flops / 1e9:.0f} GFLOP/img")
 
 
 def count_flops(objective, encoder, data, device, amp, family, vae):
@@ -396,8 +378,7 @@ def count_flops(objective, encoder, data, device, amp, family, vae):
 
 def sample_grid(ema, family, vae, args, step, device):
     """A grid from the EMA network in eval mode: one row of each class (at most 8 classes x 8)."""
-    k = min(args.num_classes, 8)
-    y = torch.arange(k, device=device).repeat_interleave(8)
+    y = torch.arange(min(args.num_classes, 8), device=device).repeat_interleave(8)
     path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tqdm.write(f"sampling {len(y)} images from the EMA for {path} (50 steps: a few minutes on a CPU)")
@@ -428,9 +409,6 @@ def main(argv=None):
     fam = FAMILY[family]
     check_run(args, family, world)
     net, encoder, projector, vae = build(args, family, device)
-    if device.type == "cuda":  # GPU fast paths (kernels.py): same functions, same names; before the EMA copies
-        net = kernels.enable(net)
-        encoder = kernels.enable(encoder) if encoder is not None else None
 
     # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before any data work
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
@@ -448,9 +426,7 @@ def main(argv=None):
     # ---- DDP and compilation
     train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True) if ddp else objective
-    if ddp and args.compile:
-        # one compiled graph, gradients all-reduced after the backward: Dynamo's per-bucket graphs overlap the
-        # all-reduce, but NCCL's kernels beside the backward slow it by more than they hide (docs/PERFORMANCE.md)
+    if ddp and args.compile:  # one graph: NCCL overlapping the backward slows it more than it hides (docs)
         torch._dynamo.config.optimize_ddp = False
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
@@ -485,14 +461,10 @@ def main(argv=None):
     for x, y, lat in loader:  # x uint8 (B, 3, R, R), y (B,), lat (SiT) posterior mean|std (B, 8, R/8, R/8)
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # step s's noise: resumable exactly
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad():
-            target = None
-            if encoder is not None:
-                with amp:
-                    target = encode(x)                               # (B, T, Dz) from uint8 images
+        with torch.no_grad(), amp:  # autocast leaves the elementwise ops on the inputs in fp32
+            target = encode(x) if encoder is not None else None  # (B, T, Dz) from uint8 images
             if family == "SiT":
-                lat = lat.to(device, non_blocking=True)
-                mean, std = lat.chunk(2, dim=1)
+                mean, std = lat.to(device, non_blocking=True).chunk(2, dim=1)
                 inp = vae.scale(mean + std * torch.randn_like(mean))  # posterior re-sampled every step
             else:
                 inp = x.float() / 127.5 - 1
@@ -519,19 +491,16 @@ def main(argv=None):
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:  # never save a NaN
             if ddp:
                 dist.all_reduce(acc)
-                acc /= world
-            loss_avg, den_avg, rep_avg, g_avg = (acc / (step - last_log)).tolist()
+            loss_avg, den_avg, rep_avg, g_avg = (acc / world / (step - last_log)).tolist()
             if not math.isfinite(loss_avg):
                 good = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "*.pt"))) or ["none"]
-                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; "
-                                 f"the last good checkpoint is {good[-1]}")
+                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; last good checkpoint: {good[-1]}")
             ips = (step - last_log) * args.batch_size / (time.time() - t0) / world
             rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
             if flops_per_img:
                 rec["mfu"] = ips * flops_per_img / PEAK_FLOPS
-            if rank == 0:
-                bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")  # shown on rank 0
             if writes:
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
