@@ -298,6 +298,13 @@ def test_align_grep_prints_the_change():
     assert any("Conv2d" in line for line in tagged) and any("gamma * z.mean" in line for line in tagged)
 
 
+def test_align_help_answers():
+    import subprocess
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: align.py") and "REPA" in r.stdout and "MLPProj" not in r.stdout
+
+
 @pytest.mark.parametrize("family,conv", [("sit", False), ("sit", True), ("jit", True)])
 def test_align_model_and_projector_learn_tiny_batch(family, conv):
     # 50 steps on one fixed batch: both the denoising and the alignment losses go down
@@ -615,6 +622,14 @@ def test_train_loads_checkpoints_as_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", str(run), "--steps", "4"])
     assert not (tmp_path / "ran").exists() and "not a readable train.py checkpoint" in capsys.readouterr().err
+
+
+def test_train_missing_weights_is_one_line_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s", "--encoder-weights", str(tmp_path / "no.pth"),
+                    "--out-dir", str(tmp_path / "run")])
+    assert str(e.value) == f"encoder dinov2-vit-s: weights file not found: {tmp_path / 'no.pth'}"
+    assert not (tmp_path / "run").exists()
 
 
 class _Boom:
@@ -1975,6 +1990,20 @@ def test_fid_png_folder(tmp_path):
     shape, read = fid.open_images(str(tmp_path))
     assert shape == (3, 8, 9, 3)
     np.testing.assert_array_equal(np.concatenate(list(read(0, 3, 2))), imgs)
+
+
+def test_fid_checks_inputs_before_the_weights_and_warns_under_2048_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("weights loaded before the input check"))
+    np.savez(tmp_path / "nchw.npz", np.zeros((4, 3, 8, 8), np.uint8))
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "nchw.npz"), "--ref", str(tmp_path / "missing.npz")])
+    assert "NCHW" in capsys.readouterr().err
+    np.savez(tmp_path / "few.npz", np.full((4, 8, 8, 3), 7, np.uint8))
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "few.npz"), "--ref", str(tmp_path / "missing.npz")])
+    assert "missing.npz: no such file" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="4 images, fewer than the 2,048"), pytest.raises(pytest.fail.Exception):
+        fid.main([str(tmp_path / "few.npz"), "--save-stats", str(tmp_path / "s.npz")])
 
 
 def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
