@@ -1402,6 +1402,16 @@ def test_sample_run_folder_resumes_only_with_the_same_checkpoint(tmp_path, monke
         sample.main(flags)
 
 
+def test_sample_never_overwrites_a_finished_output(tmp_path, capsys, cpu_only):
+    flags = ["--ckpt", _sample_ckpt(tmp_path), "--num-steps", "1", "--num-samples", "2", "--out", str(tmp_path / "s.npz")]
+    sample.main(flags)
+    first = (tmp_path / "s.npz").read_bytes()
+    with pytest.raises(SystemExit):
+        sample.main([*flags, "--seed", "1"])
+    assert f"{tmp_path / 's.npz'} exists already: pass another --out" in capsys.readouterr().err
+    assert (tmp_path / "s.npz").read_bytes() == first
+
+
 class _sample_FakeVAE(nn.Module):
     """Stands in for the SD-VAE: 'decodes' (B, 4, r, r) latents to (B, 3, 8r, 8r) images in [-1, 1]."""
 
