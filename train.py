@@ -7,7 +7,8 @@ Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo t
     torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa --data-path ...
     python train.py --resume out/JiT-demo-16-none                     # continue exactly where it stopped
 
-Without --model and --data-path the offline demo runs, else the family's paper recipe (README); given flags win.
+Without --model and a data path the offline demo runs, else the family's paper recipe (README); given flags win.
+With --model or --encoder the data path defaults to data/imagenet/train where that folder exists.
 Step s's noise is drawn after reseeding with (seed, s, rank) and the data order is seeded by (seed, epoch), so a
 resumed run repeats the uninterrupted one (bit for bit when eager; compiled kernels vary in the last bits).
 """
@@ -130,7 +131,7 @@ def get_args(argv=None):
     p.add_argument("--encoder-depth", type=int, help="align tokens after block N (default: 4 for S/B, 8 for L/XL/H)")
     p.add_argument("--data-path", help="ImageNet-style class folders, prepared once into --prepared-dir (default: "
                    f"{IMAGENET} if it exists and --model or --encoder is given, else generated shapes)")
-    p.add_argument("--prepared-dir", help="where prepared arrays live (default: <out-dir>/../prepared-<name>-<size>)")
+    p.add_argument("--prepared-dir", help="where prepared arrays live (default: <out-dir>/../prepared-<name>-<size>[-<vae>])")
     p.add_argument("--num-classes", type=int, help="default: 1000 with --data-path, 10 for generated data")
     p.add_argument("--num-generated", type=int, default=2000, help="size of the generated dataset")
     p.add_argument("--batch-size", type=int, help="global batch size, split over ranks")
