@@ -289,10 +289,10 @@ def main(argv=None):
     if args.out and not args.out.endswith((".npz", ".png")):
         parser.error(f"--out {args.out} must end in .npz or .png")
     check_writable(parser, [("--out", args.out)])
-    made = [args.out] + ([args.out[:-4] + ".png"] if args.out and args.grid and args.out.endswith(".npz") else [])
-    if [f for f in made if os.path.exists(f)] and not os.path.isdir(str(args.out) + ".shards"):  # never overwrite
-        parser.error(f"{' and '.join(f for f in made if os.path.exists(f))} exists already: pass another --out "
-                     "(or move it away)")
+    made = [args.out, args.grid and args.out.endswith(".npz") and args.out[:-4] + ".png"] if args.out else []
+    made = [f for f in made if f and os.path.exists(f)]
+    if made and not os.path.isdir(args.out + ".shards"):  # a finished output is never overwritten
+        parser.error(f"{' and '.join(made)} exists already: pass another --out (or move it away)")
     if args.grid > args.num_samples:
         parser.error(f"--grid {args.grid} asks for more images than --num-samples {args.num_samples}")
     if args.bench and not torch.cuda.is_available():

@@ -1410,6 +1410,9 @@ def test_sample_never_overwrites_a_finished_output(tmp_path, capsys, cpu_only):
         sample.main([*flags, "--seed", "1"])
     assert f"{tmp_path / 's.npz'} exists already: pass another --out" in capsys.readouterr().err
     assert (tmp_path / "s.npz").read_bytes() == first
+    with pytest.raises(SystemExit):  # no --out and no --ckpt (--bench): nothing to overwrite, the GPU check speaks
+        sample.main(["--bench", "--model", "JiT-demo/16"])
+    assert "--bench needs a GPU" in capsys.readouterr().err
 
 
 class _sample_FakeVAE(nn.Module):
