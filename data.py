@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -209,8 +210,14 @@ def find_checkpoint(path):
 def load_checkpoint(path, mmap=False):
     """A checkpoint file as data: torch.load with weights_only=True runs no code from the file. Beyond tensors
     and containers it admits argparse.Namespace, the `args` of the official SiT and JiT checkpoints."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, not a torch file, or a pickle that is more than data
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file would call on loading
+        why = f"refused: it holds {code[1]}, which loading would run as code" if code else \
+            f"not a readable checkpoint ({type(e.__context__ or e).__name__}: {e.__context__ or e})"
+        raise ValueError(f"{path}: {why}") from None
 
 
 def save_checkpoint(state, path):
