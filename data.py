@@ -124,13 +124,18 @@ def posterior(vae, images, out, device, batch=64):
     return out
 
 
+def class_files(folder):
+    """ImageNet-style class folders -> (class names, [(file, label)]): sorted names are labels 0..C-1."""
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    return classes, [(os.path.join(folder, c, f), i) for i, c in enumerate(classes)
+                     for f in sorted(os.listdir(os.path.join(folder, c)))]
+
+
 def prepare(data_path, out, image_size, vae, vae_name, device):
     """Class folders (sorted names -> labels 0..C-1) -> out/{images.npy (N,3,R,R) uint8, labels.npy,
     [latents.npy (N,8,R/8,R/8) float32: VAE posterior mean|std], meta.json}. Corrupt files are reported and
     skipped. meta.json, written last, names the source, size and VAE: without it the preparation did not finish."""
-    classes = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d)))
-    files = [(os.path.join(data_path, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(data_path, c)))]
+    classes, files = class_files(data_path)
     if not files:
         raise SystemExit(f"no images under {data_path}: expected one sub-folder of images per class")
     os.makedirs(out, exist_ok=True)

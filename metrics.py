@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from align import spatial_norm
 from encoders import ENCODERS, load_encoder
-from data import center_crop, check_at_least, check_writable, generated_images, open_rgb  # center_crop: ADM's
+from data import center_crop, check_at_least, check_writable, class_files, generated_images, open_rgb
 
 METRICS = ("lds", "cds", "srss", "rmsc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -123,8 +123,8 @@ def load_folder(images, masks=None, n=None, size=256):
     stem, non-zero = foreground, cropped like the image) bool masks (N, size, size), else None."""
     is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M of them
     files = sorted(filter(is_image, Path(images).iterdir()))
-    classes = [] if files else sorted(d for d in Path(images).iterdir() if d.is_dir())
-    files += [f for c in classes for f in sorted(filter(is_image, c.iterdir()))]
+    classes = not files  # then class folders, in the order train.py prepares them
+    files = files or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
     if not files:
         raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images} or in class sub-folders of it")
     if masks and classes:
