@@ -147,9 +147,9 @@ class FIDInception(nn.Module):
         with strict_fp32(x.device.type):
             x = (tf1_resize(x.permute(0, 3, 1, 2).contiguous().float()) - 128) / 128  # (B,3,299,299)
             for name, m in list(self.named_children())[:-1]:  # every layer but fc
-                if name == "Mixed_6d":  # sFID features: its 1x1 branch once more (~1.5% of the FLOPs)
-                    spatial = m.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)  # (B,17*17*7) in TF's NHWC order
                 x = m(x)
+                if name == "Mixed_6d":  # sFID features: channels 0..6 of its first branch (1x1), which come first
+                    spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # (B,17*17*7) in TF's NHWC order
                 if name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3"):
                     x = F.max_pool2d(x, 3, 2)
             pool = x.mean((2, 3))  # (B,2048) pool_3: 8x8 average
