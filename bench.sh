@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks behind the README's performance table (docs/PERFORMANCE.md tells the story): the real train.py
 # loop on generated data with random encoder/VAE weights, the samplers and metrics.py at the table's sizes. Run from the repository root. Profiling modes (bytes, graphs, fastpaths): docs/profile.sh.
-# usage: bash bench.sh [train|train-eager|train-xl|scaling|ddp-resume|ddp-resume-eager|ddp-sample|sample|metrics] ...
+# usage: bash bench.sh [train|train-eager|meanflow|train-xl|scaling|ddp-resume|ddp-resume-eager|ddp-sample|sample|metrics] ...
 #        (default: train-eager train sample metrics, one GPU), or bash bench.sh data (the memmap loader alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -13,6 +13,9 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 128 --bench 40 --compile
     run python train.py --model JiT-B/16 $R --batch-size 256 --bench 30 --compile ;;
+  meanflow)  # MeanFlow + iREPA (train.py --objective meanflow) beside the plain SiT-B/2 step
+    run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
+    run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile --objective meanflow ;;
   train-xl) run python train.py --model SiT-XL/2 $R --vae-weights random --batch-size 256 --bench 6 --compile --recompute 12 ;;
   scaling)  # same per-GPU batch on 1 and on all GPUs of the host
     n=$(nvidia-smi -L | wc -l)

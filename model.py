@@ -45,13 +45,13 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
-        self.freq_dim = freq_dim
+        half = freq_dim // 2  # a buffer, not made per call: torch.compile cannot trace a new tensor inside a jvp
+        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half),
+                             persistent=False)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].float() * self.freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
 
 
@@ -100,8 +100,9 @@ def init_dit_weights(model):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for emb in filter(None, (model.t_embedder, getattr(model, "h_embedder", None))):  # h: MeanFlow's
+        nn.init.normal_(emb.mlp[0].weight, std=0.02)
+        nn.init.normal_(emb.mlp[2].weight, std=0.02)
     final = model.final_layer
     for layer in [b.adaLN_modulation[-1] for b in model.blocks] + [final.adaLN_modulation[-1], final.linear]:
         nn.init.zeros_(layer.weight)
@@ -166,7 +167,7 @@ class SiTBlock(nn.Module):
 
 class SiT(nn.Module):
     def __init__(self, image_size=256, patch_size=2, hidden_size=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8):
+                 mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8, mean_flow=False):
         super().__init__()
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.hidden_size = hidden_size
@@ -175,6 +176,8 @@ class SiT(nn.Module):
         self.recompute = 0                           # activation checkpointing of the first N blocks (train.py)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        # MeanFlow's second time input, the interval h = t - r (official MeanFlow name; train.py --objective)
+        self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         # frozen, but a Parameter (not a buffer) so the official checkpoints' "pos_embed" key lines up
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
@@ -184,10 +187,13 @@ class SiT(nn.Module):
                                       nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
         init_dit_weights(self)
 
-    def forward(self, x, t, y, align_depth=None):
+    def forward(self, x, t, y, align_depth=None, h=None):
         check_input(self, x)
         x = self.x_embedder(x) + self.pos_embed      # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        c = self.t_embedder(t)                       # (B, D)
+        if self.h_embedder is not None:              # MeanFlow: u over [t - h, t]; h = 0 is the velocity at t
+            c = c + self.h_embedder(torch.zeros_like(t) if h is None else h)
+        c = c + self.y_embedder(y)
         h = None
         for i, block in enumerate(self.blocks):
             # the first `recompute` blocks keep no activations and recompute them in backward (saves memory)
@@ -350,7 +356,8 @@ JIT_SIZES = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 
 
 def _sit(size, p):
     depth, hidden, heads = SIT_SIZES[size]
-    return lambda image_size=256, num_classes=1000: SiT(image_size, p, hidden, depth, heads, num_classes=num_classes)
+    return lambda image_size=256, num_classes=1000, mean_flow=False: SiT(image_size, p, hidden, depth, heads,
+                                                                         num_classes=num_classes, mean_flow=mean_flow)
 
 
 def _jit(size, p):
@@ -364,6 +371,15 @@ models.update({f"JiT-{s}/{p}": _jit(s, p) for s in JIT_SIZES for p in (16, 32)})
 # Small JiT for the offline CPU demo and tests (not in the paper): 6 layers of width 128, 4 class tokens.
 models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
     image_size, 16, 128, 6, 4, bottleneck=32, in_context_len=4, in_context_start=2, num_classes=num_classes)
+# Small pixel-space SiT (no VAE) for MeanFlow's offline CPU demo (train.py --objective meanflow): 8x8 tokens of
+# 4x4x3 values at 32 px. A velocity carries the noise through, so a token must not hold more values than the width.
+models["SiT-demo/4"] = lambda image_size=32, num_classes=10, mean_flow=False: SiT(
+    image_size, 4, 128, 6, 4, num_classes=num_classes, in_channels=3, vae_factor=1, mean_flow=mean_flow)
+
+
+def in_latent_space(name):
+    """SiT models train on SD-VAE latents, except the pixel-space SiT-demo/4; JiT models on pixels."""
+    return name.startswith("SiT") and name != "SiT-demo/4"
 
 
 def noise_std(family, image_size):
@@ -371,9 +387,11 @@ def noise_std(family, image_size):
     return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
 
 
-def build_model(name, image_size=256, num_classes=1000):
+def build_model(name, image_size=256, num_classes=1000, mean_flow=False):
     if name not in models:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(models)}")
+    if mean_flow:  # SiT only (train.py checks)
+        return models[name](image_size=image_size, num_classes=num_classes, mean_flow=True)
     return models[name](image_size=image_size, num_classes=num_classes)
 
 

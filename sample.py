@@ -25,7 +25,7 @@ from tqdm import tqdm
 import kernels
 from data import (check_at_least, check_writable, find_checkpoint, load_checkpoint as read_checkpoint,
                   save_grid, setup_device)
-from model import models, noise_std
+from model import build_model, in_latent_space, models, noise_std
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
@@ -91,12 +91,25 @@ def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interva
     return z
 
 
+@torch.no_grad()
+def mean_flow_sampler(model, noise, y, num_steps=1):
+    """MeanFlow (SiT time): z_r = z_t - (t - r) u(z_t, r, t) on a float32 linspace(1, 0, N+1); one step is
+    z_0 = z_1 - u(z_1, 0, 1). Guidance was trained in (train.py --mf-omega/--mf-kappa)."""
+    ts, x = torch.linspace(1, 0, num_steps + 1, device=noise.device), noise
+    for t, r in zip(ts, ts[1:]):
+        u = model(x, t.expand(len(x)), y, h=(t - r).expand(len(x)))[0].float()
+        x = x - (t - r) * u
+    return x
+
+
 def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0, generator=None):
     """Run the sampler for labels y (B,) from noise drawn with generator: SiT latents (float64) or JiT pixels."""
     noise = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, generator=generator,
                         device=y.device)
     if family == "jit":
         return jit_sampler(model, noise_scale * noise, y, num_steps, mode == "heun", cfg_scale, interval)
+    if mode == "meanflow":
+        return mean_flow_sampler(model, noise, y, num_steps)
     if mode == "sde":
         return euler_maruyama_sampler(model, noise, y, num_steps, cfg_scale, *interval, generator=generator)
     return euler_sampler(model, noise, y, num_steps, mode == "heun", cfg_scale, *interval)
@@ -105,15 +118,19 @@ def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise
 @torch.no_grad()
 def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
              noise_scale=1.0, generator=None):
-    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun."""
+    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun
+    | meanflow. vae: decodes latents (SiT), None for pixel models."""
     x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale, generator)
-    x = ((vae.decode(vae.unscale(x.float())) if family == "sit" else x).float() + 1) / 2 * 255  # SiT: decode latents
+    x = ((vae.decode(vae.unscale(x.float())) if vae is not None else x).float() + 1) / 2 * 255
     x = x.round() if family == "jit" else x  # official conversions: JiT rounds, SiT truncates
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def sampling_defaults(name):
-    """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG, interval (0.1, 1]."""
+def sampling_defaults(name, mean_flow):
+    """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG, interval (0.1, 1];
+    MeanFlow: 1 step, guidance trained in."""
+    if mean_flow:
+        return "meanflow", 1, 1.0, 0.0, 1.0
     if name.startswith("SiT"):
         return "sde", 250, 1.0, 0.0, 1.0
     return "heun", 50, {"B": 3.0, "L": 2.4, "H": 2.2}.get(name[4], 1.0), 0.1, 1.0  # no CFG for non-paper sizes
@@ -211,7 +228,7 @@ def load_checkpoint(path, ema):
     a = a if isinstance(a, dict) else vars(a)
     saved = dict(model=a.get("model"), image_size=a.get("image_size", a.get("resolution", a.get("img_size"))),
                  num_classes=a.get("num_classes", a.get("class_num")), vae_weights=a.get("vae_weights"),
-                 vae_stats=a.get("vae_stats"), noise_scale=a.get("noise_scale"))
+                 vae_stats=a.get("vae_stats"), noise_scale=a.get("noise_scale"), objective=a.get("objective"))
     sd = {k.removeprefix("net."): v for k, v in ckpt[key].items() if not k.endswith(("freqs_cos", "freqs_sin"))}
     return {k: v for k, v in sd.items() if not k.startswith("projectors.")}, saved
 
@@ -225,9 +242,10 @@ add("--image-size", type=int, help="image resolution (default: from the checkpoi
 add("--num-classes", type=int, help="classes; the null class is this index (default: from the checkpoint, else 1000)")
 add("--vae-weights", help="SD-VAE weights for SiT (default: the checkpoint's, else sd-vae-ft-mse from the hub)")
 add("--vae-stats", help="per-channel latent stats file as the official iREPA (default: from the checkpoint)")
-add("--mode", choices=["sde", "ode", "heun"], help="SiT: sde (default), ode (Euler) or heun (ODE); "
-    "JiT: heun (default, last step Euler) or ode (Euler)")
-add("--num-steps", type=int, help="sampling steps (default: SiT 250, JiT 50)")
+add("--mode", choices=["sde", "ode", "heun", "meanflow"], help="SiT: sde (default), ode (Euler) or heun (ODE); "
+    "JiT: heun (default, last step Euler) or ode (Euler); a MeanFlow checkpoint: meanflow (default, its own "
+    "steps) or, with its velocity (h = 0), sde, ode or heun")
+add("--num-steps", type=int, help="sampling steps (default: SiT 250, JiT 50, MeanFlow 1)")
 add("--cfg-scale", type=float, help="classifier-free guidance scale (default: SiT 1.0, JiT B 3.0, L 2.4, H 2.2)")
 add("--guidance-low", type=float, help="guidance interval low end in the family's time: SiT guides low <= t <= high "
     "(t=1 noise), JiT low < t < high (t=1 data; low 0: no lower bound) (default: SiT 0, JiT 0.1)")
@@ -257,6 +275,7 @@ def main(argv=None):
         except FileNotFoundError as e:
             parser.error(f"--ckpt {e}")
     sd, saved = load_checkpoint(args.ckpt, args.ema) if args.ckpt else (None, {})
+    mean_flow = saved.pop("objective", None) == "meanflow"
     vae_from_ckpt = [f"--{k.replace('_', '-')} {v}" for k, v in saved.items()
                      if k.startswith("vae") and v is not None and getattr(args, k) is None]
     for k, v in saved.items():  # flags given on the command line win
@@ -265,7 +284,7 @@ def main(argv=None):
         parser.error(f"--model {args.model} is not one of {sorted(models)}")
     family = args.model.split("-")[0].lower()
     keys = ["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high", "image_size", "num_classes", "labels"]
-    for k, v in zip(keys, [*sampling_defaults(args.model), 256, 1000, "uniform" if family == "sit" else "balanced"]):
+    for k, v in zip(keys, [*sampling_defaults(args.model, mean_flow), 256, 1000, "uniform" if family == "sit" else "balanced"]):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.noise_scale = noise_std(family, args.image_size) if args.noise_scale is None else args.noise_scale
     if args.noise_scale <= 0 or args.grid < 0:
@@ -274,6 +293,10 @@ def main(argv=None):
         parser.error(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
     if family == "jit" and args.mode == "sde":
         parser.error("JiT samples with --mode heun or ode; sde is for SiT")
+    if args.mode == "meanflow" and not mean_flow:
+        parser.error("--mode meanflow needs a MeanFlow checkpoint (train.py --objective meanflow)")
+    if args.mode == "meanflow" and args.cfg_scale != 1:
+        parser.error("a MeanFlow model learnt its guidance in training: sample with --cfg-scale 1")
     if args.out is None and args.ckpt:
         args.out = default_out(args.ckpt)
         try:
@@ -293,7 +316,7 @@ def main(argv=None):
         parser.error("--bench needs a GPU")
 
     vae = None
-    if family == "sit" and not args.bench:  # before building the model: missing weights fail at once
+    if in_latent_space(args.model) and not args.bench:  # before building the model: missing weights fail at once
         from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
         torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank and rerun
         try:
@@ -303,7 +326,7 @@ def main(argv=None):
             parser.error(f"{e}{where if vae_from_ckpt else ''}")
 
     device, rank, world_size = setup_device()  # torchrun: the ranks share the folder of --out
-    model = models[args.model](image_size=args.image_size, num_classes=args.num_classes)
+    model = build_model(args.model, args.image_size, args.num_classes, mean_flow)
     if sd is not None:
         try:
             model.load_state_dict(sd)

@@ -481,10 +481,11 @@ def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_p
     assert data.find_checkpoint(str(tmp_path)) == str(path)
 
 
-def test_train_ddp_gloo_two_processes(tmp_path):
+@pytest.mark.parametrize("objective", [[], ["--objective", "meanflow", "--model", "SiT-demo/4"]])
+def test_train_ddp_gloo_two_processes(tmp_path, objective):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        os.path.join(_ROOT, "train.py"), *_TINY, "--steps", "6", "--ckpt-every", "6",
+                        os.path.join(_ROOT, "train.py"), *_TINY, *objective, "--steps", "6", "--ckpt-every", "6",
                         "--out-dir", str(out)], capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "replicas identical across 2 ranks: True" in r.stdout
@@ -696,6 +697,134 @@ def test_train_sample_grid_written(tmp_path, capsys):
     import sample  # sample.py takes the run directory and picks its newest checkpoint
     sample.main(["--ckpt", str(tmp_path), "--num-samples", "4", "--num-steps", "2", "--out", str(tmp_path / "g.png")])
     assert Image.open(tmp_path / "g.png").size == (2 * 32, 2 * 32)
+
+# =============================================================================
+# train.py --objective meanflow (MeanFlow, with its sampler in sample.py)
+
+import argparse  # noqa: E402
+import sample  # noqa: E402
+
+_MF_FIXTURE = os.path.join(_ROOT, "fixtures", "meanflow_fixture.npz")  # the official JAX code's outputs
+
+
+class _MeanFlowFixtureNet(nn.Module):
+    """The closed-form network the fixture ran through the official code (fixtures/make_meanflow_fixture.py):
+    u = tanh(W x + a t + b h + emb[y]) * (1 + t) + x h, pixel by pixel; h = 0 when not given."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.num_classes = int(f["num_classes"])
+        self.W, self.a, self.b, self.emb = (torch.from_numpy(f[k]) for k in ("W", "a", "bb", "emb"))
+
+    def forward(self, x, t, y, align_depth=None, h=None):
+        t4 = t.view(-1, 1, 1, 1).double()
+        h4 = torch.zeros_like(t4) if h is None else h.view(-1, 1, 1, 1).double()
+        pre = torch.einsum("bchw,dc->bdhw", x, self.W) + self.a.view(1, -1, 1, 1) * t4 \
+            + self.b.view(1, -1, 1, 1) * h4 + self.emb[y].view(len(x), -1, 1, 1)
+        u = torch.tanh(pre) * (1 + t4) + x * h4
+        return u, u.flatten(2).transpose(1, 2)
+
+
+def _mf_settings(**kw):
+    return argparse.Namespace(**{**dict(mf_time=(-0.4, 1.0), mf_ratio=0.25, mf_omega=1.0, mf_kappa=0.5,
+                                        mf_interval=(0.0, 1.0), mf_weight=(1.0, 1e-3)), **kw})
+
+
+@pytest.mark.parametrize("case", ["a", "b", "c"])  # official defaults; omega 2 in [0.3, 0.8] with p 0.5; none
+def test_meanflow_loss_and_target_match_the_official_jax_code(case):
+    f = np.load(_MF_FIXTURE)
+    c = lambda k: f[f"{case}_{k}"]
+    mf = _mf_settings(mf_omega=float(c("omega")), mf_kappa=float(c("kappa")),
+                      mf_interval=(float(c("t_start")), float(c("t_end"))),
+                      mf_weight=(float(c("norm_p")), float(c("norm_eps"))))
+    obj = train.Objective(_MeanFlowFixtureNet(f), None, "SiT", 1, None, 0.0, mean_flow=mf)
+    n = torch.from_numpy(np.stack([c("n_t"), c("n_r")]))
+    t, r = obj.mean_flow_times(n)
+    assert torch.allclose(t, torch.from_numpy(c("t")), rtol=1e-6)  # what the official net got: t and h = t - r
+    assert torch.allclose(t - r, torch.from_numpy(c("h")), rtol=1e-6, atol=1e-7)
+    x, e, y = (torch.from_numpy(f[k]) for k in ("x", "e", "labels"))
+    y = torch.from_numpy(c("y_inp"))  # the official drops the first labels; train.py's loop drops at random
+    loss, mse, _, target = obj.mean_flow_loss(x, y, t, r, e)
+    want = torch.from_numpy(c("u_tgt"))
+    assert (target - want).norm() / want.norm() < 1e-5
+    p, eps = mf.mf_weight  # the official keeps the weight (err + c)^p: its per-sample error is weight^(1/p) - c
+    err = torch.from_numpy(c("adp_wt")) ** (1 / p) - eps
+    assert torch.allclose(mse * x[0].numel(), err.mean(), rtol=1e-5)
+    assert torch.allclose(loss.double(), torch.tensor(float(c("loss")), dtype=torch.float64), rtol=1e-5)
+
+
+def test_meanflow_sampler_matches_the_official_jax_code():
+    f = np.load(_MF_FIXTURE)
+    net, z, y = _MeanFlowFixtureNet(f), torch.from_numpy(f["z"]), torch.from_numpy(f["labels"])
+    for steps, key in ((1, "one_step"), (2, "two_step")):
+        want = torch.from_numpy(f[key])
+        assert (sample.mean_flow_sampler(net, z, y, steps) - want).norm() / want.norm() < 1e-6
+
+
+def _mf_tiny_sit():
+    torch.manual_seed(0)
+    net = model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=3,
+                    mean_flow=True)
+    with torch.no_grad():  # adaLN-Zero starts at output 0: random weights give the jvp something to follow
+        for p in net.parameters():
+            p.normal_(std=0.1) if p.requires_grad else None
+    return net
+
+
+def test_meanflow_jvp_equals_finite_differences():
+    net = _mf_tiny_sit()
+    obj = train.Objective(net, None, "SiT", 1, None, 0.0, mean_flow=_mf_settings(mf_omega=1.0, mf_kappa=0.0))
+    g = torch.Generator().manual_seed(3)
+    x, e = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0]), torch.tensor([0, 1, 2, 3])
+    _, _, _, target = obj.mean_flow_loss(x, y, t, r, e)  # target = v - (t - r) du/dt
+    du_dt = ((e - x) - target) / (t - r).view(-1, 1, 1, 1)
+    tt, v, d = t.view(-1, 1, 1, 1), e - x, 1e-2  # du/dt along the path: z moves by v, t by 1, r stays
+    u = lambda s: net((1 - tt) * x + tt * e + s * v, t + s, y, h=t + s - r)[0]
+    with torch.no_grad():
+        fd = (u(d) - u(-d)) / (2 * d)
+    assert (du_dt - fd).norm() / fd.norm() < 2e-3
+
+
+def test_meanflow_sit_keeps_the_ordinary_keys_and_h_zero_is_the_velocity():
+    net, plain = _mf_tiny_sit(), model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                                           num_classes=3)
+    extra = set(net.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("h_embedder.") for k in extra)
+    assert not set(plain.state_dict()) - set(net.state_dict())  # an ordinary SiT checkpoint's keys all line up
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([0.3, 0.8]), torch.tensor([0, 1])
+    assert torch.equal(net(x, t, y)[0], net(x, t, y, h=torch.zeros(2))[0])
+    assert not torch.equal(net(x, t, y)[0], net(x, t, y, h=torch.full((2,), 0.5))[0])
+
+
+_MF_TINY = ["--objective", "meanflow", "--batch-size", "8", "--num-generated", "64", "--log-every", "2",
+            "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2", "--no-compile"]
+
+
+def test_meanflow_run_resumes_exactly_and_samples_in_one_step(tmp_path, capsys, cpu_only):
+    train.main([*_MF_TINY, "--steps", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path / "full")])
+    train.main([*_MF_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path / "half")])
+    train.main(["--resume", str(tmp_path / "half"), "--steps", "4"])
+    a, b = (_state(tmp_path / d / "checkpoints" / "0000004.pt") for d in ("full", "half"))
+    assert a["args"]["model"] == "SiT-demo/4" and "h_embedder.mlp.0.weight" in a["model"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    with pytest.raises(SystemExit):  # the objective is the run's, like its model
+        train.main(["--resume", str(tmp_path / "half"), "--objective", "flow", "--steps", "6"])
+    assert "--objective flow differs from the run's meanflow" in capsys.readouterr().err
+    sample.main(["--ckpt", str(tmp_path / "full"), "--num-samples", "4", "--out", str(tmp_path / "s.npz")])
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (4, 32, 32, 3)
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "full"), "--cfg-scale", "2", "--out", str(tmp_path / "g.png")])
+    assert "learnt its guidance in training: sample with --cfg-scale 1" in capsys.readouterr().err
+
+
+def test_meanflow_bad_input_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--objective", "meanflow", "--model", "JiT-B/16", "--out-dir", str(tmp_path)])
+    assert "--objective meanflow trains SiT models, not JiT-B/16" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
 
 # =============================================================================
 # encoders.py

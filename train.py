@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import align
@@ -32,7 +33,7 @@ import encoders
 import kernels
 from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, find_checkpoint, generated_images, load_checkpoint,
                   posterior, prepare, save_checkpoint, save_grid, setup_device, trim_log)
-from model import build_model, models, noise_std
+from model import build_model, in_latent_space, models, noise_std
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -40,32 +41,79 @@ from sample import generate
 
 
 class Objective(nn.Module):
-    """Holds the network and the projector, so DDP and torch.compile see one module."""
+    """Holds the network and the projector, so DDP and torch.compile see one module. mean_flow: the MeanFlow
+    settings (train.py's --mf-* flags) where --objective meanflow, else None."""
 
-    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0):
+    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0, mean_flow=None,
+                 compile_jvp=False):
         super().__init__()
-        self.net, self.proj, self.family = net, projector, family
+        self.net, self.proj, self.family, self.mf = net, projector, family, mean_flow
+        self.du_dt = torch.compile(self.mean_flow_du_dt) if compile_jvp else self.mean_flow_du_dt
         self.align_depth, self.gamma, self.coeff, self.noise_scale = align_depth, gamma, coeff, noise_scale
+
+    def mean_flow_times(self, n):
+        """(t, r) from standard normals n (2, B): both logit-normal, t >= r, and r = t but in the batch's last
+        --mf-ratio (the official code keeps r = t in the first int(0.75 B) rows)."""
+        t, r = torch.sigmoid(n * self.mf.mf_time[1] + self.mf.mf_time[0]).sort(dim=0, descending=True).values
+        same = torch.arange(n.shape[1], device=n.device) < int(n.shape[1] * (1 - self.mf.mf_ratio))
+        return t, torch.where(same, t, r)
+
+    def mean_flow_du_dt(self, z, t, r, y, v):
+        """du/dt, the total derivative of u(z_t, r, t) along the path: one forward-mode product with tangents
+        (v, 1, 0) for (z_t, t, r). The target stops its gradient, so it builds no graph."""
+        def u_fn(z, t, r):  # the network's second time input is the interval h = t - r
+            return self.net(z, t, y, h=t - r)[0]
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the flash kernels have no forward-mode rule
+            return torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
+
+    @torch._dynamo.disable  # a compiled training step cannot hold a forward-mode product: it gets its own graph
+    def jvp_graph(self, z, t, r, y, v):
+        return self.du_dt(z, t, r, y, v)
+
+    def mean_flow_loss(self, x, y, t, r, e):
+        """MeanFlow (Geng et al. 2025): the network is the average velocity u(z_t, r, t) of the path from t back
+        to r. The true u satisfies u = v - (t - r) du/dt (the MeanFlow identity): the loss regresses u on that
+        target with its gradient stopped. Returns (weighted loss, mean squared error, hidden tokens, target)."""
+        null, mf = self.net.num_classes, self.mf
+        tt = t.view(-1, 1, 1, 1)
+        z, v = (1 - tt) * x + tt * e, e - x                       # SiT's path: t=0 data, t=1 noise; (B, C, H, W)
+        if mf.mf_omega != 1 or mf.mf_kappa != 0:                  # guidance in training: a guided velocity
+            with torch.no_grad():                                 # (MeanFlow eq. 13-19), no CFG when sampling
+                on = ((t >= mf.mf_interval[0]) & (t <= mf.mf_interval[1])).view(-1, 1, 1, 1)
+                omega, kappa = torch.where(on, mf.mf_omega, 1.0), torch.where(on, mf.mf_kappa, 0.0)
+                v_null, v_cond = self.net(torch.cat([z, z]), torch.cat([t, t]),
+                                          torch.cat([torch.full_like(y, null), y]))[0].float().chunk(2)
+                v_g = omega * v + (1 - omega - kappa) * v_null + kappa * v_cond
+            v = torch.where((y == null).view(-1, 1, 1, 1), v, v_g)  # label-dropped rows keep the plain v
+        du_dt = self.jvp_graph(z, t, r, y, v)
+        u, h = self.net(z, t, y, self.align_depth, h=t - r)       # (B, C, H, W), (B, T, D)
+        target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.float()
+        err = ((u.float() - target) ** 2).sum(dim=(1, 2, 3))      # (B,)
+        p, c = mf.mf_weight                                       # adaptive weight 1 / sg(err + c)^p
+        return (err / (err.detach() + c) ** p).mean(), err.mean() / x[0].numel(), h, target
 
     def forward(self, x, y, target):
         B, depth = x.shape[0], self.align_depth if self.proj is not None else None
-        if self.family == "SiT":  # linear interpolant, t=0 data, t=1 noise, v-prediction
+        if self.mf is not None:  # MeanFlow on SiT's path
+            t, r = self.mean_flow_times(torch.randn(2, B, device=x.device))
+            loss, denoise, h, _ = self.mean_flow_loss(x, y, t, r, torch.randn_like(x))  # logged: the MSE
+        elif self.family == "SiT":  # linear interpolant, t=0 data, t=1 noise, v-prediction
             t = torch.rand(B, device=x.device)
             eps = torch.randn_like(x)
             tt = t.view(-1, 1, 1, 1)
             out, h = self.net((1 - tt) * x + tt * eps, t, y, depth)
-            denoise = ((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)).mean()
+            loss = denoise = ((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)).mean()
         else:  # JiT: t ~ logit-normal(-0.8, 0.8), t=1 data, x-prediction, loss on velocity
             t = torch.sigmoid(torch.randn(B, device=x.device) * 0.8 - 0.8)
             tt = t.view(-1, 1, 1, 1)
             z = tt * x + (1 - tt) * torch.randn_like(x) * self.noise_scale
             out, h = self.net(z, t, y, depth)
             v, v_pred = (x - z) / (1 - tt).clamp_min(0.05), (out.float() - z) / (1 - tt).clamp_min(0.05)
-            denoise = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
+            loss = denoise = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
         if self.proj is None:
-            return denoise, denoise, torch.zeros_like(denoise)
+            return loss, denoise, torch.zeros_like(denoise)
         rep = align.alignment_loss(self.proj, h, target, self.gamma)
-        return denoise + self.coeff * rep, denoise, rep
+        return loss + self.coeff * rep, denoise, rep
 
 # -----------------------------------------------------------------------------
 # Configuration: presets per recipe, explicit flags win
@@ -74,6 +122,8 @@ class Objective(nn.Module):
 PRESETS = {
     "demo": dict(model="JiT-demo/16", image_size=64, batch_size=64, lr=1e-3, steps=1000, log_every=50,
                  ckpt_every=500, sample_every=500, warmup_steps=50, ema="0.99,0.98"),  # short run: short EMAs
+    "meanflow-demo": dict(model="SiT-demo/4", image_size=32, batch_size=64, lr=1e-3, steps=1000, log_every=50,
+                          ckpt_every=500, sample_every=500, warmup_steps=50, ema="0.99,0.98"),
     "SiT": dict(model="SiT-B/2", image_size=256, batch_size=256, lr=1e-4, steps=400_000, log_every=100,
                 ckpt_every=50_000, sample_every=10_000, warmup_steps=0, ema="0.9999"),
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, steps=250_000, log_every=100,
@@ -81,12 +131,13 @@ PRESETS = {
 }
 IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout, found without --data-path
 # a resume continues a run as it was: these define its model, method and data order (others may change, said)
-FIXED_ON_RESUME = ("model", "image_size", "num_classes", "encoder", "irepa", "proj", "encoder_depth", "vae_stats",
+FIXED_ON_RESUME = ("model", "objective", "image_size", "num_classes", "encoder", "irepa", "proj", "encoder_depth", "vae_stats",
                    "ema", "batch_size", "seed", "num_generated")
 PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (its dense datasheet peak: 989e12; docs)
 FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
     "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
     "JiT": dict(betas=(0.9, 0.95), clip=None, flip=True),
+    "MeanFlow": dict(betas=(0.9, 0.95), clip=None, flip=False),  # the official MeanFlow code's AdamW, no clipping
 }
 
 
@@ -118,6 +169,21 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", help="SiT-{S,B,L,XL}/{2,4,8}, JiT-{B,L,H}/{16,32} or JiT-demo/16 (default: SiT-B/2, "
                    "or the demo when no --data-path)")
+    p.add_argument("--objective", choices=["flow", "meanflow"], default="flow", help="flow: the family's own "
+                   "(SiT velocity, JiT clean image); meanflow: MeanFlow's average velocity, 1-step sampling (SiT "
+                   "only; without --model and a data path, the pixel-space SiT-demo/4)")
+    p.add_argument("--mf-time", type=float, nargs=2, default=(-0.4, 1.0), metavar=("MEAN", "STD"),
+                   help="MeanFlow: t and r are logit-normal(MEAN, STD) (MeanFlow paper, Table 4: -0.4 1.0)")
+    p.add_argument("--mf-ratio", type=float, default=0.25, help="MeanFlow: fraction of pairs with r != t "
+                   "(Table 4: 25%%; the rest train the instantaneous velocity)")
+    p.add_argument("--mf-omega", type=float, default=1.0, help="MeanFlow guidance in training: omega (Table 4 "
+                   "and the official code: 1.0; effective scale omega / (1 - kappa) = 2.0); omega 1, kappa 0: none")
+    p.add_argument("--mf-kappa", type=float, default=0.5, help="MeanFlow guidance in training: kappa (0.5)")
+    p.add_argument("--mf-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="MeanFlow: guidance where LOW <= t <= HIGH (Table 4 for B/2: 0 1)")
+    p.add_argument("--mf-weight", type=float, nargs=2, default=(1.0, 1e-3), metavar=("P", "C"),
+                   help="MeanFlow: adaptive loss weight 1 / (error + C)^P (paper: p=1, c=1e-3; the JAX code's "
+                   "default C: 0.01)")
     p.add_argument("--encoder", default="none", help="target encoder name (encoders.py) or 'none' for no alignment")
     p.add_argument("--encoder-weights", help="a local file, 'random' (tests) or, by default, timm's download")
     p.add_argument("--vae-weights", help="SD-VAE (SiT): a local diffusers safetensors file, or 'random'; "
@@ -194,11 +260,15 @@ def get_args(argv=None):
                 and os.path.isdir(IMAGENET):  # the used-by command, where the official layout holds ImageNet
             args.data_path = IMAGENET
         preset = "JiT" if (args.model or "").startswith("JiT") else "SiT"
-        for k, v in PRESETS["demo" if args.model is None and args.data_path is None else preset].items():
+        if args.model is None and args.data_path is None:  # the offline demo: JiT, or MeanFlow's pixel SiT
+            preset = "meanflow-demo" if args.objective == "meanflow" else "demo"
+        for k, v in PRESETS[preset].items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
         if args.model not in models:  # before anything parses the name (a resumed run's model is a valid one)
             p.error(f"unknown model {args.model!r}; choose one of: {', '.join(models)}")
+        if args.objective == "meanflow" and not args.model.startswith("SiT"):
+            p.error(f"--objective meanflow trains SiT models, not {args.model}: pass --model SiT-B/2 (or another)")
         fam = "JiT" if args.model.startswith("JiT") else "SiT"
         method = align.IREPA[fam] if args.irepa else align.REPA[fam]
         args.proj = args.proj or method["proj"]
@@ -210,6 +280,7 @@ def get_args(argv=None):
         args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
         args.compile = torch.cuda.is_available() if args.compile is None else args.compile
         method = "" if args.encoder == "none" else "-irepa" if args.irepa else "-repa"  # runs of both never mix
+        method += "-meanflow" if args.objective == "meanflow" else ""
         args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}{method}")
     args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
     return args
@@ -221,7 +292,7 @@ def get_args(argv=None):
 def prepared_arrays(args):
     """--data-path's prepared arrays: (folder, its meta.json or None where no preparation finished, the VAE
     whose latents they must hold: a file, "random" or the hub's; JiT: None)."""
-    vae = None if args.model.startswith("JiT") else args.vae_weights or "stabilityai/sd-vae-ft-mse"
+    vae = args.vae_weights or "stabilityai/sd-vae-ft-mse" if in_latent_space(args.model) else None
     vae = os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
     # one folder per data set, size and VAE: a run with other settings prepares its own and never rewrites these
     tag = "" if vae is None else "-" + os.path.splitext(os.path.basename(vae))[0] + ("-vae" if vae == "random" else "")
@@ -240,7 +311,7 @@ def check_run(args, family, world):
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path} does not exist")
-    token_px = int(args.model.split("/")[-1]) * (8 if family == "SiT" else 1)  # SiT: VAE factor 8 x patch
+    token_px = int(args.model.split("/")[-1]) * (8 if in_latent_space(args.model) else 1)  # VAE factor x patch
     if args.image_size % token_px:
         raise SystemExit(f"--image-size {args.image_size} is not a multiple of {token_px}, the pixels per "
                          f"token of {args.model}")
@@ -276,13 +347,13 @@ def build(args, family, device):
     """(network, frozen target encoder, projector, SD-VAE) on the device: encoder and projector are None without
     alignment, the VAE None for JiT. The same initial weights on every rank and every rerun."""
     torch.manual_seed(args.seed)
-    net = build_model(args.model, args.image_size, args.num_classes).to(device)
+    net = build_model(args.model, args.image_size, args.num_classes, args.objective == "meanflow").to(device)
     encoder = projector = vae = None
     try:  # missing weights: the loaders' one-line message (file and flag), not a traceback
         if args.encoder != "none":
             encoder = encoders.load_encoder(args.encoder, args.image_size, weights=args.encoder_weights).to(device)
             projector = align.make_projector(net.hidden_size, encoder.embed_dim, args.proj == "conv").to(device)
-        if family == "SiT":
+        if in_latent_space(args.model):
             vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
     except (RuntimeError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
@@ -321,13 +392,13 @@ def load_data(args, family, vae, device, rank, world):
             dist.barrier()
         images = np.load(os.path.join(prep, "images.npy"), mmap_mode="r")
         labels = np.load(os.path.join(prep, "labels.npy"))
-        latents = np.load(os.path.join(prep, "latents.npy"), mmap_mode="r") if family == "SiT" else None
+        latents = np.load(os.path.join(prep, "latents.npy"), mmap_mode="r") if vae is not None else None
         if labels.max() >= args.num_classes:
             raise SystemExit(f"{prep} has {labels.max() + 1} classes but --num-classes is {args.num_classes}")
     else:
         images, labels = generated_images(args.num_generated, args.image_size, seed=1234)
         images, labels, latents = images.numpy(), labels.numpy(), None
-        if family == "SiT":
+        if vae is not None:
             r = args.image_size // 8
             latents = posterior(vae, images, np.empty((len(images), 8, r, r), np.float32), device)
     return Batches(images, labels, latents, args.batch_size, rank, world, args.seed, FAMILY[family]["flip"])
@@ -368,7 +439,7 @@ def count_flops(objective, encoder, data, device, amp, family, vae):
     from torch.utils.flop_counter import FlopCounterMode
     x, y, lat = data[0]
     x, y = x[:2].to(device), y[:2].to(device)
-    inp = vae.scale(lat[:2].to(device).chunk(2, 1)[0]) if family == "SiT" else x.float() / 127.5 - 1
+    inp = vae.scale(lat[:2].to(device).chunk(2, 1)[0]) if vae is not None else x.float() / 127.5 - 1
     with FlopCounterMode(display=False) as fc:
         target = encoder(x) if encoder is not None else None  # in fp32: the counter skips bf16's fused GELU product
         with amp:
@@ -382,10 +453,11 @@ def sample_grid(ema, family, vae, args, step, device):
     y = torch.arange(min(args.num_classes, 8), device=device).repeat_interleave(8)
     path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tqdm.write(f"sampling {len(y)} images from the EMA for {path} (50 steps: a few minutes on a CPU)")
+    mode, steps = ("meanflow", 1) if args.objective == "meanflow" else ("heun" if family == "JiT" else "ode", 50)
+    tqdm.write(f"sampling {len(y)} images from the EMA for {path} ({steps} steps)")
     gen = torch.Generator(device).manual_seed(args.seed)
     ema.eval()
-    imgs = generate(ema, y, family.lower(), vae, mode="heun" if family == "JiT" else "ode", num_steps=50,
+    imgs = generate(ema, y, family.lower(), vae, mode=mode, num_steps=steps,
                     noise_scale=noise_std(family, args.image_size), generator=gen)
     save_grid(imgs, path)
 
@@ -407,13 +479,14 @@ def main(argv=None):
     args = get_args(argv)
     device, rank, world = setup_device()
     ddp, family = world > 1, "JiT" if args.model.startswith("JiT") else "SiT"
-    fam = FAMILY[family]
+    fam = FAMILY["MeanFlow" if args.objective == "meanflow" else family]
     check_run(args, family, world)
     net, encoder, projector, vae = build(args, family, device)
 
     # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before any data work
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
-                          noise_scale=noise_std(family, args.image_size))
+                          noise_std(family, args.image_size), args if args.objective == "meanflow" else None,
+                          compile_jvp=args.compile)
     decays = [float(d) for d in args.ema.split(",")]
     emas = [copy.deepcopy(net).requires_grad_(False) for _ in decays]
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -464,7 +537,7 @@ def main(argv=None):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad(), amp:  # autocast leaves the elementwise ops on the inputs in fp32
             target = encode(x) if encoder is not None else None  # (B, T, Dz) from uint8 images
-            if family == "SiT":
+            if vae is not None:  # SiT on SD-VAE latents
                 mean, std = lat.to(device, non_blocking=True).chunk(2, dim=1)
                 inp = vae.scale(mean + std * torch.randn_like(mean))  # posterior re-sampled every step
             else:
