@@ -4,6 +4,7 @@
   python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM-format npz for fid.py
   torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
   python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
+  python sample.py --ckpt out/SiT-demo-4-none-meanflow                    # a MeanFlow run: one step per image
 
 Without --out the grid goes beside the checkpoint (default_out), never into the current directory.
 Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
