@@ -797,6 +797,29 @@ def test_meanflow_sit_keeps_the_ordinary_keys_and_h_zero_is_the_velocity():
     assert not torch.equal(net(x, t, y)[0], net(x, t, y, h=torch.full((2,), 0.5))[0])
 
 
+def test_meanflow_learns_class_colours_in_one_step():
+    # a tiny pixel SiT learns 4 classes of flat colour images: its 1-step samples lose the noise and take their class's
+    # colour (at initialisation: samples are the noise, 25% nearest their class by chance)
+    torch.manual_seed(0)
+    net = model.SiT(image_size=8, patch_size=4, hidden_size=64, depth=2, num_heads=4, num_classes=4, in_channels=3,
+                    vae_factor=1, mean_flow=True)
+    obj = train.Objective(net, None, "SiT", 1, None, 0.0, mean_flow=_mf_settings())
+    colours = torch.tensor(data._COLOURS[:4]).float() / 127.5 - 1  # (4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    for _ in range(300):
+        y = torch.randint(4, (32,))
+        x = colours[y].view(32, 3, 1, 1).expand(32, 3, 8, 8)
+        loss = obj(x, torch.where(torch.rand(32) < 0.1, 4, y), None)[0]  # 10% labels dropped, as train.py
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    y = torch.arange(4).repeat_interleave(8)
+    out = sample.mean_flow_sampler(net.eval(), torch.randn(32, 3, 8, 8), y, 1)  # (32, 3, 8, 8)
+    dist = torch.cdist(out.mean(dim=(2, 3)), colours)  # (32, 4)
+    assert (dist.argmin(1) == y).float().mean() >= 0.9
+    assert dist[torch.arange(32), y].mean() < 0.5 and out.std(dim=(2, 3)).mean() < 0.3  # noise was 1.0
+
+
 _MF_TINY = ["--objective", "meanflow", "--batch-size", "8", "--num-generated", "64", "--log-every", "2",
             "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2", "--no-compile"]
 
