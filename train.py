@@ -46,11 +46,9 @@ class Objective(nn.Module):
     """Holds the network and the projector, so DDP and torch.compile see one module. mean_flow: the MeanFlow
     settings (train.py's --mf-* flags) where --objective meanflow, else None."""
 
-    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0, mean_flow=None,
-                 compile_jvp=False):
+    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0, mean_flow=None):
         super().__init__()
         self.net, self.proj, self.family, self.mf = net, projector, family, mean_flow
-        self.du_dt = torch.compile(self.mean_flow_du_dt) if compile_jvp else self.mean_flow_du_dt
         self.align_depth, self.gamma, self.coeff, self.noise_scale = align_depth, gamma, coeff, noise_scale
 
     def mean_flow_times(self, n):
@@ -60,6 +58,7 @@ class Objective(nn.Module):
         same = torch.arange(n.shape[1], device=n.device) < int(n.shape[1] * (1 - self.mf.mf_ratio))
         return t, torch.where(same, t, r)
 
+    @torch._dynamo.disable  # torch.compile cannot trace a forward-mode product yet: this part runs eagerly
     def mean_flow_du_dt(self, z, t, r, y, v):
         """du/dt, the total derivative of u(z_t, r, t) along the path: one forward-mode product with tangents
         (v, 1, 0) for (z_t, t, r). The target stops its gradient, so it builds no graph."""
@@ -67,10 +66,6 @@ class Objective(nn.Module):
             return self.net(z, t, y, h=t - r)[0]
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the flash kernels have no forward-mode rule
             return torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
-
-    @torch._dynamo.disable  # a compiled training step cannot hold a forward-mode product: it gets its own graph
-    def jvp_graph(self, z, t, r, y, v):
-        return self.du_dt(z, t, r, y, v)
 
     def mean_flow_loss(self, x, y, t, r, e):
         """MeanFlow (Geng et al. 2025): the network is the average velocity u(z_t, r, t) of the path from t back
@@ -87,7 +82,7 @@ class Objective(nn.Module):
                                           torch.cat([torch.full_like(y, null), y]))[0].float().chunk(2)
                 v_g = omega * v + (1 - omega - kappa) * v_null + kappa * v_cond
             v = torch.where((y == null).view(-1, 1, 1, 1), v, v_g)  # label-dropped rows keep the plain v
-        du_dt = self.jvp_graph(z, t, r, y, v)
+        du_dt = self.mean_flow_du_dt(z, t, r, y, v)
         u, h = self.net(z, t, y, self.align_depth, h=t - r)       # (B, C, H, W), (B, T, D)
         target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.float()
         err = ((u.float() - target) ** 2).sum(dim=(1, 2, 3))      # (B,)
@@ -487,8 +482,7 @@ def main(argv=None):
 
     # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before any data work
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
-                          noise_std(family, args.image_size), args if args.objective == "meanflow" else None,
-                          compile_jvp=args.compile)
+                          noise_std(family, args.image_size), args if args.objective == "meanflow" else None)
     decays = [float(d) for d in args.ema.split(",")]
     emas = [copy.deepcopy(net).requires_grad_(False) for _ in decays]
     params = [p for p in objective.parameters() if p.requires_grad]
