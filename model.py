@@ -371,10 +371,10 @@ models.update({f"JiT-{s}/{p}": _jit(s, p) for s in JIT_SIZES for p in (16, 32)})
 # Small JiT for the offline CPU demo and tests (not in the paper): 6 layers of width 128, 4 class tokens.
 models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
     image_size, 16, 128, 6, 4, bottleneck=32, in_context_len=4, in_context_start=2, num_classes=num_classes)
-# Small pixel-space SiT (no VAE) for MeanFlow's offline CPU demo (train.py --objective meanflow): 8x8 tokens of
-# 4x4x3 values at 32 px. A velocity carries the noise through, so a token must not hold more values than the width.
+# Small pixel-space SiT (no VAE) for MeanFlow's offline CPU demo (train.py --objective meanflow): 4 layers, 8x8
+# tokens of 4x4x3 values at 32 px. A velocity carries the noise through: a token holds fewer values than the width.
 models["SiT-demo/4"] = lambda image_size=32, num_classes=10, mean_flow=False: SiT(
-    image_size, 4, 128, 6, 4, num_classes=num_classes, in_channels=3, vae_factor=1, mean_flow=mean_flow)
+    image_size, 4, 128, 4, 4, num_classes=num_classes, in_channels=3, vae_factor=1, mean_flow=mean_flow)
 
 
 def in_latent_space(name):
