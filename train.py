@@ -119,7 +119,7 @@ class Objective(nn.Module):
 PRESETS = {
     "demo": dict(model="JiT-demo/16", image_size=64, batch_size=64, lr=1e-3, steps=1000, log_every=50,
                  ckpt_every=500, sample_every=500, warmup_steps=50, ema="0.99,0.98"),  # short run: short EMAs
-    "meanflow-demo": dict(model="SiT-demo/4", image_size=32, batch_size=32, lr=1e-3, steps=1000, log_every=50,
+    "meanflow-demo": dict(model="SiT-demo/4", image_size=32, batch_size=32, lr=2e-3, steps=1000, log_every=50,
                           ckpt_every=500, sample_every=500, warmup_steps=50, ema="0.99,0.98"),
     "SiT": dict(model="SiT-B/2", image_size=256, batch_size=256, lr=1e-4, steps=400_000, log_every=100,
                 ckpt_every=50_000, sample_every=10_000, warmup_steps=0, ema="0.9999"),
