@@ -674,6 +674,9 @@ def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, m
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--ema", "0.9,abc"], "give one or two decays"),
     (["--resume", "out/x", "--bench", "2"], "takes no --bench"),
+    (["--objective", "meanflow", "--mf-ratio", "1.5"], "--mf-ratio: give a fraction in [0, 1]"),
+    (["--objective", "meanflow", "--mf-interval", "0.8", "0.2"], "--mf-interval: LOW is above HIGH"),
+    (["--objective", "meanflow", "--mf-weight", "1", "-0.1"], "--mf-weight P, C not negative"),
     (["--resume", "out/x", "--step", "4"], "unrecognized arguments: --step"),  # an abbreviation would be overridden
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):

@@ -232,6 +232,12 @@ def get_args(argv=None):
         p.error(f"--ema {args.ema}: give one or two decays in [0, 1), comma-separated")
     if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir} is a file")
+    for bad, what in [(not 0 <= args.mf_ratio <= 1, "--mf-ratio: give a fraction in [0, 1]"),
+                      (args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
+                      (args.mf_time[1] <= 0 or min(args.mf_weight) < 0, "--mf-time STD must be positive and "
+                       "--mf-weight P, C not negative")]:
+        if bad:
+            p.error(what)
     given = {a.dest for a in p._actions if any(s == o or s.startswith(o + "=") for s in argv for o in a.option_strings)}
     if args.resume and args.bench:
         p.error("--resume continues a run as it was: it takes no --bench")
