@@ -327,6 +327,8 @@ def main(argv=None):
         except ValueError as e:  # e.g. tokens that do not fit --grid
             p.error(f"{name}: {e}")
         means.update(m)
+        for row, v in m.items():  # at once: a later encoder whose weights are missing loses nothing scored
+            tqdm.write(f"{row}: " + ", ".join(f"{k.upper()} {x:.4f}" for k, x in v.items()))
     cols, w = [m for m in METRICS if m in means[names[0]]], max(map(len, means)) + 2
     table = [["encoder", *cols]] + [[row, *(v[c] for c in cols)] for row, v in means.items()]
     print(f"\n{len(images)} images, LDS definition '{args.lds}', mean over images")

@@ -1934,6 +1934,13 @@ def test_metrics_missing_encoder_weights_is_one_line(tmp_path, monkeypatch, caps
             metrics.main(["--encoder", *argv, "--num-images", "2"])
         line = _error_line(capsys.readouterr().err)  # not even a progress bar before it
         assert e.value.code == 2 and want in line
+    real = metrics.load_encoder  # dino-vit-s as if cached (random weights), dinov2-vit-b missing from the hub
+    monkeypatch.setattr(metrics, "load_encoder", lambda name, resolution, weights: real(
+        name, resolution, "random" if name == "dino-vit-s" else weights))
+    with pytest.raises(SystemExit):  # an encoder scored before one whose weights are missing: its scores are shown
+        metrics.main(["--encoder", "dino-vit-s", "dinov2-vit-b", "--num-images", "2", *images])
+    out = capsys.readouterr()
+    assert "dino-vit-s: LDS " in out.out and hub in out.err.strip().splitlines()[-1]
 
 
 def _metrics_class_tree(root, per_class=3):
