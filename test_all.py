@@ -841,6 +841,19 @@ def test_meanflow_run_resumes_exactly_and_samples_in_one_step(tmp_path, capsys, 
     assert "learnt its guidance in training: sample with --cfg-scale 1" in capsys.readouterr().err
 
 
+def test_meanflow_with_irepa_trains_the_projector_on_sit_latents(tmp_path, cpu_only):
+    # the paper's MeanFlow rows: SiT on SD-VAE latents with an iREPA target (random VAE and encoder: offline)
+    train.main(["--objective", "meanflow", "--model", "SiT-S/2", "--image-size", "32", "--vae-weights", "random",
+                "--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa", "--batch-size", "4",
+                "--num-generated", "8", "--steps", "2", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "0",
+                "--no-compile", "--out-dir", str(tmp_path)])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    one, two = (_state(tmp_path / "checkpoints" / f"000000{s}.pt") for s in (1, 2))
+    assert all(r["repa"] < 0 for r in log) and two["args"]["proj"] == "conv"  # negative cosine similarity
+    assert any(k.startswith("h_embedder.") for k in two["model"])
+    assert all(not torch.equal(v, one["proj"][k]) for k, v in two["proj"].items())  # the loss trains the projector
+
+
 def test_meanflow_bad_input_is_refused_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--objective", "meanflow", "--model", "JiT-B/16", "--out-dir", str(tmp_path)])
