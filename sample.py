@@ -285,7 +285,8 @@ def main(argv=None):
         parser.error(f"--model {args.model} is not one of {sorted(models)}")
     family = args.model.split("-")[0].lower()
     keys = ["mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high", "image_size", "num_classes", "labels"]
-    for k, v in zip(keys, [*sampling_defaults(args.model, mean_flow), 256, 1000, "uniform" if family == "sit" else "balanced"]):
+    labels = "uniform" if family == "sit" else "balanced"
+    for k, v in zip(keys, [*sampling_defaults(args.model, mean_flow), 256, 1000, labels]):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.noise_scale = noise_std(family, args.image_size) if args.noise_scale is None else args.noise_scale
     if args.noise_scale <= 0 or args.grid < 0:
