@@ -45,6 +45,7 @@ class BasicConv2d(nn.Module):
 
 POOLS = {"avg": lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),  # TF: padded zeros not averaged
          "max": lambda x: F.max_pool2d(x, 3, 1, 1), "max/2": lambda x: F.max_pool2d(x, 3, 2)}
+ROW, COL = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 7x7 factorised into 1x7 and 7x1: (kernel, stride, padding)
 
 
 class Mixed(nn.Module):
@@ -66,8 +67,7 @@ class Mixed(nn.Module):
                 if isinstance(step, str):
                     y = POOLS[step](y)
                 else:
-                    ys = [getattr(self, name)(y) for name, *_ in step]
-                    y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
+                    y = torch.cat([getattr(self, name)(y) for name, *_ in step], 1)
             outs.append(y)
         return torch.cat(outs, 1)
 
@@ -79,12 +79,11 @@ def _block_a(cin, pool_ch):
 
 
 def _block_c(c7):
-    r, c = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 7x7 factorised into 1x7 and 7x1: (kernel, stride, padding)
     return Mixed([("branch1x1", 768, 192, 1)],
-                 [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *r), ("branch7x7_3", c7, 192, *c)],
-                 [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *c), ("branch7x7dbl_3", c7, c7, *r),
-                  ("branch7x7dbl_4", c7, c7, *c), ("branch7x7dbl_5", c7, 192, *r)],
-                 ["avg", ("branch_pool", 768, 192, 1)])
+                 [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *ROW), ("branch7x7_3", c7, 192, *COL)],
+                 [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *COL),
+                  ("branch7x7dbl_3", c7, c7, *ROW), ("branch7x7dbl_4", c7, c7, *COL),
+                  ("branch7x7dbl_5", c7, 192, *ROW)], ["avg", ("branch_pool", 768, 192, 1)])
 
 
 def _block_e(cin, pool):
@@ -134,9 +133,8 @@ class FIDInception(nn.Module):
                               ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 2)], ["max/2"])
         self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_block_c(c7) for c7 in (128, 160, 160, 192))
         self.Mixed_7a = Mixed([("branch3x3_1", 768, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
-                              [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
-                               ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)],
-                              ["max/2"])
+                              [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, *ROW),
+                               ("branch7x7x3_3", 192, 192, *COL), ("branch7x7x3_4", 192, 192, 3, 2)], ["max/2"])
         self.Mixed_7b, self.Mixed_7c = _block_e(1280, "avg"), _block_e(2048, "max")
         self.fc = nn.Linear(2048, 1008)
         for m in self.modules():  # He init keeps random-weight activations O(1) (tests); weights replace it
@@ -231,8 +229,7 @@ def precision_recall(ref_feats, sample_feats, k=3, batch=10000):
     """Improved precision (samples inside some reference k-NN ball) and recall (references inside some sample
     k-NN ball), on squared distances, in blocks of batch x batch. (N,D) float32 tensors -> (precision, recall)."""
     r_ref, r_smp = _radii(ref_feats, k, batch), _radii(sample_feats, k, batch)
-    ref_in = torch.zeros(len(ref_feats), dtype=torch.bool, device=ref_feats.device)
-    smp_in = torch.zeros(len(sample_feats), dtype=torch.bool, device=ref_feats.device)
+    ref_in, smp_in = (torch.zeros(len(f), dtype=torch.bool, device=f.device) for f in (ref_feats, sample_feats))
     for i in range(0, len(ref_feats), batch):
         for j in range(0, len(sample_feats), batch):
             d = _sqdist(ref_feats[i:i + batch], sample_feats[j:j + batch])  # (ref block, sample block)
@@ -372,10 +369,9 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     metrics = {"Inception Score": inception_score(pool @ model.fc.weight.detach().T.cpu().numpy())}
     if r_pool is not None and len(ref_stats) < 4:
         ref_stats = {**statistics(r_pool, r_spatial), **ref_stats}
-    if ref:
-        metrics["FID"] = frechet_distance(stats["mu"], stats["sigma"], ref_stats["mu"], ref_stats["sigma"])
-    if "mu_s" in ref_stats and "sigma_s" in ref_stats:
-        metrics["sFID"] = frechet_distance(stats["mu_s"], stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
+    for name, mu, sigma in (("FID", "mu", "sigma"), ("sFID", "mu_s", "sigma_s")):  # a ref always has mu, sigma
+        if mu in ref_stats and sigma in ref_stats:
+            metrics[name] = frechet_distance(stats[mu], stats[sigma], ref_stats[mu], ref_stats[sigma])
     if r_pool is not None:
         metrics["Precision"], metrics["Recall"] = precision_recall(torch.from_numpy(r_pool).to(device),
                                                                    torch.from_numpy(pool).to(device))
