@@ -117,17 +117,15 @@ def rmsc(z):
 
 
 def load_folder(images, masks=None, n=None, size=256):
-    """First n readable images of a folder, centre-cropped, uint8 (N, 3, size, size): its images by name or, if it
-    holds none, ImageNet-style class sub-folders (sorted class names, then file names: train.py's order); an
-    unreadable file is named on stderr and skipped. With a mask folder (flat image folders only: same file name
-    stem, non-zero = foreground, cropped like the image) bool masks (N, size, size), else None."""
+    """First n readable images of a folder, centre-cropped, uint8 (N, 3, size, size): its images by name, else those
+    of its ImageNet-style class sub-folders in train.py's order; unreadable files are named on stderr and skipped.
+    Masks (flat folders only: same file stem, non-zero = foreground, cropped alike): bool (N, size, size) or None."""
     is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M of them
-    files = sorted(filter(is_image, Path(images).iterdir()))
-    classes = not files  # then class folders, in the order train.py prepares them
-    files = files or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
+    flat = sorted(filter(is_image, Path(images).iterdir()))
+    files = flat or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
     if not files:
         raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images} or in class sub-folders of it")
-    if masks and classes:
+    if masks and not flat:
         raise ValueError(f"--masks: masks are matched to images by file name, only for a flat folder of "
                          f"images; {images} holds class sub-folders")
     mask_files = {p.stem: p for p in filter(is_image, Path(masks).iterdir())} if masks else {}
