@@ -1,8 +1,7 @@
 """Frozen target encoders (all through timm) and the SD-VAE (sd-vae-ft-mse), for REPA / iREPA.
 
-Imported by train.py, sample.py and metrics.py, not run. Encoders reproduce the official iREPA preprocessing and
-token choice (README, "Encoders and metrics"); the VAE is a plain-torch AutoencoderKL whose keys follow diffusers,
-so the hub file loads strictly.
+Encoders reproduce the official iREPA preprocessing and token choice (README, "Encoders and metrics"); the VAE
+is a plain-torch AutoencoderKL whose keys follow diffusers, so the hub file loads strictly.
 """
 import contextlib
 import os
