@@ -612,6 +612,11 @@ def test_train_resume_says_file_step_and_each_changed_setting(tmp_path, capsys):
         train.main(["--resume", str(run), "--steps", "6", "--batch-size", "16"])
     assert "--batch-size 16 differs from the run's 8" in capsys.readouterr().err
     assert not (run / "checkpoints" / "0000006.pt").exists()
+    ck = _state(run / "checkpoints" / "0000004.pt")  # a run from before --objective existed: it was a flow run
+    ck["args"] = {k: v for k, v in ck["args"].items() if not k.startswith(("objective", "mf_"))}
+    torch.save(ck, run / "checkpoints" / "0000004.pt")
+    train.main(["--resume", str(run), "--steps", "5", "--objective", "flow"])
+    assert (run / "checkpoints" / "0000005.pt").exists()
 
 
 def test_train_loads_checkpoints_as_data(tmp_path, capsys):

@@ -244,10 +244,10 @@ def get_args(argv=None):
     if args.resume:  # the checkpoint's configuration, then the flags given now
         path, ck = readable_checkpoint(p, args.resume)
         saved = ck["args"]
-        for k in given & set(FIXED_ON_RESUME):
-            if getattr(args, k) != saved.get(k):
+        for k in given & set(FIXED_ON_RESUME):  # a run from before a flag existed had its default
+            if getattr(args, k) != saved.get(k, p.get_default(k)):
                 p.error(f"--resume continues a run as it was, but --{k.replace('_', '-')} {getattr(args, k)} "
-                        f"differs from the run's {saved.get(k)}: drop the flag, or start a new run")
+                        f"differs from the run's {saved.get(k, p.get_default(k))}: drop the flag, or start a new run")
         for k, v in saved.items():
             if k not in given:
                 setattr(args, k, v)
