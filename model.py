@@ -45,13 +45,13 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
-        half = freq_dim // 2  # a buffer, not made per call: torch.compile cannot trace a new tensor inside a jvp
-        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half),
-                             persistent=False)
+        self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        args = t[:, None].float() * self.freqs[None]
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
 
 
