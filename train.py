@@ -7,7 +7,7 @@ Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo t
     torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa --data-path ...
     python train.py --resume out/JiT-demo-16-none                     # continue exactly where it stopped
     python train.py --objective meanflow                              # MeanFlow's offline demo (pixel SiT)
-    torchrun --nproc_per_node=8 train.py --objective meanflow --encoder dinov2-vit-b --irepa --steps 100000 ...
+    torchrun --nproc_per_node=8 train.py --objective meanflow --encoder dinov3-vit-b16 --irepa --steps 100000
 
 Without --model and a data path the offline demo runs, else the family's paper recipe (README); given flags win.
 With --model or --encoder the data path defaults to data/imagenet/train where that folder exists.
