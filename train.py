@@ -128,8 +128,8 @@ PRESETS = {
 }
 IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout, found without --data-path
 # a resume continues a run as it was: these define its model, method and data order (others may change, said)
-FIXED_ON_RESUME = ("model", "objective", "image_size", "num_classes", "encoder", "irepa", "proj", "encoder_depth", "vae_stats",
-                   "ema", "batch_size", "seed", "num_generated")
+FIXED_ON_RESUME = ("model", "objective", "image_size", "num_classes", "encoder", "irepa", "proj", "encoder_depth",
+                   "vae_stats", "ema", "batch_size", "seed", "num_generated")
 PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (its dense datasheet peak: 989e12; docs)
 FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
     "SiT": dict(betas=(0.9, 0.999), clip=1.0, flip=False),
