@@ -825,9 +825,11 @@ def test_meanflow_demo_learns_shapes_and_colours_in_one_step(tmp_path, cpu_only)
 
 
 def _mf_compiled_step_matches_eager(device):
-    # the training step as train.py runs it on a GPU: fast paths, bf16 autocast, torch.compile around the objective
-    # (the jvp inside stays eager); its loss and gradients must match the eager step's
+    # the training step as train.py runs it on a GPU: fast paths, bf16 autocast, torch.compile around the objective,
+    # jvp included, as one graph; its loss and gradients must match the eager step's
     import kernels
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     net = kernels.enable(_mf_tiny_sit().to(device)) if device == "cuda" else _mf_tiny_sit()
     obj = train.Objective(net, None, "SiT", 1, None, 0.0, mean_flow=_mf_settings())
     x, y = torch.randn(8, 4, 4, 4, device=device), torch.tensor([0, 1, 2, 3, 0, 1, 2, 0], device=device)
@@ -841,6 +843,11 @@ def _mf_compiled_step_matches_eager(device):
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
         assert torch.isfinite(loss) and torch.isfinite(mse)
     assert (grads[0] - grads[1]).norm() / grads[0].norm() < 2e-2  # bf16: a few roundings apart (CPU: 4e-3)
+    assert not torch._dynamo.utils.counters["graph_break"]  # the jvp compiled with the rest, not around it
+
+
+def test_meanflow_compiled_bf16_step_matches_eager_on_cpu(cpu_only):
+    _mf_compiled_step_matches_eager("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -58,15 +58,6 @@ class Objective(nn.Module):
         same = torch.arange(n.shape[1], device=n.device) < int(n.shape[1] * (1 - self.mf.mf_ratio))
         return t, torch.where(same, t, r)
 
-    @torch._dynamo.disable  # torch.compile cannot trace a forward-mode product yet: this part runs eagerly
-    def mean_flow_du_dt(self, z, t, r, y, v):
-        """du/dt, the total derivative of u(z_t, r, t) along the path: one forward-mode product with tangents
-        (v, 1, 0) for (z_t, t, r). The target stops its gradient, so it builds no graph."""
-        def u_fn(z, t, r):  # the network's second time input is the interval h = t - r
-            return self.net(z, t, y, h=t - r)[0]
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the flash kernels have no forward-mode rule
-            return torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
-
     def mean_flow_loss(self, x, y, t, r, e):
         """MeanFlow (Geng et al. 2025): the network is the average velocity u(z_t, r, t) of the path from t back
         to r. The true u satisfies u = v - (t - r) du/dt (the MeanFlow identity): the loss regresses u on that
@@ -82,9 +73,15 @@ class Objective(nn.Module):
                                           torch.cat([torch.full_like(y, null), y]))[0].float().chunk(2)
                 v_g = omega * v + (1 - omega - kappa) * v_null + kappa * v_cond
             v = torch.where((y == null).view(-1, 1, 1, 1), v, v_g)  # label-dropped rows keep the plain v
-        du_dt = self.mean_flow_du_dt(z, t, r, y, v)
-        u, h = self.net(z, t, y, self.align_depth, h=t - r)       # (B, C, H, W), (B, T, D)
-        target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.float()
+        def u_fn(z, t, r):  # u(z_t, r, t): the network's second time input is the interval h = t - r
+            return self.net(z, t, y, self.align_depth, h=t - r)   # (B, C, H, W), aux: hidden tokens (B, T, D)
+        # u and du/dt, its total derivative along the path, from one forward-mode product with tangents (v, 1, 0)
+        # for (z_t, t, r). Flash attention has no forward-mode rule: math attention here. Cloned primals: the
+        # compiler refuses views (t, r) as jvp inputs.
+        with sdpa_kernel(SDPBackend.MATH):
+            u, du_dt, h = torch.func.jvp(u_fn, (z.clone(), t.clone(), r.clone()),
+                                         (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True)
+        target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.detach().float()  # stop-gradient
         err = ((u.float() - target) ** 2).sum(dim=(1, 2, 3))      # (B,)
         p, c = mf.mf_weight                                       # adaptive weight 1 / sg(err + c)^p
         return (err / (err.detach() + c) ** p).mean(), err.mean() / x[0].numel(), h, target
