@@ -15,7 +15,9 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -E "BENCH|img/s|GiB|rel|Error|error" ; }
     run python train.py --model JiT-B/16 $R --batch-size 256 --bench 30 --compile ;;
   meanflow)  # MeanFlow + iREPA (train.py --objective meanflow) beside the plain SiT-B/2 step
     run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile
-    run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile --objective meanflow ;;
+    run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile --objective meanflow
+    run python train.py --model SiT-B/2 $R --vae-weights random --batch-size 256 --bench 40 --compile --objective meanflow \
+      --mf-omega 1 --mf-kappa 0 ;;  # without guidance in training
   train-xl) run python train.py --model SiT-XL/2 $R --vae-weights random --batch-size 256 --bench 6 --compile --recompute 12 ;;
   scaling)  # same per-GPU batch on 1 and on all GPUs of the host
     n=$(nvidia-smi -L | wc -l)

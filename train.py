@@ -283,6 +283,9 @@ def get_args(argv=None):
         method += "-meanflow" if args.objective == "meanflow" else ""
         args.out_dir = args.out_dir or os.path.join("out", f"{args.model.replace('/', '-')}-{args.encoder}{method}")
     args.spnorm_gamma = None if args.spnorm_gamma is not None and args.spnorm_gamma < 0 else args.spnorm_gamma
+    if args.objective == "meanflow" and args.precision == "bf16" and not args.compile and torch.cuda.is_available():
+        p.error("--objective meanflow --no-compile on a GPU: torch's eager bf16 attention backward fails under "
+                "torch.func.jvp (torch 2.11); keep --compile (the default) or pass --precision fp32")
     return args
 
 # -----------------------------------------------------------------------------
