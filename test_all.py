@@ -903,6 +903,9 @@ def test_meanflow_bad_input_is_refused_before_training(tmp_path, capsys, monkeyp
         train.get_args(["--objective", "meanflow", "--no-compile", "--out-dir", str(tmp_path)])
     assert "keep --compile (the default) or pass --precision fp32" in capsys.readouterr().err
     assert train.get_args(["--objective", "meanflow", "--no-compile", "--precision", "fp32"]).compile is False
+    with pytest.raises(SystemExit):
+        train.get_args(["--objective", "meanflow", "--recompute", "2"])
+    assert "--recompute with --objective meanflow" in capsys.readouterr().err
 
 
 # =============================================================================
