@@ -194,14 +194,14 @@ class SiT(nn.Module):
         if self.h_embedder is not None:              # MeanFlow: u over [t - h, t]; h = 0 is the velocity at t
             c = c + self.h_embedder(torch.zeros_like(t) if h is None else h)
         c = c + self.y_embedder(y)
-        h = None
+        hidden = None
         for i, block in enumerate(self.blocks):
             # the first `recompute` blocks keep no activations and recompute them in backward (saves memory)
             x = checkpoint(block, x, c, use_reentrant=False) if i < self.recompute and self.training else block(x, c)
             if i + 1 == align_depth:
-                h = x                                # (B, T, D) what REPA aligns
+                hidden = x                           # (B, T, D) what REPA aligns
         x = self.final_layer(x, c)                   # (B, T, p*p*C)
-        return unpatchify(x, self.patch_size, self.in_channels), h
+        return unpatchify(x, self.patch_size, self.in_channels), hidden
 
 # -----------------------------------------------------------------------------
 # JiT: "Just image Transformers", pixel-space x-prediction

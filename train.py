@@ -387,7 +387,7 @@ def resume_state(args, net, emas, projector, opt, rank):
     return ck["step"]
 
 
-def load_data(args, family, vae, device, rank, world):
+def load_data(args, flip, vae, device, rank, world):
     """The training set as Batches: --data-path's arrays (rank 0 prepares them on first use), else generated
     shapes (SiT: with their VAE posterior, computed once)."""
     if args.data_path:
@@ -407,7 +407,7 @@ def load_data(args, family, vae, device, rank, world):
         if vae is not None:
             r = args.image_size // 8
             latents = posterior(vae, images, np.empty((len(images), 8, r, r), np.float32), device)
-    return Batches(images, labels, latents, args.batch_size, rank, world, args.seed, FAMILY[family]["flip"])
+    return Batches(images, labels, latents, args.batch_size, rank, world, args.seed, flip)
 
 
 class Bench:
@@ -497,7 +497,7 @@ def main(argv=None):
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0, fused=device.type == "cuda")
     step = resume_state(args, net, emas, projector, opt, rank) if args.resume else 0
-    data = load_data(args, family, vae, device, rank, world)
+    data = load_data(args, fam["flip"], vae, device, rank, world)
     warmup = args.warmup_steps if args.warmup_steps is not None else 5 * (data.n // args.batch_size)
     bench = Bench(args, device, rank, world) if args.bench else None  # sets --steps and --log-every
     writes = rank == 0 and not args.bench  # the one process that writes the log, samples and checkpoints
