@@ -5,8 +5,10 @@ Data and files around the method, shared by train.py, sample.py and metrics.py; 
   generated shapes   generated_images: class-conditional shapes the project draws itself, so all runs offline
   image folders      prepare: ImageNet-style class folders -> memory-mapped uint8 crops, labels and, for SiT, the
                      SD-VAE posterior (posterior); Batches: a rank's slice of global batch s (order: seed, epoch)
+                     prepared_folder (one per data set, size and VAE), prepared_arrays (prepares on first use)
   run files          setup_device (plain run or torchrun process), find_checkpoint, load_checkpoint (as data),
-                     save_checkpoint (atomic), trim_log (resume), check_at_least / check_writable
+                     readable_checkpoint (names the newest good one), save_checkpoint (atomic), trim_log (resume),
+                     check_at_least / check_writable
 """
 import argparse
 import glob
@@ -162,6 +164,41 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
     os.replace(at("meta.tmp.json"), at("meta.json"))
 
 
+def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir=None):
+    """The folder of data_path's arrays at image_size with vae_name's latents (None: pixels only). One folder per
+    data set, size and VAE, beside the run folder unless prepared_dir: a run with other settings prepares its own
+    and never rewrites these. A ValueError where the folder holds other arrays."""
+    tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
+    tag += "-vae" if vae_name == "random" else ""
+    name = f"prepared-{os.path.basename(os.path.normpath(data_path))}-{image_size}{tag}"
+    beside = os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)
+    folder = next((d for d in (prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
+                  prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        return folder  # not prepared yet
+    meta, source = json.load(open(os.path.join(folder, "meta.json"))), os.path.abspath(data_path)
+    if (meta["source"], meta["image_size"]) != (source, image_size):
+        raise ValueError(f"{folder} holds {meta['source']} at {meta['image_size']} px, not {source} at "
+                         f"{image_size} px: pass another --prepared-dir or delete it")
+    if vae_name and meta.get("vae") != vae_name:
+        held = f"latents of the VAE {meta['vae']}" if meta.get("vae") else "no VAE latents (a JiT run's arrays)"
+        raise ValueError(f"{folder} holds {held}, not {vae_name}'s: pass another --prepared-dir, or none (each "
+                         "VAE prepares its own folder beside the run)")
+    return folder
+
+
+def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank=0, world=1):
+    """(images, labels, latents or None) of a prepared folder, memory-mapped; where no preparation finished,
+    rank 0 prepares it first and the other ranks wait."""
+    if rank == 0 and not os.path.exists(os.path.join(folder, "meta.json")):
+        prepare(data_path, folder, image_size, vae, vae_name, device)
+    if world > 1:
+        dist.barrier()
+    at = lambda name: os.path.join(folder, name)
+    latents = np.load(at("latents.npy"), mmap_mode="r") if vae is not None else None
+    return np.load(at("images.npy"), mmap_mode="r"), np.load(at("labels.npy")), latents
+
+
 class Batches(torch.utils.data.Dataset):
     """Item s = this rank's slice of global batch s, for any step s: (uint8 images, labels, latents or None).
     Order: a permutation per epoch seeded by (seed, epoch); JiT's flips seeded by (seed, step)."""
@@ -223,6 +260,26 @@ def load_checkpoint(path, mmap=False):
         why = f"refused: it holds {code[1]}, which loading would run as code" if code else \
             f"not a readable checkpoint ({type(e.__context__ or e).__name__}: {e.__context__ or e})"
         raise ValueError(f"{path}: {why}") from None
+
+
+def readable_checkpoint(path):
+    """(file, checkpoint read as data, tensors memory-mapped) of a train.py run directory (its newest checkpoint)
+    or a checkpoint file; a ValueError that names a damaged file and the newest good one before it."""
+    path = os.path.abspath(find_checkpoint(path))
+
+    def read(f):
+        try:
+            ck = load_checkpoint(f, mmap=True)
+            return ck if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck) else None
+        except ValueError:  # truncated, not a torch file, or a pickle that is more than data
+            return None
+    ck = read(path)
+    if ck is None:
+        older = [f for f in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt"))) if f < path]
+        good = next((f for f in reversed(older) if read(f)), None)
+        hint = f"; the newest good one is {good}: resume from it with --resume {good}" if good else ""
+        raise ValueError(f"{path} is not a readable train.py checkpoint (damaged?){hint}")
+    return path, ck
 
 
 def save_checkpoint(state, path):

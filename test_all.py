@@ -558,7 +558,7 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys, monkeypatch):
     assert not [w for w in caught if "RANDOM" in str(w.message)]  # refused before the (random) VAE is built
     # a --resume that changes the model is refused before any VAE encoding or preparation: the arrays stay as they are
     monkeypatch.setattr(train, "posterior", lambda *a, **k: pytest.fail("VAE encoding before the refusal"))
-    monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("preparation before the refusal"))
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("preparation before the refusal"))
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path / "r1"), "--model", "SiT-S/2", "--vae-weights", "random", "--steps", "4"])
     assert "--model SiT-S/2 differs from the run's JiT-demo/16" in capsys.readouterr().err

@@ -33,8 +33,9 @@ from tqdm import tqdm
 import align
 import encoders
 import kernels
-from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, find_checkpoint, generated_images, load_checkpoint,
-                  posterior, prepare, save_checkpoint, save_grid, setup_device, trim_log)
+from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, generated_images, load_checkpoint, posterior,
+                  prepared_arrays, prepared_folder, readable_checkpoint, save_checkpoint, save_grid, setup_device,
+                  trim_log)
 from model import build_model, in_latent_space, models, noise_std
 from sample import generate
 
@@ -135,29 +136,6 @@ FAMILY = {  # the parts of each recipe that are not flags (README, "Training")
 }
 
 
-def readable_checkpoint(p, resume):
-    """(file, checkpoint read as data, tensors memory-mapped) for --resume DIR|FILE, or an argparse error that
-    names a damaged file and the newest good one before it."""
-    try:
-        path = os.path.abspath(find_checkpoint(resume))
-    except FileNotFoundError as e:
-        p.error(f"--resume {e}")
-
-    def read(f):
-        try:
-            ck = load_checkpoint(f, mmap=True)
-            return ck if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck) else None
-        except Exception:  # truncated, not a torch file, or a pickle that is more than data
-            return None
-    ck = read(path)
-    if ck is None:
-        older = [f for f in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt"))) if f < path]
-        good = next((f for f in reversed(older) if read(f)), None)
-        hint = f"; the newest good one is {good}: resume from it with --resume {good}" if good else ""
-        p.error(f"--resume: {path} is not a readable train.py checkpoint (damaged?){hint}")
-    return path, ck
-
-
 def get_args(argv=None):
     # allow_abbrev=False: on --resume only the flags given verbatim override the checkpoint's (see `given`)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -239,7 +217,10 @@ def get_args(argv=None):
     if args.resume and args.bench:
         p.error("--resume continues a run as it was: it takes no --bench")
     if args.resume:  # the checkpoint's configuration, then the flags given now
-        path, ck = readable_checkpoint(p, args.resume)
+        try:
+            path, ck = readable_checkpoint(args.resume)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--resume: {e}")
         saved = ck["args"]
         for k in given & set(FIXED_ON_RESUME):  # a run from before a flag existed had its default
             if getattr(args, k) != saved.get(k, p.get_default(k)):
@@ -295,23 +276,13 @@ def get_args(argv=None):
 # Set-up steps, in the order main() calls them
 
 
-def prepared_arrays(args):
-    """--data-path's prepared arrays: (folder, its meta.json or None where no preparation finished, the VAE
-    whose latents they must hold: a file, "random" or the hub's; JiT: None)."""
+def vae_name(args):
+    """The VAE whose latents SiT's prepared arrays hold: a file (absolute path), "random" or the hub's; JiT: None."""
     vae = args.vae_weights or "stabilityai/sd-vae-ft-mse" if in_latent_space(args.model) else None
-    vae = os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
-    # one folder per data set, size and VAE: a run with other settings prepares its own and never rewrites these
-    tag = "" if vae is None else "-" + os.path.splitext(os.path.basename(vae))[0] + ("-vae" if vae == "random" else "")
-    name = f"prepared-{os.path.basename(os.path.normpath(args.data_path))}-{args.image_size}{tag}"
-    beside = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), name)  # next to the run folder
-    prep = next((d for d in (args.prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
-                args.prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
-    path = os.path.join(prep, "meta.json")
-    meta = json.load(open(path)) if os.path.exists(path) else None
-    return prep, meta, vae
+    return os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
 
 
-def check_run(args, family, world):
+def check_run(args, world):
     """Every refusal that needs no built module: a run that cannot go stops before loading, preparing or writing."""
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
@@ -338,18 +309,14 @@ def check_run(args, family, world):
         raise SystemExit(f"--out-dir {args.out_dir} holds a run already ({' and '.join(old)}): continue it with "
                          f"--resume {args.out_dir}, choose another --out-dir, or pass --start-over to move it aside")
     if args.data_path:  # arrays prepared before must hold this data set, at this size, with this VAE's latents
-        args.prepared_dir, meta, vae_name = prepared_arrays(args)  # in the checkpoints: a moved run finds them
-        source = os.path.abspath(args.data_path)
-        if meta and (meta["source"], meta["image_size"]) != (source, args.image_size):
-            raise SystemExit(f"{args.prepared_dir} holds {meta['source']} at {meta['image_size']} px, not "
-                             f"{source} at {args.image_size} px: pass another --prepared-dir or delete it")
-        if meta and vae_name and meta.get("vae") != vae_name:
-            held = f"latents of the VAE {meta['vae']}" if meta.get("vae") else "no VAE latents (a JiT run's arrays)"
-            raise SystemExit(f"{args.prepared_dir} holds {held}, not {vae_name}'s: pass another --prepared-dir, "
-                             "or none (each VAE prepares its own folder beside the run)")
+        try:  # the folder goes into the checkpoints' args
+            args.prepared_dir = prepared_folder(args.data_path, args.image_size, vae_name(args), args.out_dir,
+                                                args.prepared_dir)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
 
 
-def build(args, family, device):
+def build(args, device):
     """(network, frozen target encoder, projector, SD-VAE) on the device: encoder and projector are None without
     alignment, the VAE None for JiT. The same initial weights on every rank and every rerun."""
     torch.manual_seed(args.seed)
@@ -390,17 +357,12 @@ def resume_state(args, net, emas, projector, opt, rank):
 def load_data(args, flip, vae, device, rank, world):
     """The training set as Batches: --data-path's arrays (rank 0 prepares them on first use), else generated
     shapes (SiT: with their VAE posterior, computed once)."""
-    if args.data_path:
-        prep, meta, vae_name = prepared_arrays(args)
-        if rank == 0 and meta is None:
-            prepare(args.data_path, prep, args.image_size, vae, vae_name, device)
-        if world > 1:
-            dist.barrier()
-        images = np.load(os.path.join(prep, "images.npy"), mmap_mode="r")
-        labels = np.load(os.path.join(prep, "labels.npy"))
-        latents = np.load(os.path.join(prep, "latents.npy"), mmap_mode="r") if vae is not None else None
+    if args.data_path:  # check_run found the folder
+        images, labels, latents = prepared_arrays(args.data_path, args.prepared_dir, args.image_size, vae,
+                                                  vae_name(args), device, rank, world)
         if labels.max() >= args.num_classes:
-            raise SystemExit(f"{prep} has {labels.max() + 1} classes but --num-classes is {args.num_classes}")
+            raise SystemExit(f"{args.prepared_dir} has {labels.max() + 1} classes but --num-classes is "
+                             f"{args.num_classes}")
     else:
         images, labels = generated_images(args.num_generated, args.image_size, seed=1234)
         images, labels, latents = images.numpy(), labels.numpy(), None
@@ -440,7 +402,7 @@ class Bench:
               f"peak memory {mem:.1f} GiB, {flops / 1e9:.0f} GFLOP/img")
 
 
-def count_flops(objective, encoder, data, device, amp, family, vae):
+def count_flops(objective, encoder, data, device, amp, vae):
     """Training FLOPs per image (network forward+backward, encoder forward), counted by torch on 2 images."""
     from torch.utils.flop_counter import FlopCounterMode
     x, y, lat = data[0]
@@ -486,8 +448,8 @@ def main(argv=None):
     device, rank, world = setup_device()
     ddp, family = world > 1, "JiT" if args.model.startswith("JiT") else "SiT"
     fam = FAMILY["MeanFlow" if args.objective == "meanflow" else family]
-    check_run(args, family, world)
-    net, encoder, projector, vae = build(args, family, device)
+    check_run(args, world)
+    net, encoder, projector, vae = build(args, device)
 
     # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before any data work
     objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
@@ -532,7 +494,7 @@ def main(argv=None):
     workers = args.num_workers if device.type == "cuda" else 0  # CPU runs: no worker start-up cost
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, sampler=range(step, args.steps),
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    flops_per_img = count_flops(objective, encoder, data, device, amp, family, vae) if device.type == "cuda" else None
+    flops_per_img = count_flops(objective, encoder, data, device, amp, vae) if device.type == "cuda" else None
     net.recompute = args.recompute  # after counting: MFU counts useful FLOPs, not recomputed ones
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the last log
     t0, last_log = time.time(), step
