@@ -4,7 +4,7 @@ x-prediction). Each keeps its official input convention and parameter names, so 
 checkpoints load with strict=True (JiT: strip the "net." prefix of the official Denoiser).
 
     model = models["SiT-B/2"]()                    # ImageNet 256: 1000 classes + null class 1000
-    out, h = model(x, t, y, align_depth=4)         # h: (B, T, D) hidden tokens after block 4
+    out, hidden = model(x, t, y, align_depth=4)    # hidden: (B, T, D) tokens after block 4
 
 SiT: x (B, 4, R/8, R/8) SD-VAE latents, t in [0, 1] with t=0 data and t=1 noise, out = velocity.
 JiT: x (B, 3, R, R) pixels in [-1, 1], t in [0, 1] with t=1 data and t=0 noise, out = clean image.
@@ -332,7 +332,7 @@ class JiT(nn.Module):
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb                # (B, D)
         x = self.x_embedder(x) + self.pos_embed       # (B, T, D)
-        n_ctx, h = 0, None
+        n_ctx, hidden = 0, None
         for i, block in enumerate(self.blocks):
             if i == self.in_context_start and self.in_context_len > 0:
                 ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, in_context_len, D)
@@ -341,9 +341,9 @@ class JiT(nn.Module):
             x = checkpoint(block, x, c, *rope, use_reentrant=False) if i < self.recompute and self.training \
                 else block(x, c, *rope)
             if i + 1 == align_depth:
-                h = x[:, n_ctx:]                      # (B, T, D) patch tokens only
+                hidden = x[:, n_ctx:]                 # (B, T, D) patch tokens only
         x = self.final_layer(x[:, n_ctx:], c)         # class tokens never reach the output
-        return unpatchify(x, self.patch_size, self.in_channels), h
+        return unpatchify(x, self.patch_size, self.in_channels), hidden
 
 # -----------------------------------------------------------------------------
 # Official names -> constructors. models[name]() is the ImageNet-256 configuration; pass

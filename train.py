@@ -80,34 +80,34 @@ class Objective(nn.Module):
         # for (z_t, t, r). Flash attention has no forward-mode rule: math attention here. Cloned primals: the
         # compiler refuses views (t, r) as jvp inputs.
         with sdpa_kernel(SDPBackend.MATH):
-            u, du_dt, h = torch.func.jvp(u_fn, (z.clone(), t.clone(), r.clone()),
+            u, du_dt, hidden = torch.func.jvp(u_fn, (z.clone(), t.clone(), r.clone()),
                                          (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True)
         target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.detach().float()  # stop-gradient
         err = ((u.float() - target) ** 2).sum(dim=(1, 2, 3))      # (B,)
         p, c = mf.mf_weight                                       # adaptive weight 1 / sg(err + c)^p
-        return (err / (err.detach() + c) ** p).mean(), err.mean() / x[0].numel(), h, target
+        return (err / (err.detach() + c) ** p).mean(), err.mean() / x[0].numel(), hidden, target
 
     def forward(self, x, y, target):
         B, depth = x.shape[0], self.align_depth if self.proj is not None else None
         if self.mf is not None:  # MeanFlow on SiT's path
             t, r = self.mean_flow_times(torch.randn(2, B, device=x.device))
-            loss, denoise, h, _ = self.mean_flow_loss(x, y, t, r, torch.randn_like(x))  # logged: the MSE
+            loss, denoise, hidden, _ = self.mean_flow_loss(x, y, t, r, torch.randn_like(x))  # logged: the MSE
         elif self.family == "SiT":  # linear interpolant, t=0 data, t=1 noise, v-prediction
             t = torch.rand(B, device=x.device)
             eps = torch.randn_like(x)
             tt = t.view(-1, 1, 1, 1)
-            out, h = self.net((1 - tt) * x + tt * eps, t, y, depth)
+            out, hidden = self.net((1 - tt) * x + tt * eps, t, y, depth)
             loss = denoise = ((out.float() - (eps - x)) ** 2).mean(dim=(1, 2, 3)).mean()
         else:  # JiT: t ~ logit-normal(-0.8, 0.8), t=1 data, x-prediction, loss on velocity
             t = torch.sigmoid(torch.randn(B, device=x.device) * 0.8 - 0.8)
             tt = t.view(-1, 1, 1, 1)
             z = tt * x + (1 - tt) * torch.randn_like(x) * self.noise_scale
-            out, h = self.net(z, t, y, depth)
+            out, hidden = self.net(z, t, y, depth)
             v, v_pred = (x - z) / (1 - tt).clamp_min(0.05), (out.float() - z) / (1 - tt).clamp_min(0.05)
             loss = denoise = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
         if self.proj is None:
             return loss, denoise, torch.zeros_like(denoise)
-        rep = align.alignment_loss(self.proj, h, target, self.gamma)
+        rep = align.alignment_loss(self.proj, hidden, target, self.gamma)
         return loss + self.coeff * rep, denoise, rep
 
 # -----------------------------------------------------------------------------
