@@ -46,17 +46,19 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        i = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000) * i / half)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
-    """num_classes + 1 rows: the last is the null class of classifier-free guidance (label dropout: train.py)."""
+    """num_classes + 1 rows: the last is the null class of classifier-free guidance (train.py drops)."""
 
     def __init__(self, num_classes, hidden_size):
         super().__init__()
@@ -93,7 +95,7 @@ def check_input(model, x):
 
 
 def init_dit_weights(model):
-    """The DiT initialisation of both official codebases: adaLN-Zero (output 0 at init), patch convs as Linears."""
+    """DiT's initialisation, as both official codebases: adaLN-Zero (output 0), patch convs as Linears."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -104,7 +106,8 @@ def init_dit_weights(model):
         nn.init.normal_(emb.mlp[0].weight, std=0.02)
         nn.init.normal_(emb.mlp[2].weight, std=0.02)
     final = model.final_layer
-    for layer in [b.adaLN_modulation[-1] for b in model.blocks] + [final.adaLN_modulation[-1], final.linear]:
+    zeroed = [b.adaLN_modulation[-1] for b in model.blocks] + [final.adaLN_modulation[-1], final.linear]
+    for layer in zeroed:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
     for m in model.x_embedder.modules():
@@ -123,7 +126,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D), tokens in row-major order
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D), row-major tokens
 
 
 class Attention(nn.Module):
@@ -135,7 +138,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                # 3 x (B, heads, T, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), flash kernel on GPU
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -173,14 +177,15 @@ class SiT(nn.Module):
         self.hidden_size = hidden_size
         self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
         self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
-        self.recompute = 0                           # activation checkpointing of the first N blocks (train.py)
+        self.recompute = 0                           # activation checkpoints: first N blocks (train.py)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # MeanFlow's second time input, the interval h = t - r (official MeanFlow name; train.py --objective)
+        # MeanFlow's second time input, the interval h = t - r (MeanFlow's name; train.py --objective)
         self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         # frozen, but a Parameter (not a buffer) so the official checkpoints' "pos_embed" key lines up
-        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
+        pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         # (the official SiT-S builds this with width 768 and crashes; ours uses hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
@@ -191,13 +196,16 @@ class SiT(nn.Module):
         check_input(self, x)
         x = self.x_embedder(x) + self.pos_embed      # (B, T, D)
         c = self.t_embedder(t)                       # (B, D)
-        if self.h_embedder is not None:              # MeanFlow: u over [t - h, t]; h = 0 is the velocity at t
+        if self.h_embedder is not None:              # MeanFlow: u over [t - h, t]; h = 0: velocity at t
             c = c + self.h_embedder(torch.zeros_like(t) if h is None else h)
         c = c + self.y_embedder(y)
         hidden = None
         for i, block in enumerate(self.blocks):
-            # the first `recompute` blocks keep no activations and recompute them in backward (saves memory)
-            x = checkpoint(block, x, c, use_reentrant=False) if i < self.recompute and self.training else block(x, c)
+            # the first `recompute` blocks keep no activations: recomputed in backward (saves memory)
+            if i < self.recompute and self.training:
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
             if i + 1 == align_depth:
                 hidden = x                           # (B, T, D) what REPA aligns
         x = self.final_layer(x, c)                   # (B, T, p*p*C)
@@ -220,10 +228,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, grid, prefix=0):
-    """2D RoPE (cos, sin), each (prefix + grid*grid, 1, head_dim), broadcasting over heads: the first half of
-    the head dims rotates with the row index, the second half with the column; frequencies repeat in pairs for
-    the interleaved rotation, and `sin` carries the rotation's signs (-, +) in each pair. `prefix` rows of
-    identity (cos 1, sin 0) leave class tokens unrotated."""
+    """2D RoPE (cos, sin), each (prefix + grid*grid, 1, head_dim), broadcasting over heads: the first
+    half of the head dims rotates with the row index, the second half with the column; frequencies
+    repeat in pairs for the interleaved rotation, and `sin` carries the rotation's signs (-, +) in
+    each pair. `prefix` rows of identity (cos 1, sin 0) leave class tokens unrotated."""
     dim = head_dim // 2
     freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     pos = torch.arange(grid) / grid * grid               # float32 grid positions, as the official
@@ -236,8 +244,9 @@ def rope_tables(head_dim, grid, prefix=0):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, T, heads, hd): each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as a swap of the
-    # pair times the signed sin table (compiled: one unmasked load, where the official stack([-x2, x1]) gathers)
+    # x (B, T, heads, hd): each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as a
+    # swap of the pair times the signed sin table (compiled: one unmasked load, where the official
+    # stack([-x2, x1]) gathers)
     return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
 
 
@@ -252,7 +261,7 @@ class JiTAttention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, D = x.shape
-        # q, k, v stay token-major (B, T, heads, hd) and enter attention as transposed views (the official
+        # q, k, v stay token-major (B, T, heads, hd) and enter attention as transposed views (official:
         # permutes them head-major; same values): the output comes back token-major, `proj` needs no copy
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
         q, k = self.qk_norm_rope(q, k, cos, sin)
@@ -260,7 +269,7 @@ class JiTAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
     def qk_norm_rope(self, q, k, cos, sin):
-        # q, k (B, T, heads, hd): RMSNorm per head, then rotate by position (kernels.py fuses this on a GPU)
+        # q, k (B, T, heads, hd): RMSNorm per head, then rotate by position (kernels.py fuses it on GPU)
         return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
@@ -310,14 +319,15 @@ class JiT(nn.Module):
         super().__init__()
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.hidden_size = hidden_size
-        self.input_size, self.grid = image_size, image_size // patch_size  # pixels per side, tokens per side
+        self.input_size, self.grid = image_size, image_size // patch_size  # pixels, tokens per side
         self.recompute = 0
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck, hidden_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
-        # the class tokens: label embedding + a learned position each, prepended before block in_context_start
+        pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        # the class tokens: label embedding + a learned position each, prepended at in_context_start
         self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
         for name, prefix in (("rope", 0), ("rope_ctx", in_context_len)):
             cos, sin = rope_tables(hidden_size // num_heads, self.grid, prefix)
@@ -338,8 +348,10 @@ class JiT(nn.Module):
                 ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, in_context_len, D)
                 x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
             rope = (self.rope_ctx_cos, self.rope_ctx_sin) if n_ctx else (self.rope_cos, self.rope_sin)
-            x = checkpoint(block, x, c, *rope, use_reentrant=False) if i < self.recompute and self.training \
-                else block(x, c, *rope)
+            if i < self.recompute and self.training:
+                x = checkpoint(block, x, c, *rope, use_reentrant=False)
+            else:
+                x = block(x, c, *rope)
             if i + 1 == align_depth:
                 hidden = x[:, n_ctx:]                 # (B, T, D) patch tokens only
         x = self.final_layer(x[:, n_ctx:], c)         # class tokens never reach the output
@@ -356,8 +368,8 @@ JIT_SIZES = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 
 
 def _sit(size, p):
     depth, hidden, heads = SIT_SIZES[size]
-    return lambda image_size=256, num_classes=1000, mean_flow=False: SiT(image_size, p, hidden, depth, heads,
-                                                                         num_classes=num_classes, mean_flow=mean_flow)
+    return lambda image_size=256, num_classes=1000, mean_flow=False: SiT(
+        image_size, p, hidden, depth, heads, num_classes=num_classes, mean_flow=mean_flow)
 
 
 def _jit(size, p):
@@ -371,8 +383,8 @@ models.update({f"JiT-{s}/{p}": _jit(s, p) for s in JIT_SIZES for p in (16, 32)})
 # Small JiT for the offline CPU demo and tests (not in the paper): 6 layers of width 128, 4 class tokens.
 models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
     image_size, 16, 128, 6, 4, bottleneck=32, in_context_len=4, in_context_start=2, num_classes=num_classes)
-# Small pixel-space SiT (no VAE) for MeanFlow's offline CPU demo (train.py --objective meanflow): 4 layers, 8x8
-# tokens of 4x4x3 values at 32 px. A velocity carries the noise through: a token holds fewer values than the width.
+# Small pixel-space SiT (no VAE) for MeanFlow's offline demo (train.py --objective meanflow): 4 layers, 8x8
+# tokens of 4x4x3 values at 32 px (a velocity carries the noise through: a token is narrower than the width).
 models["SiT-demo/4"] = lambda image_size=32, num_classes=10, mean_flow=False: SiT(
     image_size, 4, 128, 4, 4, num_classes=num_classes, in_channels=3, vae_factor=1, mean_flow=mean_flow)
 
