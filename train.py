@@ -44,54 +44,22 @@ from sample import generate
 
 
 class Objective(nn.Module):
-    """Holds the network and the projector, so DDP and torch.compile see one module. mean_flow: the MeanFlow
-    settings (train.py's --mf-* flags) where --objective meanflow, else None."""
+    """Holds the network and the projector, so DDP and torch.compile see one module. mean_flow: the
+    MeanFlow settings (train.py's --mf-* flags) where --objective meanflow, else None."""
 
-    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0, mean_flow=None):
+    def __init__(self, net, projector, family, align_depth, gamma, coeff, noise_scale=1.0,
+                 mean_flow=None):
         super().__init__()
         self.net, self.proj, self.family, self.mf = net, projector, family, mean_flow
-        self.align_depth, self.gamma, self.coeff, self.noise_scale = align_depth, gamma, coeff, noise_scale
-
-    def mean_flow_times(self, n):
-        """(t, r) from standard normals n (2, B): both logit-normal, t >= r, and r = t but in the batch's last
-        --mf-ratio (the official code keeps r = t in the first int(0.75 B) rows)."""
-        t, r = torch.sigmoid(n * self.mf.mf_time[1] + self.mf.mf_time[0]).sort(dim=0, descending=True).values
-        same = torch.arange(n.shape[1], device=n.device) < int(n.shape[1] * (1 - self.mf.mf_ratio))
-        return t, torch.where(same, t, r)
-
-    def mean_flow_loss(self, x, y, t, r, e):
-        """MeanFlow (Geng et al. 2025): the network is the average velocity u(z_t, r, t) of the path from t back
-        to r. The true u satisfies u = v - (t - r) du/dt (the MeanFlow identity): the loss regresses u on that
-        target with its gradient stopped. Returns (weighted loss, mean squared error, hidden tokens, target)."""
-        null, mf = self.net.num_classes, self.mf
-        tt = t.view(-1, 1, 1, 1)
-        z, v = (1 - tt) * x + tt * e, e - x                       # SiT's path: t=0 data, t=1 noise; (B, C, H, W)
-        if mf.mf_omega != 1 or mf.mf_kappa != 0:                  # guidance in training: a guided velocity
-            with torch.no_grad():                                 # (MeanFlow eq. 13-19), no CFG when sampling
-                on = ((t >= mf.mf_interval[0]) & (t <= mf.mf_interval[1])).view(-1, 1, 1, 1)
-                omega, kappa = torch.where(on, mf.mf_omega, 1.0), torch.where(on, mf.mf_kappa, 0.0)
-                v_null, v_cond = self.net(torch.cat([z, z]), torch.cat([t, t]),
-                                          torch.cat([torch.full_like(y, null), y]))[0].float().chunk(2)
-                v_g = omega * v + (1 - omega - kappa) * v_null + kappa * v_cond
-            v = torch.where((y == null).view(-1, 1, 1, 1), v, v_g)  # label-dropped rows keep the plain v
-        def u_fn(z, t, r):  # u(z_t, r, t): the network's second time input is the interval h = t - r
-            return self.net(z, t, y, self.align_depth, h=t - r)   # (B, C, H, W), aux: hidden tokens (B, T, D)
-        # u and du/dt, its total derivative along the path, from one forward-mode product with tangents (v, 1, 0)
-        # for (z_t, t, r). Flash attention has no forward-mode rule: math attention here. Cloned primals: the
-        # compiler refuses views (t, r) as jvp inputs.
-        with sdpa_kernel(SDPBackend.MATH):
-            u, du_dt, hidden = torch.func.jvp(u_fn, (z.clone(), t.clone(), r.clone()),
-                                         (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True)
-        target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.detach().float()  # stop-gradient
-        err = ((u.float() - target) ** 2).sum(dim=(1, 2, 3))      # (B,)
-        p, c = mf.mf_weight                                       # adaptive weight 1 / sg(err + c)^p
-        return (err / (err.detach() + c) ** p).mean(), err.mean() / x[0].numel(), hidden, target
+        self.align_depth, self.gamma, self.coeff = align_depth, gamma, coeff
+        self.noise_scale = noise_scale
 
     def forward(self, x, y, target):
+        # x: clean inputs (B, C, H, W), y: labels (B,), target: encoder tokens (B, T, Dz) or None
         B, depth = x.shape[0], self.align_depth if self.proj is not None else None
-        if self.mf is not None:  # MeanFlow on SiT's path
+        if self.mf is not None:  # MeanFlow on SiT's path (below); logged: its mean squared error
             t, r = self.mean_flow_times(torch.randn(2, B, device=x.device))
-            loss, denoise, hidden, _ = self.mean_flow_loss(x, y, t, r, torch.randn_like(x))  # logged: the MSE
+            loss, denoise, hidden, _ = self.mean_flow_loss(x, y, t, r, torch.randn_like(x))
         elif self.family == "SiT":  # linear interpolant, t=0 data, t=1 noise, v-prediction
             t = torch.rand(B, device=x.device)
             eps = torch.randn_like(x)
@@ -103,12 +71,53 @@ class Objective(nn.Module):
             tt = t.view(-1, 1, 1, 1)
             z = tt * x + (1 - tt) * torch.randn_like(x) * self.noise_scale
             out, hidden = self.net(z, t, y, depth)
-            v, v_pred = (x - z) / (1 - tt).clamp_min(0.05), (out.float() - z) / (1 - tt).clamp_min(0.05)
+            v = (x - z) / (1 - tt).clamp_min(0.05)
+            v_pred = (out.float() - z) / (1 - tt).clamp_min(0.05)
             loss = denoise = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
         if self.proj is None:
             return loss, denoise, torch.zeros_like(denoise)
         rep = align.alignment_loss(self.proj, hidden, target, self.gamma)
         return loss + self.coeff * rep, denoise, rep
+
+    def mean_flow_times(self, n):
+        """(t, r) from standard normals n (2, B): both logit-normal, t >= r, and r = t but in the
+        batch's last --mf-ratio (the official code keeps r = t in the first int(0.75 B) rows)."""
+        mean, std = self.mf.mf_time
+        t, r = torch.sigmoid(n * std + mean).sort(dim=0, descending=True).values
+        same = torch.arange(n.shape[1], device=n.device) < int(n.shape[1] * (1 - self.mf.mf_ratio))
+        return t, torch.where(same, t, r)
+
+    def mean_flow_loss(self, x, y, t, r, e):
+        """MeanFlow (Geng et al. 2025): the network is the average velocity u(z_t, r, t) of the path
+        from t back to r. The true u satisfies u = v - (t - r) du/dt (the MeanFlow identity): the loss
+        regresses u on that target with its gradient stopped.
+        Returns (weighted loss, mean squared error, hidden tokens, target)."""
+        null, mf = self.net.num_classes, self.mf
+        tt = t.view(-1, 1, 1, 1)
+        z, v = (1 - tt) * x + tt * e, e - x  # SiT's path: t=0 data, t=1 noise; (B, C, H, W)
+        if mf.mf_omega != 1 or mf.mf_kappa != 0:  # guidance in training (MeanFlow eq. 13-19):
+            with torch.no_grad():                 # a guided velocity, so sampling needs no CFG
+                on = ((t >= mf.mf_interval[0]) & (t <= mf.mf_interval[1])).view(-1, 1, 1, 1)
+                omega = torch.where(on, mf.mf_omega, 1.0)
+                kappa = torch.where(on, mf.mf_kappa, 0.0)
+                labels = torch.cat([torch.full_like(y, null), y])
+                both = self.net(torch.cat([z, z]), torch.cat([t, t]), labels)[0]  # (2B, C, H, W)
+                v_null, v_cond = both.float().chunk(2)
+                v_g = omega * v + (1 - omega - kappa) * v_null + kappa * v_cond
+            v = torch.where((y == null).view(-1, 1, 1, 1), v, v_g)  # label-dropped rows keep plain v
+
+        def u_fn(z, t, r):  # u(z_t, r, t): the network's second time input is the interval h = t - r
+            return self.net(z, t, y, self.align_depth, h=t - r)  # (B, C, H, W), aux: hidden (B, T, D)
+        # u and du/dt, its total derivative along the path, from one forward-mode product with
+        # tangents (v, 1, 0) for (z_t, t, r). Flash attention has no forward-mode rule: math attention
+        # here. Cloned primals: the compiler refuses views (t, r) as jvp inputs.
+        with sdpa_kernel(SDPBackend.MATH):
+            u, du_dt, hidden = torch.func.jvp(u_fn, (z.clone(), t.clone(), r.clone()),
+                                              (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True)
+        target = v - (tt - r.view(-1, 1, 1, 1)).clamp(0, 1) * du_dt.detach().float()  # stop-gradient
+        err = ((u.float() - target) ** 2).sum(dim=(1, 2, 3))  # (B,)
+        p, c = mf.mf_weight                                   # adaptive weight 1 / sg(err + c)^p
+        return (err / (err.detach() + c) ** p).mean(), err.mean() / x[0].numel(), hidden, target
 
 # -----------------------------------------------------------------------------
 # Configuration: presets per recipe, explicit flags win
@@ -451,38 +460,46 @@ def main(argv=None):
     check_run(args, world)
     net, encoder, projector, vae = build(args, device)
 
-    # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before any data work
-    objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
-                          noise_std(family, args.image_size), args if args.objective == "meanflow" else None)
+    # ---- objective, EMA(s), optimiser; a resumed run's state is loaded (or refused) before data work
+    mean_flow = args if args.objective == "meanflow" else None
+    objective = Objective(net, projector, family, args.encoder_depth, args.spnorm_gamma,
+                          args.proj_coeff, noise_std(family, args.image_size), mean_flow)
     decays = [float(d) for d in args.ema.split(",")]
     emas = [copy.deepcopy(net).requires_grad_(False) for _ in decays]
     params = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=fam["betas"], weight_decay=0.0,
+                            fused=device.type == "cuda")
     step = resume_state(args, net, emas, projector, opt, rank) if args.resume else 0
     data = load_data(args, fam["flip"], vae, device, rank, world)
-    warmup = args.warmup_steps if args.warmup_steps is not None else 5 * (data.n // args.batch_size)
-    bench = Bench(args, device, rank, world) if args.bench else None  # sets --steps and --log-every
-    writes = rank == 0 and not args.bench  # the one process that writes the log, samples and checkpoints
+    warmup = 5 * (data.n // args.batch_size) if args.warmup_steps is None else args.warmup_steps
+    bench = Bench(args, device, rank, world) if args.bench else None  # sets --steps, --log-every
+    writes = rank == 0 and not args.bench  # the one process that writes log, samples, checkpoints
 
     # ---- DDP and compilation
-    train_obj = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True) if ddp else objective
-    if ddp and args.compile:  # one graph: NCCL overlapping the backward slows it more than it hides (docs)
+    train_obj = objective
+    if ddp:
+        train_obj = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    if ddp and args.compile:  # one graph: overlapping NCCL with the backward costs more than it hides
         torch._dynamo.config.optimize_ddp = False
     step_fn = torch.compile(train_obj) if args.compile else train_obj
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
-    trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed stays out of the EMA
-    ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad] for ema in emas]
+    trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed: not in the EMA
+    ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad]
+                  for ema in emas]
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     if rank == 0:
         print(json.dumps(vars(args), indent=1, default=str))
-        print(f"{args.model}: {sum(p.numel() for p in params):,} trainable parameters (incl. projector), "
-              f"{world} rank(s), device {device}")
-        print(f"resuming from {args.resume} at step {step}" if args.resume else f"a new run in {args.out_dir}")
+        print(f"{args.model}: {sum(p.numel() for p in params):,} trainable parameters (incl. "
+              f"projector), {world} rank(s), device {device}")
+        print(f"resuming from {args.resume} at step {step}" if args.resume else
+              f"a new run in {args.out_dir}")
         print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
-              f"data: {args.model} trains on {args.num_generated} generated shapes, the offline demo's data (no "
-              f"--data-path, no {IMAGENET}); for the paper's run pass --data-path /imagenet/train")
+              f"data: {args.model} trains on {args.num_generated} generated shapes, the offline "
+              f"demo's data (no --data-path, no {IMAGENET}); for the paper's run pass "
+              "--data-path /imagenet/train")
         if args.compile:
             print("compiling the training step and the encoder: the first steps take a minute or two")
     if writes and args.start_over and not args.resume and os.path.exists(args.out_dir):
@@ -492,24 +509,28 @@ def main(argv=None):
     if writes:
         os.makedirs(args.out_dir, exist_ok=True)
     workers = args.num_workers if device.type == "cuda" else 0  # CPU runs: no worker start-up cost
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, sampler=range(step, args.steps),
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    flops_per_img = count_flops(objective, encoder, data, device, amp, vae) if device.type == "cuda" else None
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=workers, prefetch_factor=4 if workers else None,
+                                         pin_memory=device.type == "cuda")
+    flops_per_img = None
+    if device.type == "cuda":
+        flops_per_img = count_flops(objective, encoder, data, device, amp, vae)
     net.recompute = args.recompute  # after counting: MFU counts useful FLOPs, not recomputed ones
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the last log
     t0, last_log = time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
-    for x, y, lat in loader:  # x uint8 (B, 3, R, R), y (B,), lat (SiT) posterior mean|std (B, 8, R/8, R/8)
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # step s's noise: resumable exactly
+    for x, y, lat in loader:  # x uint8 (B, 3, R, R), y (B,), lat (SiT): mean|std (B, 8, R/8, R/8)
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # step s's noise: resumable
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad(), amp:  # autocast leaves the elementwise ops on the inputs in fp32
             target = encode(x) if encoder is not None else None  # (B, T, Dz) from uint8 images
-            if vae is not None:  # SiT on SD-VAE latents
+            if vae is not None:  # SiT on SD-VAE latents, the posterior re-sampled every step
                 mean, std = lat.to(device, non_blocking=True).chunk(2, dim=1)
-                inp = vae.scale(mean + std * torch.randn_like(mean))  # posterior re-sampled every step
+                inp = vae.scale(mean + std * torch.randn_like(mean))
             else:
                 inp = x.float() / 127.5 - 1
-            y = torch.where(torch.rand(y.shape, device=device) < 0.1, args.num_classes, y)  # CFG label drop
+            drop = torch.rand(y.shape, device=device) < 0.1  # label dropout for CFG: the null class
+            y = torch.where(drop, args.num_classes, y)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
         with amp:
@@ -518,30 +539,31 @@ def main(argv=None):
         loss.backward()
         if fam["clip"]:
             gnorm = torch.nn.utils.clip_grad_norm_(params, fam["clip"])
-        else:  # JiT does not clip: the norm alone, for the log (clipping at inf would rescale every grad by 1)
+        else:  # no clipping (JiT, MeanFlow): the norm alone, for the log
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         opt.step()
         with torch.no_grad():
             for ema_p, decay in zip(ema_params, decays):
                 torch._foreach_lerp_(ema_p, trainable, 1 - decay)
-            acc += torch.stack([loss.detach().float(), denoise.detach().float(), rep.detach().float(), gnorm.float()])
+            acc += torch.stack([loss.detach(), denoise.detach(), rep.detach(), gnorm]).float()
         step += 1
         bar.update(1)
         if bench:
             bench.step(step)
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:  # never save a NaN
-            if ddp:
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+            if ddp:  # logged before any checkpoint, so that a NaN is never saved
                 dist.all_reduce(acc)
             loss_avg, den_avg, rep_avg, g_avg = (acc / world / (step - last_log)).tolist()
             if not math.isfinite(loss_avg):
-                good = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "*.pt"))) or ["none"]
-                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; last good checkpoint: {good[-1]}")
+                good = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "*.pt")))
+                raise SystemExit(f"loss is {loss_avg} around step {step}: stopping; last good "
+                                 f"checkpoint: {(good or ['none'])[-1]}")
             ips = (step - last_log) * args.batch_size / (time.time() - t0) / world
             rec = dict(step=step, loss=loss_avg, denoise=den_avg, repa=rep_avg, grad_norm=g_avg,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
             if flops_per_img:
                 rec["mfu"] = ips * flops_per_img / PEAK_FLOPS
-            bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")  # shown on rank 0
+            bar.set_postfix(loss=f"{loss_avg:.4f}", repa=f"{rep_avg:.3f}", ips=f"{ips:.0f}")
             if writes:
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
