@@ -1,15 +1,16 @@
 """Sample from SiT (latent) or JiT (pixel) checkpoints with the official samplers.
 
-  python sample.py --ckpt RUN                                            # 8x8 PNG grid in RUN/samples/
-  python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM-format npz for fid.py
+  python sample.py --ckpt RUN                                   # 8x8 PNG grid in RUN/samples/
+  python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM npz for fid.py
   torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
-  python sample.py --bench --model SiT-B/2 --batch-size 256              # img/s fp32 vs bf16 (random init)
-  python sample.py --ckpt out/SiT-demo-4-none-meanflow                    # a MeanFlow run: one step per image
+  python sample.py --bench --model SiT-B/2 --batch-size 256     # img/s fp32 vs bf16 (random init)
+  python sample.py --ckpt out/SiT-demo-4-none-meanflow          # MeanFlow: one step per image
 
 Without --out the grid goes beside the checkpoint (default_out), never into the current directory.
-Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise) to t=1 (data).
-Sample i is in shard i // batch-size, whose noise (and uniform labels) come from (seed, shard): the npz is the
-same for any number of processes, and a rerun with the same flags resumes from the finished shards in <out>.shards/.
+Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0 (noise)
+to t=1 (data). Sample i is in shard i // batch-size, whose noise (and uniform labels) come from
+(seed, shard): the npz is the same for any number of processes, and a rerun with the same flags
+resumes from the finished shards in <out>.shards/.
 """
 import argparse
 import json
@@ -24,16 +25,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import kernels
-from data import (check_at_least, check_writable, find_checkpoint, load_checkpoint as read_checkpoint,
-                  save_grid, setup_device)
+from data import (check_at_least, check_writable, find_checkpoint,
+                  load_checkpoint as read_checkpoint, save_grid, setup_device)
 from model import build_model, in_latent_space, models, noise_std
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
-    """Network output at state x (B, ...) and time t; guided: conditional and null-class rows in one forward."""
+    """Network output at state x (B, ...) and time t; guided (on): conditional and null-class rows
+    in one forward, combined as uncond + cfg_scale * (cond - uncond)."""
     if on:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
-    out = model(x.to(dtype), torch.full((len(x),), float(t), dtype=dtype, device=x.device), y)[0].to(x.dtype)
+    t = torch.full((len(x),), float(t), dtype=dtype, device=x.device)
+    out = model(x.to(dtype), t, y)[0].to(x.dtype)
     if not on:
         return out
     cond, uncond = out.chunk(2)
@@ -41,25 +44,29 @@ def guided(model, x, t, y, cfg_scale, on, dtype):
 
 
 @torch.no_grad()
-def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):
-    """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun correction on all but the last step.
-    Guidance applies where guidance_low <= t <= guidance_high (t of the step start, for both Heun evaluations)."""
+def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
+                  guidance_high=1.0):
+    """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun correction on all but the last
+    step. Guidance where guidance_low <= t <= guidance_high (t of the step start, for both Heun
+    evaluations)."""
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
         if heun and i < num_steps - 1:
-            v = 0.5 * v + 0.5 * guided(model, x + (t_next - t) * v, t_next, y, cfg_scale, on, noise.dtype)
+            v_next = guided(model, x + (t_next - t) * v, t_next, y, cfg_scale, on, noise.dtype)
+            v = 0.5 * v + 0.5 * v_next
         x = x + (t_next - t) * v
     return x
 
 
 @torch.no_grad()
-def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                           generator=None):
-    """SiT SDE with diffusion w(t) = 2t on linspace(1, 0.04, N), then one drift-only step to t=0 (N evaluations).
-    On the linear path the score is s = -(x + (1-t) v) / t, so the drift v - w s / 2 is (2 - t) v + x."""
+def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0,
+                           guidance_high=1.0, generator=None):
+    """SiT SDE with diffusion w(t) = 2t on linspace(1, 0.04, N), then one drift-only step to t=0
+    (N evaluations). On the linear path the score is s = -(x + (1-t) v) / t, so the drift
+    v - w s / 2 is (2 - t) v + x."""
     ts = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
@@ -73,14 +80,17 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
 
 
 @torch.no_grad()
-def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0), t_eps=0.05):
-    """JiT ODE on a float32 linspace(0, 1, N+1): Heun steps then a last Euler step (2N-1 evaluations; heun=False:
-    all Euler). Velocity from the x-prediction, v = (x - z) / max(1 - t, t_eps). Guidance on where
-    low < t < high (no lower bound when low == 0), compared in float32 as the official code."""
+def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0),
+                t_eps=0.05):
+    """JiT ODE on a float32 linspace(0, 1, N+1): Heun steps then a last Euler step (2N-1
+    evaluations; heun=False: all Euler). Velocity from the x-prediction, v = (x - z) / max(1 - t,
+    t_eps). Guidance where low < t < high (no lower bound when low == 0), compared in float32 as
+    the official code."""
     ts = torch.linspace(0, 1, num_steps + 1)  # 0-d float32 entries keep the official arithmetic
+    low, high = interval
 
     def velocity(z, t):
-        on = cfg_scale != 1.0 and bool(t < interval[1]) and (interval[0] == 0 or bool(t > interval[0]))
+        on = cfg_scale != 1.0 and bool(t < high) and (low == 0 or bool(t > low))
         return (guided(model, z, t, y, cfg_scale, on, z.dtype) - z) / (1.0 - t).clamp_min(t_eps)
 
     z = noise
@@ -94,8 +104,8 @@ def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interva
 
 @torch.no_grad()
 def mean_flow_sampler(model, noise, y, num_steps=1):
-    """MeanFlow (SiT time): z_r = z_t - (t - r) u(z_t, r, t) on a float32 linspace(1, 0, N+1); one step is
-    z_0 = z_1 - u(z_1, 0, 1). Guidance was trained in (train.py --mf-omega/--mf-kappa)."""
+    """MeanFlow (SiT time): z_r = z_t - (t - r) u(z_t, r, t) on a float32 linspace(1, 0, N+1); one
+    step is z_0 = z_1 - u(z_1, 0, 1). Guidance was trained in (train.py --mf-omega/--mf-kappa)."""
     ts, x = torch.linspace(1, 0, num_steps + 1, device=noise.device), noise
     for t, r in zip(ts, ts[1:]):
         u = model(x, t.expand(len(x)), y, h=(t - r).expand(len(x)))[0].float()
@@ -103,38 +113,44 @@ def mean_flow_sampler(model, noise, y, num_steps=1):
     return x
 
 
-def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0, generator=None):
-    """Run the sampler for labels y (B,) from noise drawn with generator: SiT latents (float64) or JiT pixels."""
-    noise = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, generator=generator,
-                        device=y.device)
+def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0,
+                   generator=None):
+    """The sampler for labels y (B,) from noise drawn with generator: SiT latents (float64) or JiT
+    pixels."""
+    size = model.input_size
+    noise = torch.randn(len(y), model.in_channels, size, size, generator=generator, device=y.device)
     if family == "jit":
-        return jit_sampler(model, noise_scale * noise, y, num_steps, mode == "heun", cfg_scale, interval)
+        return jit_sampler(model, noise_scale * noise, y, num_steps, mode == "heun", cfg_scale,
+                           interval)
     if mode == "meanflow":
         return mean_flow_sampler(model, noise, y, num_steps)
     if mode == "sde":
-        return euler_maruyama_sampler(model, noise, y, num_steps, cfg_scale, *interval, generator=generator)
+        return euler_maruyama_sampler(model, noise, y, num_steps, cfg_scale, *interval,
+                                      generator=generator)
     return euler_sampler(model, noise, y, num_steps, mode == "heun", cfg_scale, *interval)
 
 
 @torch.no_grad()
-def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0, interval=(0.0, 1.0),
-             noise_scale=1.0, generator=None):
-    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU. mode: sde | ode | heun
-    | meanflow. vae: decodes latents (SiT), None for pixel models."""
-    x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale, generator)
+def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0,
+             interval=(0.0, 1.0), noise_scale=1.0, generator=None):
+    """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU.
+    mode: sde | ode | heun | meanflow. vae: decodes latents (SiT), None for pixel models."""
+    x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale,
+                       generator)
     x = ((vae.decode(vae.unscale(x.float())) if vae is not None else x).float() + 1) / 2 * 255
     x = x.round() if family == "jit" else x  # official conversions: JiT rounds, SiT truncates
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def sampling_defaults(name, mean_flow):
-    """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG, interval (0.1, 1];
-    MeanFlow: 1 step, guidance trained in."""
+    """Official FID protocol per model: SiT SDE 250 steps without CFG; JiT Heun 50, its CFG,
+    interval (0.1, 1]; MeanFlow: 1 step, guidance trained in."""
     if mean_flow:
         return "meanflow", 1, 1.0, 0.0, 1.0
     if name.startswith("SiT"):
         return "sde", 250, 1.0, 0.0, 1.0
-    return "heun", 50, {"B": 3.0, "L": 2.4, "H": 2.2}.get(name[4], 1.0), 0.1, 1.0  # no CFG for non-paper sizes
+    cfg = {"B": 3.0, "L": 2.4, "H": 2.2}.get(name[4], 1.0)  # no CFG for non-paper sizes
+    return "heun", 50, cfg, 0.1, 1.0
 
 
 def shard_seed(seed, shard):
