@@ -1,18 +1,19 @@
 """
 Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo to multi-node DDP.
 
-    python train.py                                                   # offline demo, generated data, CPU ok
-    python train.py --encoder dinov2-vit-s --encoder-weights random --irepa   # the iREPA path, offline
+    python train.py                                  # offline demo, generated data, CPU ok
+    python train.py --encoder dinov2-vit-s --encoder-weights random --irepa   # iREPA, offline
     torchrun --nproc_per_node=8 train.py --encoder dinov2-vit-b --irepa --data-path /imagenet/train
-    torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa --data-path ...
-    python train.py --resume out/JiT-demo-16-none                     # continue exactly where it stopped
-    python train.py --objective meanflow                              # MeanFlow's offline demo (pixel SiT)
-    torchrun --nproc_per_node=8 train.py --objective meanflow --encoder dinov3-vit-b16 --irepa --steps 100000
+    torchrun --nproc_per_node=8 train.py --model JiT-B/16 --encoder dinov2-vit-b --irepa ...
+    python train.py --resume out/JiT-demo-16-none    # continue exactly where it stopped
+    python train.py --objective meanflow             # MeanFlow's offline demo (pixel SiT)
+    torchrun --nproc_per_node=8 train.py --objective meanflow --encoder dinov3-vit-b16 --irepa
 
-Without --model and a data path the offline demo runs, else the family's paper recipe (README); given flags win.
-With --model or --encoder the data path defaults to data/imagenet/train where that folder exists.
-Step s's noise is drawn after reseeding with (seed, s, rank) and the data order is seeded by (seed, epoch), so a
-resumed run repeats the uninterrupted one (bit for bit when eager; compiled kernels vary in the last bits).
+Without --model and a data path the offline demo runs, else the family's paper recipe (README);
+given flags win. With --model or --encoder the data path defaults to data/imagenet/train where that
+folder exists. Step s's noise is drawn after reseeding with (seed, s, rank) and the data order is
+seeded by (seed, epoch), so a resumed run repeats the uninterrupted one (bit for bit when eager;
+compiled kernels vary in the last bits).
 """
 import argparse
 import copy
@@ -33,9 +34,9 @@ from tqdm import tqdm
 import align
 import encoders
 import kernels
-from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, generated_images, load_checkpoint, posterior,
-                  prepared_arrays, prepared_folder, readable_checkpoint, save_checkpoint, save_grid, setup_device,
-                  trim_log)
+from data import (NUM_GENERATED_CLASSES, Batches, check_at_least, generated_images,
+                  load_checkpoint, posterior, prepared_arrays, prepared_folder, readable_checkpoint,
+                  save_checkpoint, save_grid, setup_device, trim_log)
 from model import build_model, in_latent_space, models, noise_std
 from sample import generate
 
