@@ -165,31 +165,34 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
 
 
 def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir=None):
-    """The folder of data_path's arrays at image_size with vae_name's latents (None: pixels only). One folder per
-    data set, size and VAE, beside the run folder unless prepared_dir: a run with other settings prepares its own
-    and never rewrites these. A ValueError where the folder holds other arrays."""
+    """The folder of data_path's arrays at image_size with vae_name's latents (None: pixels only).
+    One folder per data set, size and VAE, beside the run folder unless prepared_dir: a run with
+    other settings prepares its own and never rewrites these. A ValueError where the folder holds
+    other arrays."""
     tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
     tag += "-vae" if vae_name == "random" else ""
     name = f"prepared-{os.path.basename(os.path.normpath(data_path))}-{image_size}{tag}"
     beside = os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)
-    folder = next((d for d in (prepared_dir, beside) if d and os.path.exists(os.path.join(d, "meta.json"))),
-                  prepared_dir or beside)  # a resumed run moved with its arrays finds them beside it
-    if not os.path.exists(os.path.join(folder, "meta.json")):
-        return folder  # not prepared yet
+    done = lambda d: d and os.path.exists(os.path.join(d, "meta.json"))  # a finished preparation
+    # a resumed run that moved with its arrays finds them beside it
+    folder = next((d for d in (prepared_dir, beside) if done(d)), prepared_dir or beside)
+    if not done(folder):
+        return folder
     meta, source = json.load(open(os.path.join(folder, "meta.json"))), os.path.abspath(data_path)
     if (meta["source"], meta["image_size"]) != (source, image_size):
-        raise ValueError(f"{folder} holds {meta['source']} at {meta['image_size']} px, not {source} at "
-                         f"{image_size} px: pass another --prepared-dir or delete it")
+        raise ValueError(f"{folder} holds {meta['source']} at {meta['image_size']} px, not {source} "
+                         f"at {image_size} px: pass another --prepared-dir or delete it")
     if vae_name and meta.get("vae") != vae_name:
-        held = f"latents of the VAE {meta['vae']}" if meta.get("vae") else "no VAE latents (a JiT run's arrays)"
-        raise ValueError(f"{folder} holds {held}, not {vae_name}'s: pass another --prepared-dir, or none (each "
-                         "VAE prepares its own folder beside the run)")
+        held = (f"latents of the VAE {meta['vae']}" if meta.get("vae") else
+                "no VAE latents (a JiT run's arrays)")
+        raise ValueError(f"{folder} holds {held}, not {vae_name}'s: pass another --prepared-dir, "
+                         "or none (each VAE prepares its own folder beside the run)")
     return folder
 
 
 def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank=0, world=1):
-    """(images, labels, latents or None) of a prepared folder, memory-mapped; where no preparation finished,
-    rank 0 prepares it first and the other ranks wait."""
+    """(images, labels, latents or None) of a prepared folder, memory-mapped; where no preparation
+    finished, rank 0 prepares it first and the other ranks wait."""
     if rank == 0 and not os.path.exists(os.path.join(folder, "meta.json")):
         prepare(data_path, folder, image_size, vae, vae_name, device)
     if world > 1:
@@ -263,8 +266,8 @@ def load_checkpoint(path, mmap=False):
 
 
 def readable_checkpoint(path):
-    """(file, checkpoint read as data, tensors memory-mapped) of a train.py run directory (its newest checkpoint)
-    or a checkpoint file; a ValueError that names a damaged file and the newest good one before it."""
+    """(file, checkpoint read as data, tensors memory-mapped) of a checkpoint file or a train.py run
+    directory (its newest checkpoint); a ValueError naming a damaged file and the newest good one."""
     path = os.path.abspath(find_checkpoint(path))
 
     def read(f):
@@ -275,7 +278,7 @@ def readable_checkpoint(path):
             return None
     ck = read(path)
     if ck is None:
-        older = [f for f in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt"))) if f < path]
+        older = sorted(f for f in glob.glob(os.path.join(os.path.dirname(path), "*.pt")) if f < path)
         good = next((f for f in reversed(older) if read(f)), None)
         hint = f"; the newest good one is {good}: resume from it with --resume {good}" if good else ""
         raise ValueError(f"{path} is not a readable train.py checkpoint (damaged?){hint}")
