@@ -382,6 +382,29 @@ def load_data(args, flip, vae, device, rank, world):
     return Batches(images, labels, latents, args.batch_size, rank, world, args.seed, flip)
 
 
+def open_run(args, num_params, step, rank, world, device, writes):
+    """Says what runs (rank 0), then readies the run folder (the writing rank): --start-over moves
+    an old run aside first, never deleting it."""
+    if rank == 0:
+        print(json.dumps(vars(args), indent=1, default=str))
+        print(f"{args.model}: {num_params:,} trainable parameters (incl. projector), {world} "
+              f"rank(s), device {device}")
+        print(f"resuming from {args.resume} at step {step}" if args.resume else
+              f"a new run in {args.out_dir}")
+        print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
+              f"data: {args.model} trains on {args.num_generated} generated shapes, the offline "
+              f"demo's data (no --data-path, no {IMAGENET}); for the paper's run pass "
+              "--data-path /imagenet/train")
+        if args.compile:
+            print("compiling the training step and the encoder: the first steps take a minute or two")
+    if writes and args.start_over and not args.resume and os.path.exists(args.out_dir):
+        aside = f"{os.path.normpath(args.out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(args.out_dir, aside)
+        print(f"--start-over: moved the old run in {args.out_dir} to {aside}")
+    if writes:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+
 class Bench:
     """--bench N: 5 warm-up (and compile) steps, N timed ones, then 3 under the profiler (rank 0); report() prints
     the kernel table and the BENCH line bench.sh reads. A benchmark writes nothing (main's `writes`)."""
@@ -491,24 +514,7 @@ def main(argv=None):
                   for ema in emas]
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    if rank == 0:
-        print(json.dumps(vars(args), indent=1, default=str))
-        print(f"{args.model}: {sum(p.numel() for p in params):,} trainable parameters (incl. "
-              f"projector), {world} rank(s), device {device}")
-        print(f"resuming from {args.resume} at step {step}" if args.resume else
-              f"a new run in {args.out_dir}")
-        print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
-              f"data: {args.model} trains on {args.num_generated} generated shapes, the offline "
-              f"demo's data (no --data-path, no {IMAGENET}); for the paper's run pass "
-              "--data-path /imagenet/train")
-        if args.compile:
-            print("compiling the training step and the encoder: the first steps take a minute or two")
-    if writes and args.start_over and not args.resume and os.path.exists(args.out_dir):
-        aside = f"{os.path.normpath(args.out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(args.out_dir, aside)  # moved, never deleted
-        print(f"--start-over: moved the old run in {args.out_dir} to {aside}")
-    if writes:
-        os.makedirs(args.out_dir, exist_ok=True)
+    open_run(args, sum(p.numel() for p in params), step, rank, world, device, writes)
     workers = args.num_workers if device.type == "cuda" else 0  # CPU runs: no worker start-up cost
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, args.steps),
                                          num_workers=workers, prefetch_factor=4 if workers else None,
