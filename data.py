@@ -8,7 +8,7 @@ Data and files around the method, shared by train.py, sample.py and metrics.py; 
                      prepared_folder (one per data set, size and VAE), prepared_arrays (prepares on first use)
   run files          setup_device (plain run or torchrun process), find_checkpoint, load_checkpoint (as data),
                      readable_checkpoint (names the newest good one), save_checkpoint (atomic), trim_log (resume),
-                     check_at_least / check_writable
+                     Parser (one-line flag errors), at_least (a range type), check_writable
 """
 import argparse
 import glob
@@ -304,6 +304,29 @@ def trim_log(path, step):
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' argument parser: an error is one line, the reason and "see --help", not the usage
+    block; allow_abbrev off, so a flag counts as given only when spelled out (train.py's resume)."""
+
+    def __init__(self, description):
+        super().__init__(description=description, allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def at_least(least, kind=int):
+    """An argparse type: a number of `kind` not below `least`, so ranges are checked while parsing."""
+    def parse(text):
+        value = kind(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type by this
+    return parse
 
 
 def check_at_least(parser, args, names, least=1):
