@@ -3,7 +3,7 @@ The two diffusion transformers of iREPA: SiT (latent space, v-prediction) and Ji
 x-prediction). Each keeps its official input convention and parameter names, so official
 checkpoints load with strict=True (JiT: strip the "net." prefix of the official Denoiser).
 
-    model = models["SiT-B/2"]()                    # ImageNet 256: 1000 classes + null class 1000
+    model = build_model("SiT-B/2")                 # ImageNet 256: 1000 classes + null class 1000
     out, hidden = model(x, t, y, align_depth=4)    # hidden: (B, T, D) tokens after block 4
 
 SiT: x (B, 4, R/8, R/8) SD-VAE latents, t in [0, 1] with t=0 data and t=1 noise, out = velocity.
@@ -13,23 +13,24 @@ No projector lives here: align.py owns it, so the same networks train with or wi
     python model.py     # prints the parameter count of every configuration
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+
 # -----------------------------------------------------------------------------
-# Pieces both families share (DiT lineage)
-
-
+# Layers. SiT's are DiT's; JiT ("Just image Transformers") swaps in a bottleneck patch embedding,
+# SwiGLU, RMSNorm, and q/k-norm + 2D RoPE in the attention; both condition by adaLN
 def modulate(x, shift, scale):
     # x (B, T, D), shift/scale (B, D): adaLN
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2D sin-cos table (grid*grid, dim): first half encodes the column, second the row (MAE)."""
+    """Fixed 2D sin-cos table (grid*grid, dim): first half encodes the column, second the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
                                 torch.arange(grid, dtype=torch.float64), indexing="ij")
@@ -42,15 +43,13 @@ def sincos_pos_embed(dim, grid):
 
 class TimestepEmbedder(nn.Module):
     """Scalar t -> 256-d sinusoid [cos | sin] (max period 1e4) -> Linear-SiLU-Linear."""
-
-    def __init__(self, hidden_size, freq_dim=256):
+    def __init__(self, hidden_size):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(),
+        self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        half = self.freq_dim // 2
+        half = 128
         i = torch.arange(half, dtype=torch.float32, device=t.device)
         freqs = torch.exp(-math.log(10000) * i / half)
         args = t[:, None].float() * freqs[None]
@@ -58,8 +57,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """num_classes + 1 rows: the last is the null class of classifier-free guidance (train.py drops)."""
-
+    """num_classes + 1 rows: the last is the null class of classifier-free guidance."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
@@ -87,61 +85,24 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def check_input(model, x):
-    want = (model.in_channels, model.input_size, model.input_size)
-    if tuple(x.shape[1:]) != want:
-        raise ValueError(f"{type(model).__name__} built for inputs (B, {', '.join(map(str, want))}) "
-                         f"but got {tuple(x.shape)}: pass image_size= when building the model")
-
-
-def init_dit_weights(model):
-    """DiT's initialisation, as both official codebases: adaLN-Zero (output 0), patch convs as Linears."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    for emb in filter(None, (model.t_embedder, getattr(model, "h_embedder", None))):  # h: MeanFlow's
-        nn.init.normal_(emb.mlp[0].weight, std=0.02)
-        nn.init.normal_(emb.mlp[2].weight, std=0.02)
-    final = model.final_layer
-    zeroed = [b.adaLN_modulation[-1] for b in model.blocks] + [final.adaLN_modulation[-1], final.linear]
-    for layer in zeroed:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-    for m in model.x_embedder.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-# -----------------------------------------------------------------------------
-# SiT: Scalable interpolant Transformer on SD-VAE latents (same network as DiT)
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D), row-major tokens
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D), row-major
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+class BottleneckPatchEmbed(nn.Module):
+    """p x p patch -> low-rank bottleneck (no bias) -> hidden: a small embedding at p=16/32."""
+    def __init__(self, patch_size, in_channels, bottleneck, hidden_size):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj1 = nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size, bias=False)
+        self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
 
     def forward(self, x):
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                # 3 x (B, heads, T, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), flash kernel on GPU
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
 
 
 class Mlp(nn.Module):
@@ -152,125 +113,6 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class SiTBlock(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x, c):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-class SiT(nn.Module):
-    def __init__(self, image_size=256, patch_size=2, hidden_size=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8, mean_flow=False):
-        super().__init__()
-        self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
-        self.hidden_size = hidden_size
-        self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
-        self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
-        self.recompute = 0                           # activation checkpoints: first N blocks (train.py)
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        # MeanFlow's second time input, the interval h = t - r (MeanFlow's name; train.py --objective)
-        self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        # frozen, but a Parameter (not a buffer) so the official checkpoints' "pos_embed" key lines up
-        pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        # (the official SiT-S builds this with width 768 and crashes; ours uses hidden_size)
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
-                                      nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-        init_dit_weights(self)
-
-    def forward(self, x, t, y, align_depth=None, h=None):
-        check_input(self, x)
-        x = self.x_embedder(x) + self.pos_embed      # (B, T, D)
-        c = self.t_embedder(t)                       # (B, D)
-        if self.h_embedder is not None:              # MeanFlow: u over [t - h, t]; h = 0: velocity at t
-            c = c + self.h_embedder(torch.zeros_like(t) if h is None else h)
-        c = c + self.y_embedder(y)
-        hidden = None
-        for i, block in enumerate(self.blocks):
-            # the first `recompute` blocks keep no activations: recomputed in backward (saves memory)
-            if i < self.recompute and self.training:
-                x = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
-            if i + 1 == align_depth:
-                hidden = x                           # (B, T, D) what REPA aligns
-        x = self.final_layer(x, c)                   # (B, T, p*p*C)
-        return unpatchify(x, self.patch_size, self.in_channels), hidden
-
-# -----------------------------------------------------------------------------
-# JiT: "Just image Transformers", pixel-space x-prediction
-
-
-class RMSNorm(nn.Module):
-    """LLaMA RMSNorm, computed in fp32 whatever the input dtype (as the official)."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return (self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)).to(x.dtype)
-
-
-def rope_tables(head_dim, grid, prefix=0):
-    """2D RoPE (cos, sin), each (prefix + grid*grid, 1, head_dim), broadcasting over heads: the first
-    half of the head dims rotates with the row index, the second half with the column; frequencies
-    repeat in pairs for the interleaved rotation, and `sin` carries the rotation's signs (-, +) in
-    each pair. `prefix` rows of identity (cos 1, sin 0) leave class tokens unrotated."""
-    dim = head_dim // 2
-    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-    pos = torch.arange(grid) / grid * grid               # float32 grid positions, as the official
-    f = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (grid, dim)
-    f = torch.cat([f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)], dim=-1)
-    f = f.reshape(grid * grid, head_dim)
-    cos = torch.cat([torch.ones(prefix, head_dim), f.cos()])
-    sin = torch.cat([torch.zeros(prefix, head_dim), f.sin() * torch.tensor([-1.0, 1.0]).repeat(dim)])
-    return cos[:, None], sin[:, None]
-
-
-def apply_rope(x, cos, sin):
-    # x (B, T, heads, hd): each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as a
-    # swap of the pair times the signed sin table (compiled: one unmasked load, where the official
-    # stack([-x2, x1]) gathers)
-    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
-
-
-class JiTAttention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_norm = RMSNorm(dim // num_heads)
-        self.k_norm = RMSNorm(dim // num_heads)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, cos, sin):
-        B, T, D = x.shape
-        # q, k, v stay token-major (B, T, heads, hd) and enter attention as transposed views (official:
-        # permutes them head-major; same values): the output comes back token-major, `proj` needs no copy
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
-        q, k = self.qk_norm_rope(q, k, cos, sin)
-        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-    def qk_norm_rope(self, q, k, cos, sin):
-        # q, k (B, T, heads, hd): RMSNorm per head, then rotate by position (kernels.py fuses it on GPU)
-        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
 class SwiGLU(nn.Module):
@@ -285,31 +127,160 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
-class JiTBlock(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, computed in fp32 whatever the input dtype (as the official)."""
+    def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = JiTAttention(dim, num_heads)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, int(dim * mlp_ratio))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return (self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)).to(x.dtype)
+
+
+def rope_tables(head_dim, grid, prefix=0):
+    """2D RoPE (cos, sin), each (prefix + grid*grid, 1, head_dim): the first half of the head dims
+    rotates with the row, the second with the column, in interleaved pairs; `sin` carries the
+    signs (-, +) of each pair. `prefix` rows of identity leave class tokens unrotated."""
+    dim = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    pos = torch.arange(grid) / grid * grid               # float32 grid positions, as the official
+    f = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (grid, dim)
+    f = torch.cat([f[:, None].expand(grid, grid, dim), f[None].expand(grid, grid, dim)], dim=-1)
+    f = f.reshape(grid * grid, head_dim)  # (row, column) frequencies of each token
+    signs = torch.tensor([-1.0, 1.0]).repeat(dim)
+    cos = torch.cat([torch.ones(prefix, head_dim), f.cos()])
+    sin = torch.cat([torch.zeros(prefix, head_dim), f.sin() * signs])
+    return cos[:, None], sin[:, None]
+
+
+def apply_rope(x, cos, sin):
+    # x (B, T, heads, hd): pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), by a swap
+    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        self.num_heads = num_heads
+        if qk_norm:
+            self.q_norm = RMSNorm(dim // num_heads)
+            self.k_norm = RMSNorm(dim // num_heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, *rope):  # rope: JiT's (cos, sin) tables
+        B, T, D = x.shape
+        # q, k, v (B, T, heads, hd) enter attention as head-major views: the output is token-major
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
+        if rope:
+            q, k = self.qk_norm_rope(q, k, *rope)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+    def qk_norm_rope(self, q, k, cos, sin):
+        # q, k (B, T, heads, hd): RMSNorm per head, then RoPE (kernels.py fuses both on GPU)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+
+
+class JiTAttention(Attention):
+    """JiT's attention: q and k RMS-normalised per head, then rotated by their position."""
+    def __init__(self, dim, num_heads):
+        super().__init__(dim, num_heads, qk_norm=True)
+
+
+# -----------------------------------------------------------------------------
+# The two networks: the same adaLN-Zero block, holding SiT's or JiT's layers
+class Block(nn.Module):
+    """c (B, D) shifts, scales and gates both residual branches (adaLN-Zero: gates start at 0).
+    SiT: LayerNorm, attention, GELU MLP. JiT: RMSNorm, attention with q/k-norm + RoPE, SwiGLU."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, jit):
+        super().__init__()
+        Norm = RMSNorm if jit else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
+        self.norm1 = Norm(dim)
+        self.attn = JiTAttention(dim, num_heads) if jit else Attention(dim, num_heads)
+        self.norm2 = Norm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = SwiGLU(dim, hidden) if jit else Mlp(dim, hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, cos, sin):
+    def forward(self, x, c, *rope):  # rope: JiT's (cos, sin) tables
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), *rope)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class BottleneckPatchEmbed(nn.Module):
-    """p x p patch -> low-rank bottleneck (no bias) -> hidden: keeps the embedding small at p=16/32."""
+def check_input(model, x):
+    C, S = model.in_channels, model.input_size
+    if tuple(x.shape[1:]) != (C, S, S):
+        raise ValueError(f"{type(model).__name__} built for inputs (B, {C}, {S}, {S}) but got "
+                         f"{tuple(x.shape)}: pass image_size= when building the model")
 
-    def __init__(self, patch_size, in_channels, bottleneck, hidden_size):
+
+def init_dit_weights(model):
+    """DiT's initialisation, as in both official codebases: adaLN-Zero makes the output 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    time_embedders = [model.t_embedder, getattr(model, "h_embedder", None)]  # h: MeanFlow's
+    for emb in filter(None, time_embedders):
+        nn.init.normal_(emb.mlp[0].weight, std=0.02)
+        nn.init.normal_(emb.mlp[2].weight, std=0.02)
+    final = model.final_layer
+    zeroed = [b.adaLN_modulation[-1] for b in model.blocks]
+    for layer in zeroed + [final.adaLN_modulation[-1], final.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    for m in model.x_embedder.modules():  # patch convs initialised as Linears
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class SiT(nn.Module):
+    def __init__(self, image_size=256, patch_size=2, hidden_size=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, num_classes=1000, in_channels=4, vae_factor=8, mean_flow=False):
         super().__init__()
-        self.proj1 = nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size, bias=False)
-        self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
+        self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
+        self.hidden_size = hidden_size
+        self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
+        self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
+        self.recompute = 0      # the first N blocks recompute activations in backward (train.py)
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # MeanFlow's second time input, the interval h = t - r (train.py --objective meanflow)
+        self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # frozen, but a Parameter (not a buffer): the official checkpoints' "pos_embed" key
+        pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        blocks = [Block(hidden_size, num_heads, mlp_ratio, jit=False) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
+                                      nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
+        init_dit_weights(self)
 
-    def forward(self, x):
-        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
+    def forward(self, x, t, y, align_depth=None, h=None):
+        check_input(self, x)
+        x = self.x_embedder(x) + self.pos_embed      # (B, T, D)
+        c = self.t_embedder(t)                       # (B, D)
+        if self.h_embedder is not None:              # MeanFlow: h = 0 is the velocity at t
+            c = c + self.h_embedder(torch.zeros_like(t) if h is None else h)
+        c = c + self.y_embedder(y)
+        hidden = None
+        for i, block in enumerate(self.blocks):
+            if i < self.recompute and self.training:
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+            if i + 1 == align_depth:
+                hidden = x                           # (B, T, D) what REPA aligns
+        x = self.final_layer(x, c)                   # (B, T, p*p*C)
+        return unpatchify(x, self.patch_size, self.in_channels), hidden
 
 
 class JiT(nn.Module):
@@ -319,7 +290,8 @@ class JiT(nn.Module):
         super().__init__()
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.hidden_size = hidden_size
-        self.input_size, self.grid = image_size, image_size // patch_size  # pixels, tokens per side
+        self.input_size = image_size                # pixels per side
+        self.grid = image_size // patch_size        # tokens per side
         self.recompute = 0
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -329,11 +301,12 @@ class JiT(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         # the class tokens: label embedding + a learned position each, prepended at in_context_start
         self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
-        for name, prefix in (("rope", 0), ("rope_ctx", in_context_len)):
-            cos, sin = rope_tables(hidden_size // num_heads, self.grid, prefix)
-            self.register_buffer(name + "_cos", cos, persistent=False)  # not in the official state dict
-            self.register_buffer(name + "_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList([JiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        # RoPE tables with identity rows for the class tokens (not in the official state dict)
+        cos, sin = rope_tables(hidden_size // num_heads, self.grid, prefix=in_context_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        blocks = [Block(hidden_size, num_heads, mlp_ratio, jit=True) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, RMSNorm(hidden_size))
         init_dit_weights(self)
 
@@ -347,7 +320,7 @@ class JiT(nn.Module):
             if i == self.in_context_start and self.in_context_len > 0:
                 ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, in_context_len, D)
                 x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
-            rope = (self.rope_ctx_cos, self.rope_ctx_sin) if n_ctx else (self.rope_cos, self.rope_sin)
+            rope = (self.rope_cos[-x.shape[1]:], self.rope_sin[-x.shape[1]:])  # (T, 1, hd) each
             if i < self.recompute and self.training:
                 x = checkpoint(block, x, c, *rope, use_reentrant=False)
             else:
@@ -357,45 +330,41 @@ class JiT(nn.Module):
         x = self.final_layer(x[:, n_ctx:], c)         # class tokens never reach the output
         return unpatchify(x, self.patch_size, self.in_channels), hidden
 
+
 # -----------------------------------------------------------------------------
-# Official names -> constructors. models[name]() is the ImageNet-256 configuration; pass
-# image_size=512 (or a small size for tests), num_classes=... to change it.
-
-
-SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-JIT_SIZES = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 1280, 16, 256, 10)}
-
-
-def _sit(size, p):
-    depth, hidden, heads = SIT_SIZES[size]
-    return lambda image_size=256, num_classes=1000, mean_flow=False: SiT(
-        image_size, p, hidden, depth, heads, num_classes=num_classes, mean_flow=mean_flow)
-
-
-def _jit(size, p):
-    depth, hidden, heads, bottleneck, start = JIT_SIZES[size]
-    return lambda image_size=256, num_classes=1000: JiT(image_size, p, hidden, depth, heads, bottleneck,
-                                                        in_context_start=start, num_classes=num_classes)
-
-
-models = {f"SiT-{s}/{p}": _sit(s, p) for s in SIT_SIZES for p in (2, 4, 8)}
-models.update({f"JiT-{s}/{p}": _jit(s, p) for s in JIT_SIZES for p in (16, 32)})
-# Small JiT for the offline CPU demo and tests (not in the paper): 6 layers of width 128, 4 class tokens.
-models["JiT-demo/16"] = lambda image_size=64, num_classes=10: JiT(
-    image_size, 16, 128, 6, 4, bottleneck=32, in_context_len=4, in_context_start=2, num_classes=num_classes)
-# Small pixel-space SiT (no VAE) for MeanFlow's offline demo (train.py --objective meanflow): 4 layers, 8x8
-# tokens of 4x4x3 values at 32 px (a velocity carries the noise through: a token is narrower than the width).
-models["SiT-demo/4"] = lambda image_size=32, num_classes=10, mean_flow=False: SiT(
-    image_size, 4, 128, 4, 4, num_classes=num_classes, in_channels=3, vae_factor=1, mean_flow=mean_flow)
+# Official names -> constructors: models[name]() is the ImageNet-256 configuration
+SIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+JIT_SIZES = {
+    "B": dict(depth=12, hidden_size=768, num_heads=12, bottleneck=128, in_context_start=4),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck=128, in_context_start=8),
+    "H": dict(depth=32, hidden_size=1280, num_heads=16, bottleneck=256, in_context_start=10),
+}
+models = {f"SiT-{size}/{p}": partial(SiT, patch_size=p, **cfg)
+          for size, cfg in SIT_SIZES.items() for p in (2, 4, 8)}
+models.update({f"JiT-{size}/{p}": partial(JiT, patch_size=p, **cfg)
+               for size, cfg in JIT_SIZES.items() for p in (16, 32)})
+# Small JiT for the offline CPU demo and tests (not in the paper)
+models["JiT-demo/16"] = partial(
+    JiT, image_size=64, patch_size=16, num_classes=10, depth=6, hidden_size=128, num_heads=4,
+    bottleneck=32, in_context_len=4, in_context_start=2)
+# Small pixel-space SiT (no VAE) for MeanFlow's offline demo (train.py --objective meanflow)
+models["SiT-demo/4"] = partial(
+    SiT, image_size=32, patch_size=4, num_classes=10, depth=4, hidden_size=128, num_heads=4,
+    in_channels=3, vae_factor=1)
 
 
 def in_latent_space(name):
-    """SiT models train on SD-VAE latents, except the pixel-space SiT-demo/4; JiT models on pixels."""
+    """SiT models train on SD-VAE latents, except the pixel-space SiT-demo/4; JiT on pixels."""
     return name.startswith("SiT") and name != "SiT-demo/4"
 
 
 def noise_std(family, image_size):
-    """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT latents always use 1."""
+    """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT always 1."""
     return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
 
 
