@@ -24,8 +24,8 @@ import torch.nn.functional as F
 # it, so the official SiT "iREPA" run trains a 1x1 conv; the paper says 3x3. We use 3 everywhere.
 REPA = {"SiT": dict(proj="mlp", gamma=None, coeff=0.5),
         "JiT": dict(proj="mlp", gamma=None, coeff=0.5)}
-IREPA = {"SiT": dict(proj="conv", gamma=0.6, coeff=1.0),  # iREPA: conv projector, spatial norm 0.6
-         "JiT": dict(proj="conv", gamma=0.8, coeff=0.5)}  # iREPA: conv projector, spatial norm 0.8
+IREPA = {"SiT": dict(proj="conv", gamma=0.6, coeff=1.0),  # iREPA
+         "JiT": dict(proj="conv", gamma=0.8, coeff=0.5)}  # iREPA
 PROJ_KERNEL = 3                                            # iREPA: 3x3 conv (Sec. 4)
 
 
@@ -60,9 +60,7 @@ class ConvProjector(nn.Module):
 
     def forward(self, h):
         B, T, D = h.shape
-        g = math.isqrt(T)
-        if g * g != T:
-            raise ValueError(f"the conv projector needs a square token grid, got T={T} tokens")
+        g = math.isqrt(T)                                           # iREPA: side of the square grid
         x = h.transpose(1, 2).reshape(B, D, g, g)                   # iREPA: tokens -> (B, D, g, g)
         return self.projection_layer(x).flatten(2).transpose(1, 2)  # iREPA: back to (B, T, Dz)
 
