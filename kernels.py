@@ -1,16 +1,15 @@
-"""GPU fast paths: each class here subclasses a plain module (torch, timm, model.py) and computes the same
-function faster on a GPU (only the GELU epilogue rounds once where bf16 autocast rounds twice); the tests
-compare each fast path with its plain definition. A reader learning iREPA can skip this file.
+"""GPU fast paths: each class here subclasses a plain module (torch, timm, model.py) and computes
+the same function faster on a GPU (only the GELU epilogue rounds once where bf16 autocast rounds
+twice); the tests compare each with its plain definition; docs/PERFORMANCE.md gives each one's
+gain in the real training step. An iREPA reader can skip this file.
 
-    kernels.enable(module)   # in place, on a GPU: train.py and sample.py call it once; parameter names stay
+    kernels.enable(module)   # in place, on a GPU: train.py and sample.py call it once
 
-  PatchConv         a patch-embedding conv (stride = kernel) as one matrix product, output token-major
-  LinearGELU        a timm MLP's fc1 + GELU (the frozen encoders) as one matrix product with a GELU epilogue
+  PatchConv         a patch-embedding conv (stride = kernel) as one matrix product, token-major
+  LinearGELU        a timm MLP's fc1 + GELU (the frozen encoders) as one matrix product
   JiTAttentionQK    JiT's q/k RMSNorm + RoPE as one Triton kernel each way (forward, backward)
-
-What each one gains in the real training step: docs/PERFORMANCE.md (`bash docs/profile.sh fastpaths`).
 """
-import contextlib
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -25,29 +24,27 @@ try:  # Triton ships with PyTorch's CUDA builds
 except ImportError:  # e.g. macOS wheels: JiT keeps its PyTorch q/k path
     triton = None
 
+
 # -----------------------------------------------------------------------------
-# Patch embeddings: cuDNN ran these convs far below the matrix rate, and their channel-major output made the
-# (B, T, D) token stream a strided view that torch.compile carried through every residual add.
-
-
+# Patch embeddings: cuDNN ran these convs far below the matrix rate, and their channel-major
+# output made the (B, T, D) token stream a strided view that torch.compile carried everywhere.
 class PatchConv(nn.Conv2d):
-    """A Conv2d with stride = kernel and no padding, as one matrix product over the unfolded patches.
-    Returns (B, D, h, w) like the conv, token-major in memory, so flatten(2).transpose(1, 2) is contiguous."""
+    """Conv2d with stride = kernel, no padding: one matrix product, output token-major in memory."""
 
     def forward(self, x):
         B, C, H, W = x.shape
         ph, pw = self.kernel_size
         h, w = H // ph, W // pw  # a stride-p conv drops the last H % p rows and W % p columns
-        x = x[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)
-        return F.linear(x, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+        x = x[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw)
+        x = x.permute(0, 2, 4, 1, 3, 5).flatten(3)  # (B, h, w, C*ph*pw)
+        return F.linear(x, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
 
 # -----------------------------------------------------------------------------
 # The frozen encoder's ViT MLPs: fc1, bias and GELU in one cuBLASLt call
-
-
 class LinearGELU(nn.Linear):
-    """gelu(fc1(x)) of a timm Mlp whose act enable() made Identity. In bf16/fp16 on a GPU: one matrix product with
-    the bias and (tanh) GELU in its fp32 epilogue, rounded once (closer to fp32 than autocast's two ops)."""
+    """gelu(fc1(x)) of a timm Mlp whose act enable() made Identity. In bf16/fp16 on a GPU: one
+    matrix product with the bias and GELU in its fp32 epilogue, rounded once."""
     approximate = "none"  # the replaced nn.GELU's, set by enable()
 
     def forward(self, x):
@@ -55,27 +52,29 @@ class LinearGELU(nn.Linear):
         if not x.is_cuda or dtype not in (torch.bfloat16, torch.float16) or self.bias is None:
             return F.gelu(super().forward(x), approximate=self.approximate)
         w, b = self.weight.to(dtype), self.bias.to(dtype)
-        h = torch._addmm_activation(b, x.flatten(0, -2).to(dtype), w.t(), use_gelu=True)  # (B*T, hidden)
+        h = torch._addmm_activation(b, x.flatten(0, -2).to(dtype), w.t(), use_gelu=True)
         return h.unflatten(0, x.shape[:-1])
 
-# -----------------------------------------------------------------------------
-# JiT's q/k RMSNorm + RoPE: apply_rope(RMSNorm(x)) of model.py, which stays the definition. A program loads
-# 32 whole rows, swaps pairs in registers (PyTorch gathers), and the backward recomputes the norm from the input.
 
+# -----------------------------------------------------------------------------
+# JiT's q/k RMSNorm + RoPE, model.py's apply_rope(RMSNorm(x)): a program loads 32 whole rows,
+# swaps pairs in registers (PyTorch gathers); the backward rotates back, recomputes the norm.
 if triton is not None:
     @triton.jit
-    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        # this program's ROWS rows (token, head) of x (B, T, H, HD) at strides (sb, st, sh, 1) as (ROWS, P) tiles,
-        # the norm's weight and the RoPE tables: P is HD rounded up to a power of two (JiT-H 80 -> 128), rest masked
+    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps,
+                 HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS rows (token, head) of x (B, T, H, HD), strides (sb, st, sh, 1), as (ROWS, P)
+        # tiles; P is HD rounded up to a power of two (JiT-H 80 -> 128), the rest masked
         rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, P)
         ok = (rows < n_rows)[:, None] & (cols < HD)
         b, t, h = rows // (T * H), rows // H % T, rows % H
-        x = tl.load(X + (b.to(tl.int64) * sb + t * st + h * sh)[:, None] + cols, mask=ok, other=0.0).to(tl.float32)
+        at = (b.to(tl.int64) * sb + t * st + h * sh)[:, None] + cols
+        x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(x * x, 1) / HD + eps)[:, None]  # 1 / rms
         w = tl.load(W + cols, mask=cols < HD, other=0.0)
         cos = tl.load(COS + t[:, None] * HD + cols, mask=ok, other=0.0)
         sin = tl.load(SIN + t[:, None] * HD + cols, mask=ok, other=0.0)
-        out = rows.to(tl.int64)[:, None] * HD + cols  # offsets in a contiguous (B, T, H, HD) tensor
+        out = rows.to(tl.int64)[:, None] * HD + cols  # offsets in a contiguous (B, T, H, HD)
         return out, ok, x, r, w, cos, sin
 
     @triton.jit
@@ -87,22 +86,25 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_fwd(X, W, COS, SIN, Y, eps, sb, st, sh, H, T, n_rows,
                           HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
-        y = (x * r * w).to(X.dtype.element_ty).to(tl.float32)  # RMSNorm, rounded to x's dtype as the official
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps,
+                                              HD, P, ROWS)
+        y = (x * r * w).to(X.dtype.element_ty).to(tl.float32)  # RMSNorm, in x's dtype
         y = y * cos + _swap_pairs(y, ROWS, P) * sin
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _qk_norm_rope_bwd(X, W, COS, SIN, G, DX, DW, eps, sb, st, sh, H, T, n_rows,
                           HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps, HD, P, ROWS)
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps,
+                                              HD, P, ROWS)
         g = tl.load(G + out, mask=ok, other=0.0).to(tl.float32)
-        dy = (g * cos + _swap_pairs(g * sin, ROWS, P)).to(X.dtype.element_ty).to(tl.float32)  # RoPE, transposed
+        dy = (g * cos + _swap_pairs(g * sin, ROWS, P)).to(X.dtype.element_ty).to(tl.float32)
         n, dn = x * r, dy * w
         dx = r * (dn - n * (tl.sum(dn * n, 1) / HD)[:, None])  # RMSNorm's backward
         tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=ok)
-        # this program's share of the weight's gradient, summed over the programs after the kernel
-        tl.store(DW + tl.program_id(0) * HD + tl.arange(0, P), tl.sum(dy * n, 0), mask=tl.arange(0, P) < HD)
+        # this program's share of the weight's gradient, summed over the programs afterwards
+        cols = tl.arange(0, P)
+        tl.store(DW + tl.program_id(0) * HD + cols, tl.sum(dy * n, 0), mask=cols < HD)
 
     _ROWS = 32  # rows per program: 4 KB of bf16 in and out at head dim 64
 
@@ -110,31 +112,36 @@ if triton is not None:
         B, T, H, hd = x.shape
         assert x.stride(-1) == 1, "the head dim must be contiguous"
         grid = (triton.cdiv(B * T * H, _ROWS),)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton uses the current GPU
-            kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H, HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton: current GPU
+            kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H,
+                         HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
 
     @torch.library.custom_op("irepa::qk_norm_rope", mutates_args=())
     def qk_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      eps: float) -> torch.Tensor:
-        """apply_rope(RMSNorm(x)) for x (B, T, heads, hd) -> (B, T, heads, hd) in x's dtype; cos, sin (T, 1, hd)."""
+        """apply_rope(RMSNorm(x)) of x (B, T, heads, hd) in x's dtype; cos, sin (T, 1, hd)."""
         y = x.new_empty(x.shape)  # contiguous
         _qk_launch(_qk_norm_rope_fwd, x, w, cos.contiguous(), sin.contiguous(), y, eps)
         return y
 
     @torch.library.custom_op("irepa::qk_norm_rope_backward", mutates_args=())
-    def _qk_norm_rope_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _qk_norm_rope_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                               cos: torch.Tensor, sin: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         dx = x.new_empty(x.shape)
-        dw = torch.empty(triton.cdiv(x.shape[:3].numel(), _ROWS), x.shape[-1], dtype=torch.float32, device=x.device)
-        _qk_launch(_qk_norm_rope_bwd, x, w, cos.contiguous(), sin.contiguous(), g.contiguous(), dx, dw, eps)
+        programs = triton.cdiv(x.shape[:3].numel(), _ROWS)
+        dw = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
+        g = g.contiguous()
+        _qk_launch(_qk_norm_rope_bwd, x, w, cos.contiguous(), sin.contiguous(), g, dx, dw, eps)
         return dx, dw.sum(0).to(w.dtype)
 
     # output shapes, for torch.compile
     qk_norm_rope.register_fake(lambda x, w, cos, sin, eps: x.new_empty(x.shape))
-    _qk_norm_rope_backward.register_fake(lambda g, x, w, cos, sin, eps: (x.new_empty(x.shape), torch.empty_like(w)))
+    _qk_norm_rope_backward.register_fake(
+        lambda g, x, w, cos, sin, eps: (x.new_empty(x.shape), torch.empty_like(w)))
 
     def _qk_save(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:4])  # x is a view of the qkv output, which attention keeps anyway (for v)
+        ctx.save_for_backward(*inputs[:4])  # x: a view of qkv's output, kept anyway (for v)
         ctx.eps = inputs[4]
 
     def _qk_grad(ctx, g):
@@ -144,8 +151,7 @@ if triton is not None:
 
 
 class JiTAttentionQK(model.JiTAttention):
-    """JiT attention whose q/k norm + RoPE runs as the Triton op above on a GPU (model.JiTAttention elsewhere)."""
-
+    """JiT attention whose q/k norm + RoPE runs as the Triton op above on a GPU."""
     def qk_norm_rope(self, q, k, cos, sin):
         if not q.is_cuda:
             return super().qk_norm_rope(q, k, cos, sin)
@@ -154,13 +160,15 @@ class JiTAttentionQK(model.JiTAttention):
 
 
 def enable(module):
-    """Swap the fast paths into `module` in place (class swaps: parameters and their names stay). Returns it."""
+    """Swap the fast paths into `module` in place; parameters and their names stay."""
     for m in module.modules():
         if (type(m) is nn.Conv2d and m.stride == m.kernel_size and m.padding == (0, 0)
                 and m.dilation == (1, 1) and m.groups == 1):  # a patch embedding
             m.__class__ = PatchConv
         elif type(m) is Mlp and isinstance(m.act, nn.GELU) and type(m.fc1) is nn.Linear:
-            m.fc1.__class__, m.fc1.approximate, m.act = LinearGELU, m.act.approximate, nn.Identity()
+            m.fc1.__class__ = LinearGELU
+            m.fc1.approximate = m.act.approximate
+            m.act = nn.Identity()
         elif type(m) is model.JiTAttention and triton is not None:
             m.__class__ = JiTAttentionQK
     return module
