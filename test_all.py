@@ -117,6 +117,18 @@ def test_model_jit_hidden_excludes_class_tokens(align_depth):
     torch.testing.assert_close(h, seen[0][:, n_ctx:])
 
 
+@pytest.mark.parametrize("align_depth", [1, 2, 3])
+def test_model_sit_hidden_comes_from_the_named_block(align_depth):
+    # on a model deeper than the depth: the tokens after block `align_depth`, not one later
+    torch.manual_seed(0)
+    m = _randomize(_tiny_sit()).eval()
+    seen = []
+    hook = m.blocks[align_depth - 1].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    _, h = m(torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 2]), align_depth=align_depth)
+    hook.remove()
+    assert len(m.blocks) > align_depth and torch.equal(h, seen[0])
+
+
 def test_model_jit_class_tokens_condition_the_output():
     # the in-context class tokens are dropped before the final layer, so they can reach the output
     # only through attention: the gradient to their learned positions must be non-zero
