@@ -32,7 +32,7 @@ def open_rgb(path):
         im = Image.open(path)
         if im.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
             return im.convert("RGB")
-        why = f"{im.mode} pixels (16-bit or float): convert the file to 8-bit"  # RGB: all white
+        why = f"{im.mode} pixels (16-bit or float): convert the file to 8-bit"  # RGB: white
     except (OSError, ValueError, SyntaxError) as e:
         why = e
     raise ValueError(f"{path}: {why}")
@@ -50,13 +50,12 @@ def center_crop(pil, size):
 
 
 def save_grid(images, path):
-    """uint8 images (N, H, W, 3) or (N, 3, H, W) as one PNG of ceil(sqrt(N)) columns (the grid
-    keeps their dtype: PIL refuses any other)."""
+    """uint8 images (N, H, W, 3) or (N, 3, H, W) as one PNG of ceil(sqrt(N)) columns."""
     x = torch.as_tensor(images)
     x = x if x.shape[3] == 3 else x.permute(0, 2, 3, 1)
     n, h, w, _ = x.shape
     cols = math.ceil(math.sqrt(n))
-    grid = x.new_zeros(math.ceil(n / cols) * h, cols * w, 3)
+    grid = x.new_zeros(math.ceil(n / cols) * h, cols * w, 3)  # other dtypes: PIL refuses
     for i in range(n):
         grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = x[i]
     Image.fromarray(grid.numpy()).save(path)
@@ -94,10 +93,8 @@ def _draw(k, size, rng):
     elif shape == "vbar":
         d.rectangle([cx - r / 3, box[1], cx + r / 3, box[3]], fill=c)
     elif shape == "star":
-        q = [r if i % 2 == 0 else r / 2.5 for i in range(10)]  # 5 outer, 5 inner corners
-        a = [math.pi * i / 5 - math.pi / 2 for i in range(10)]
-        d.polygon([(cx + q[i] * math.cos(a[i]), cy + q[i] * math.sin(a[i]))
-                   for i in range(10)], fill=c)
+        corners = [(r if i % 2 == 0 else r / 2.5, math.pi * i / 5 - math.pi / 2) for i in range(10)]
+        d.polygon([(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in corners], fill=c)
     else:
         d.pieslice(box, 180, 360, fill=c)
     return np.asarray(img)
@@ -241,8 +238,7 @@ def setup_device():
 
 
 def find_checkpoint(path):
-    """A checkpoint file, or the newest checkpoints/*.pt of a run (a killed write's *.pt.tmp
-    never counts)."""
+    """A checkpoint file, or the newest checkpoints/*.pt of a run (a killed write's *.tmp: no)."""
     if os.path.isfile(path):
         return path
     found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
@@ -267,9 +263,9 @@ def load_checkpoint(path, mmap=False):
 
 
 def sampling_weights(path, ema=True):
-    """(state dict, saved settings) to sample from ours, official SiT/REPA/iREPA (args: a
-    Namespace) or official JiT checkpoints (EMA 'model_ema1', keys under 'net.'); no weights:
-    {}. Sampling needs neither the projector nor JiT's RoPE tables (recomputed)."""
+    """(state dict, saved settings) to sample from: ours, official SiT/REPA/iREPA (args: a
+    Namespace) or official JiT checkpoints (EMA 'model_ema1', keys under 'net.'), without the
+    projector and JiT's RoPE tables (recomputed); {} where the file holds no such weights."""
     ckpt = load_checkpoint(path)
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"

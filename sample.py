@@ -3,12 +3,10 @@
   python sample.py --ckpt RUN                              # 8x8 PNG grid in RUN/samples/
   python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM npz, for fid.py
   torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
-  python sample.py --ckpt out/SiT-demo-4-none-meanflow     # MeanFlow: one step per image
 
-Time runs as in each official codebase: SiT from t=1 (noise) to t=0 (data), JiT from t=0
-(noise) to t=1 (data). Sample i lies in shard i // batch-size, whose noise and labels come
-from (seed, shard): the npz is the same for any number of processes, and a rerun with the same
-flags resumes from the finished shards in <out>.shards/.
+Time runs as in each official code: SiT from t=1 (noise) to t=0, JiT from t=0 (noise) to t=1.
+Shard s (--batch-size samples) draws from (seed, s): any number of processes, or a rerun that
+resumes from <out>.shards/, writes the same npz.
 """
 import argparse
 import math
@@ -21,7 +19,7 @@ import torch.distributed as dist
 import kernels
 from data import (Parser, at_least, check_writable, find_checkpoint, sampling_weights,
                   setup_device, write_shards)
-from model import build_model, in_latent_space, models, noise_std
+from model import build_model, in_latent_space, noise_std
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
@@ -40,17 +38,15 @@ def guided(model, x, t, y, cfg_scale, on, dtype):
 @torch.no_grad()
 def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                   guidance_high=1.0):
-    """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun correction on all but the
-    last step. Guidance where guidance_low <= t <= guidance_high (t of the step start, for both
-    Heun evaluations)."""
+    """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun on all but the last step;
+    guided where guidance_low <= t <= guidance_high (the step's t, for both Heun calls)."""
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
         if heun and i < num_steps - 1:
-            x_next = x + (t_next - t) * v
-            v_next = guided(model, x_next, t_next, y, cfg_scale, on, noise.dtype)
+            v_next = guided(model, x + (t_next - t) * v, t_next, y, cfg_scale, on, noise.dtype)
             v = 0.5 * v + 0.5 * v_next
         x = x + (t_next - t) * v
     return x
@@ -77,10 +73,9 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
 @torch.no_grad()
 def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0),
                 t_eps=0.05):
-    """JiT ODE on a float32 linspace(0, 1, N+1): Heun steps then a last Euler step (2N-1
-    evaluations; heun=False: all Euler). Velocity from the x-prediction, v = (x - z) /
-    max(1 - t, t_eps). Guidance where low < t < high (no lower bound when low == 0), compared
-    in float32 as the official code."""
+    """JiT ODE on a float32 linspace(0, 1, N+1), Heun then a last Euler step (heun=False: all
+    Euler); v = (x - z) / max(1 - t, t_eps) from the x-prediction. Guided where low < t < high
+    (low 0: no lower bound), compared in float32 as the official code."""
     ts = torch.linspace(0, 1, num_steps + 1)  # 0-d float32 entries: the official arithmetic
     low, high = interval
 
@@ -111,11 +106,9 @@ def mean_flow_sampler(model, noise, y, num_steps=1):
 
 def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0,
                    generator=None):
-    """The sampler for labels y (B,) from noise drawn with generator: SiT latents (float64)
-    or JiT pixels."""
-    size = model.input_size
-    noise = torch.randn(len(y), model.in_channels, size, size, generator=generator,
-                        device=y.device)
+    """The sampler for labels y (B,), noise from generator: SiT latents (float64), JiT pixels."""
+    shape = (len(y), model.in_channels, model.input_size, model.input_size)
+    noise = torch.randn(shape, generator=generator, device=y.device)
     if family == "jit":
         return jit_sampler(model, noise_scale * noise, y, num_steps, mode == "heun", cfg_scale,
                            interval)
@@ -177,8 +170,7 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
 
 
 def default_out(ckpt):
-    """Without --out, a grid: RUN/samples/sample-NAME.png for RUN/checkpoints/NAME.pt (beside
-    train.py's grids), else FILE-samples.png beside the file."""
+    """The grid without --out: RUN/samples/sample-NAME.png for RUN/checkpoints/NAME.pt."""
     folder, stem = os.path.dirname(ckpt), os.path.splitext(os.path.basename(ckpt))[0]
     if os.path.basename(folder) == "checkpoints":
         return os.path.join(os.path.dirname(folder), "samples", f"sample-{stem}.png")
@@ -195,22 +187,21 @@ def fill(args, values):
 parser = Parser(__doc__)
 add = parser.add_argument
 add("--ckpt", required=True, help="a checkpoint file (ours, official SiT, REPA, iREPA, JiT) or run")
-add("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (JiT: the first)")
+add("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
 add("--model", help="model name as in model.py (default: the checkpoint's)")
 add("--image-size", type=at_least(1), help="default: the checkpoint's, else 256")
 add("--num-classes", type=at_least(1), help="default: the checkpoint's, else 1000")
 add("--vae-weights", help="SiT's SD-VAE (default: the checkpoint's, else sd-vae-ft-mse)")
 add("--vae-stats", help="per-channel latent statistics file (default: the checkpoint's)")
-add("--mode", choices=["sde", "ode", "heun", "meanflow"], help="SiT: sde, ode, heun; JiT: "
-    "heun, ode; MeanFlow: meanflow or its velocity's (default: the first)")
+add("--mode", choices=["sde", "ode", "heun", "meanflow"], help="ode: Euler (default: SiT sde, "
+    "JiT heun, MeanFlow meanflow)")
 add("--num-steps", type=at_least(1), help="default: SiT 250, JiT 50, MeanFlow 1")
 add("--cfg-scale", type=float, help="guidance scale (default: 1; JiT-B 3, L 2.4, H 2.2)")
 add("--guidance-low", type=float, help="guide SiT where low <= t <= high (t=1: noise), JiT "
     "where low < t < high (t=1: data) (default: SiT 0, JiT 0.1)")
 add("--guidance-high", type=float, default=1.0, help="see --guidance-low")
 add("--noise-scale", type=float, help="JiT noise std (default: the checkpoint's, else by size)")
-add("--labels", choices=["uniform", "balanced"], help="uniform random (SiT) or class i * C // N "
-    "for sample i (JiT)")
+add("--labels", choices=["uniform", "balanced"], help="balanced: class i * C // N for sample i")
 add("--num-samples", type=at_least(1), default=64, help="number of images")
 add("--out", help=".npz (ADM's, for fid.py) or .png grid (default: a grid beside the checkpoint)")
 add("--grid", type=at_least(0), default=0, help="also a .png grid of the first N samples")
@@ -268,10 +259,11 @@ def main(argv=None):
         from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
         torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank
         try:
-            vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
+            vae = load_vae(args.vae_weights, args.vae_stats)
         except (RuntimeError, OSError) as e:  # not cached and not downloadable, or no file
             where = f" (the checkpoint's {' '.join(vae_from)}: a flag overrides it)"
             parser.error(f"{e}{where if vae_from else ''}")
+        vae = vae.to(device).eval()
 
     model = model.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # GPU fast paths (kernels.py): same functions, same names

@@ -1633,7 +1633,7 @@ class _sample_FakeVAE(nn.Module):
 
 def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_only):
     tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
-    monkeypatch.setitem(sample.models, "SiT-B/2", tiny)  # the name an official checkpoint carries
+    monkeypatch.setitem(model.models, "SiT-B/2", tiny)  # the name an official checkpoint carries
     import encoders
     vaes = []  # the weights argument of each load_vae call
     monkeypatch.setattr(encoders, "load_vae", lambda weights, stats: vaes.append(weights) or _sample_FakeVAE())
@@ -1723,7 +1723,7 @@ def test_sample_missing_vae_weights_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # nothing cached, and no download
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
-    monkeypatch.setitem(sample.models, "SiT-B/2", tiny)
+    monkeypatch.setitem(model.models, "SiT-B/2", tiny)
     args = argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)
     torch.save({"ema": tiny(32, 10).state_dict(), "args": args}, tmp_path / "o.pt")
     flags = ["--ckpt", str(tmp_path / "o.pt"), "--num-samples", "1", "--out", str(tmp_path / "s.png")]
