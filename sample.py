@@ -186,7 +186,7 @@ def fill(args, values):
 
 parser = Parser(__doc__)
 add = parser.add_argument
-add("--ckpt", required=True, help="a checkpoint file (ours, official SiT, REPA, iREPA, JiT) or run")
+add("--ckpt", required=True, help="checkpoint (ours, official SiT/REPA/iREPA/JiT) or run folder")
 add("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
 add("--model", help="model name as in model.py (default: the checkpoint's)")
 add("--image-size", type=at_least(1), help="default: the checkpoint's, else 256")
@@ -249,9 +249,10 @@ def main(argv=None):
     if mean_flow and args.cfg_scale == 1:
         modes.append("meanflow")
     if args.mode not in modes:
-        parser.error(f"--mode {args.mode} --cfg-scale {args.cfg_scale}: this checkpoint "
-                     f"samples with --mode {' or '.join(modes)} (meanflow: a MeanFlow model, "
-                     "which learnt its guidance in training: sample with --cfg-scale 1)")
+        hint = ("; meanflow needs a MeanFlow checkpoint, which learnt its guidance in training: "
+                "sample with --cfg-scale 1")
+        parser.error(f"--mode {args.mode} does not fit this checkpoint: use --mode "
+                     f"{' or '.join(modes)}{hint if args.mode == 'meanflow' else ''}")
 
     device, rank, world_size = setup_device()  # torchrun: the ranks share --out's folder
     vae = None

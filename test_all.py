@@ -1573,7 +1573,7 @@ def test_sample_bad_input_is_named(tmp_path, capsys):
     for argv, msg in [(["--num-classes", "20"], "does not fit --model JiT-demo/16"),
                       (["--out", str(tmp_path / "no" / "x.npz")], "not writable"),
                       (["--out", str(tmp_path / "x.jpg")], "must end in .npz or .png"),
-                      (["--mode", "sde"], "this checkpoint samples with --mode heun or ode"),
+                      (["--mode", "sde"], "does not fit this checkpoint: use --mode heun or ode"),
                       (["--num-samples", "0"], "--num-samples: must be at least 1"),
                       (["--grid", "-1"], "--grid: must be at least 0"),
                       (["--batch-size", "0"], "--batch-size: must be at least 1")]:
