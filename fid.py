@@ -88,7 +88,8 @@ def _block_a(cin, pool_ch):
 def _block_c(c7):
     return Mixed(
         [("branch1x1", 768, 192, 1)],
-        [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *ROW), ("branch7x7_3", c7, 192, *COL)],
+        [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *ROW),
+         ("branch7x7_3", c7, 192, *COL)],
         [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *COL),
          ("branch7x7dbl_3", c7, c7, *ROW), ("branch7x7dbl_4", c7, c7, *COL),
          ("branch7x7dbl_5", c7, 192, *ROW)],
@@ -299,7 +300,8 @@ def open_images(path, flag=""):
     at least 4 8-bit RGB images of one size (precision/recall's k=3 neighbours need 4)."""
     shape, why = (0,), None
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(".png"))
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        files = [os.path.join(path, f) for f in names]
         heads = []
         for f in files:
             with Image.open(f) as im:  # reads the header only
@@ -340,9 +342,7 @@ def features(model, path, batch_size=250, device="cpu"):
     bar = tqdm(read(start, end, batch_size), total=-(-(end - start) // batch_size),
                desc=os.path.basename(path.rstrip("/")), disable=rank != 0)
     for i, batch in enumerate(bar):
-        x = torch.from_numpy(batch.copy())
-        if torch.device(device).type == "cuda":
-            x = x.pin_memory().to(device, non_blocking=True)
+        x = torch.from_numpy(batch.copy()).to(device)
         top = torch.maximum(top, x.max())
         if world == 1 and i == 0 and top == 1:  # [0, 1] images: refused below, the rest unread
             break
@@ -366,13 +366,12 @@ def statistics(pool, spatial):
 
 
 def read_ref(ref):
-    """(statistics stored in the reference npz, whether its images are needed). Stored ones win
-    over ones from its images, as in ADM; without mu and sigma it needs images."""
+    """(statistics stored in the reference npz, whether its images are needed). As in ADM the
+    stored ones win over ones from its images; without mu and sigma it needs images."""
     stats, names = {}, []
     if zipfile.is_zipfile(ref):
         with np.load(ref) as z:
-            names = z.files
-            stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in names}
+            names, stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z}
     images = "arr_0" in names or not {"mu", "sigma"} <= set(stats)
     if images:
         open_images(ref, "--ref")  # refused here if it holds none
@@ -384,9 +383,8 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     rank 0, (None, None) on the others. A stats-only ref gives IS, FID (sFID with mu_s)."""
     ref_stats, ref_images = read_ref(ref) if ref else ({}, False)
     pool, spatial, shape = features(model, samples, batch_size, device)
-    r_pool, r_spatial, r_shape = None, None, None
-    if ref_images:
-        r_pool, r_spatial, r_shape = features(model, ref, batch_size, device)
+    no_ref = None, None, None
+    r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if ref_images else no_ref
     if pool is None:
         return None, None
     if r_shape is not None and r_shape[1:3] != shape[1:3]:

@@ -1,7 +1,6 @@
 """
 Spatial structure of frozen encoders' patch tokens (iREPA): LDS, CDS, SRSS, RMSC as means over
-images, the paper's cosine self-similarity picture (raw vs spatially normalised tokens), and each
-metric's Pearson r with gFID.
+images, the paper's cosine-map picture (raw vs spatially normalised), Pearson r with gFID.
 
   python metrics.py --encoder dinov2-vit-b --encoder-weights random --num-images 1000
   python metrics.py --encoder dinov2-vit-b mae-vit-l --images DIR --masks DIR --save m.csv
@@ -113,15 +112,11 @@ def rmsc(z):
     """RMS spatial contrast per image (B,): sqrt(mean_t |u_t - mean_t u|^2) of the unit tokens u."""
     return _rmsc(_gram(z))
 
-# -----------------------------------------------------------------------------
-# images
-
 
 def load_folder(images, masks=None, n=None, size=256):
-    """The first n readable images of a folder, centre-cropped, uint8 (N, 3, size, size): its images
-    by name, else those of its class sub-folders in train.py's order; unreadable files are named on
-    stderr and skipped. Masks (same file name in a flat folder, non-zero = foreground, cropped
-    alike): bool (N, size, size) or None."""
+    """The first n readable images, centre-cropped, uint8 (N, 3, size, size), of a flat folder or
+    else its class folders in train.py's order; unreadable files are named and skipped. Masks of a
+    flat folder (same file names, non-zero = foreground): bool (N, size, size) or None."""
     is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M
     flat = sorted(filter(is_image, Path(images).iterdir()))
     files = flat or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
@@ -161,9 +156,6 @@ def patch_masks(masks, grid):
     """Pixel masks (B, R, R) -> token masks (B, H*W): foreground if any pixel of the patch is."""
     return F.adaptive_max_pool2d(masks[:, None].float(), grid).flatten(1) > 0
 
-# -----------------------------------------------------------------------------
-# scoring, pictures, correlation with gFID
-
 
 @torch.no_grad()
 def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, device):
@@ -196,9 +188,8 @@ def colour(v):
 
 
 def draw_viz(path, image, tokens, gamma, grid, cell=112):
-    """Per encoder (row): the image, then per reference point (red dot) the cosine map of the raw
-    tokens, then of the spatially normalised ones; one colour scale, its bar on the right.
-    tokens {name: (T, D)}."""
+    """A row per encoder of tokens {name: (T, D)}: the image, then per red point the cosine map of
+    the raw tokens, then of the spatially normalised ones; one colour scale for all."""
     (H, W), top, P = grid, 20, 4
     points = [(H // 2, W // 2), (H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, W // 3)]
 
@@ -259,8 +250,7 @@ def fid_correlations(rows, means):
 
 
 def draw_scatter(path, corr, gfid, size=240, pad=36):
-    """One panel per column of fid_correlations: gFID (y) against the column (x), the
-    least-squares line, r on top."""
+    """A panel per column of fid_correlations: gFID against it, the least-squares line, and r."""
     canvas, y = Image.new("RGB", (size * len(corr), size), "white"), np.asarray(gfid, float)
     draw = ImageDraw.Draw(canvas)
     to = lambda v, lo, hi, a, b: a + (v - lo) / max(hi - lo, 1e-12) * (b - a)
@@ -282,8 +272,6 @@ def draw_scatter(path, corr, gfid, size=240, pad=36):
             draw.text((x0 + 2, ty), text, fill="black")
     canvas.save(path)
 
-# -----------------------------------------------------------------------------
-
 
 def HxW(text):
     """argparse type of --grid: "16x12" -> (16, 12)."""
@@ -294,26 +282,19 @@ def HxW(text):
 def main(argv=None):
     p = Parser(__doc__)
     add = p.add_argument
-    add("--encoder", nargs="+", help="encoders (default: the --fid-table rows): "
-        + " ".join(ENCODERS))
+    add("--encoder", nargs="+", help="default: the --fid-table rows; of " + " ".join(ENCODERS))
     add("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
-    add("--images", help="flat image folder or ImageNet-style class folders (train.py's order): "
-        "the first --num-images readable ones, centre crop (default: data.py's generated shapes)")
-    add("--masks", help="mask folder for SRSS, flat --images only: same file names, non-zero = "
-        "foreground")
-    add("--num-images", type=at_least(1), default=1000, help="images to score")
+    add("--images", help="image folder, flat or class folders (default: data.py's shapes)")
+    add("--masks", help="SRSS masks of flat --images: same file names, non-zero = foreground")
+    add("--num-images", type=at_least(1), default=1000, help="the first readable ones are scored")
     add("--batch-size", type=at_least(1), default=100, help="images per encoder forward")
     add("--grid", type=HxW, help="token grid HxW if not square, e.g. 16x12")
-    add("--lds", choices=("code", "paper"), default="code", help="LDS definition: 'code' = the "
-        "official metrics/spatial_metrics.py, d = 1 vs d >= 6; 'paper' = appendix B, d < H/2 vs "
-        "d >= H/2")
-    add("--spnorm-gamma", type=float, help="also score the spatially normalised tokens "
-        "(0.6 SiT, 0.8 JiT)")
+    add("--lds", choices=("code", "paper"), default="code",
+        help="near vs far: d = 1 vs d >= 6 (official code), d < H/2 vs d >= H/2 (appendix B)")
+    add("--spnorm-gamma", type=float, help="also score spatially normalised tokens (0.6, 0.8)")
     add("--save", help="write the table to this .csv or .json file")
-    add("--viz", help="PNG of cosine maps on the first image, raw and spatially normalised "
-        "(gamma: --spnorm-gamma, else 0.6)")
-    add("--fid-table", help="CSV encoder,gfid[,linear_probe]: the metrics' Pearson r with gFID, "
-        "plotted to FID_TABLE.pearson.png")
+    add("--viz", help="PNG of cosine maps on the first image, raw and spatially normalised")
+    add("--fid-table", help="CSV encoder,gfid[,linear_probe]: Pearson r with gFID, and a plot")
     args = p.parse_args(argv)
     check_writable(p, [("--save", args.save), ("--viz", args.viz)])
     gamma, device = args.spnorm_gamma, "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,15 +308,12 @@ def main(argv=None):
         for bad, message in [  # settings that would waste the run, refused before it starts
             (not names, "give --encoder NAME [NAME ...] (or --fid-table)"),
             (unknown, f"unknown encoder(s) {' '.join(unknown)}; known: {' '.join(ENCODERS)}"),
-            (len(weights) != len(names), f"--encoder-weights: give one value or one per encoder "
-             f"({len(names)}), got {len(weights)}"),
-            (args.masks and not args.images, "--masks needs --images (masks pair with images)"),
-            (gamma is not None and not math.isfinite(gamma),
-             f"--spnorm-gamma must be a number, got {gamma}"),
+            (len(weights) != len(names), "--encoder-weights: give one value or one per encoder"),
+            (args.masks and not args.images, "--masks needs --images"),
+            (not math.isfinite(gamma or 0), f"--spnorm-gamma must be a number, got {gamma}"),
             (args.save and not args.save.endswith((".csv", ".json")),
-             f"--save {args.save}: the file name must end in .csv or .json (it picks the format)"),
-            (args.fid_table and len(in_table) < 3,
-             f"--fid-table: need >= 3 of the scored encoders in {args.fid_table} to correlate"),
+             f"--save {args.save}: must end in .csv or .json"),
+            (args.fid_table and len(in_table) < 3, "--fid-table: need >= 3 of the scored encoders"),
             *[(w not in (None, "random") and not Path(w).is_file(),
                f"--encoder-weights {w} (for {name}): no such file")
               for name, w in zip(names, weights)],
@@ -356,17 +334,17 @@ def main(argv=None):
                 tqdm.write(f"{row}: " + ", ".join(f"{k.upper()} {x:.4f}" for k, x in v.items()))
     except (ValueError, OSError, RuntimeError) as e:
         p.error(str(e))
-    cols, w = [m for m in METRICS if m in means[names[0]]], max(map(len, means)) + 2
+    cols = [m for m in METRICS if m in means[names[0]]]
     table = [["encoder", *cols]] + [[row, *(v[c] for c in cols)] for row, v in means.items()]
     print(f"\n{len(images)} images, LDS definition '{args.lds}', mean over images")
     for row in table:
         cells = (f"{c:10.4f}" if isinstance(c, float) else f"{c.upper():>10}" for c in row[1:])
-        print(row[0].ljust(w) + "".join(cells))
+        print(row[0].ljust(max(map(len, means)) + 2) + "".join(cells))
     if masks is None:
         print("SRSS omitted: it needs foreground masks (--images DIR --masks DIR)")
     elif any(math.isnan(v["srss"]) for v in means.values()):
         print("SRSS nan: no image had a foreground token with a foreground 4-neighbour and "
-              "background tokens at d >= 6 (are the masks all foreground or all background?)")
+              "background tokens at d >= 6: are the masks all one value?")
     if args.save and args.save.endswith(".json"):
         result = {"num_images": len(images), "lds": args.lds, "means": means}
         Path(args.save).write_text(json.dumps(result, indent=2))
