@@ -1,18 +1,16 @@
 """
-Spatial structure of frozen encoders' patch tokens (iREPA): LDS, CDS, SRSS, RMSC as a mean over images, the
-paper's cosine self-similarity picture (raw vs spatially normalised tokens), and each metric's Pearson r with gFID.
+Spatial structure of frozen encoders' patch tokens (iREPA): LDS, CDS, SRSS, RMSC as means over
+images, the paper's cosine-map picture (raw vs spatially normalised), Pearson r with gFID.
 
   python metrics.py --encoder dinov2-vit-b --encoder-weights random --num-images 1000
-  python metrics.py --encoder dinov2-vit-b mae-vit-l --images DIR --masks DIR --spnorm-gamma 0.6 --save m.csv
+  python metrics.py --encoder dinov2-vit-b mae-vit-l --images DIR --masks DIR --save m.csv
   python metrics.py --encoder dinov2-vit-b mae-vit-l --num-images 16 --viz viz.png
-  python metrics.py --fid-table fid.csv --images DIR --masks DIR     (the encoders are the table's rows)
+  python metrics.py --fid-table fid.csv --images DIR --masks DIR   # the table's rows as encoders
 """
-import argparse
 import csv
 import functools
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -25,13 +23,14 @@ from tqdm import tqdm
 
 from align import spatial_norm
 from encoders import ENCODERS, load_encoder
-from data import center_crop, check_at_least, check_writable, class_files, generated_images, open_rgb
+from data import (Parser, at_least, center_crop, check_writable, class_files, generated_images,
+                  open_rgb)
 
 METRICS = ("lds", "cds", "srss", "rmsc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # -----------------------------------------------------------------------------
-# metrics of patch tokens z (B, T, D) on an H x W grid; d = Manhattan distance between two tokens' positions
+# metrics of patch tokens z (B, T, D) on an H x W grid; d = Manhattan distance of two positions
 
 
 def token_grid(T, grid=None):
@@ -39,7 +38,7 @@ def token_grid(T, grid=None):
     H, W = grid or (math.isqrt(T), math.isqrt(T))
     if H * W != T:
         raise ValueError(f"{T} tokens do not form a {H}x{W} grid" if grid else
-                         f"{T} tokens are not a square grid: give its shape (grid=(H, W), --grid HxW)")
+                         f"{T} tokens are not a square grid: give its shape (--grid HxW)")
     return H, W
 
 
@@ -53,58 +52,59 @@ def _pairs(H, W, device):
 
 
 def _gram(z):
-    # cos of all token pairs (B, T, T) in fp32 like the official code; dividing the Gram by the norms rather than
-    # normalising the tokens saves a pass over (B, T, D), the main cost on CPU
+    # cos of all token pairs (B, T, T) in fp32 as the official code; dividing the Gram by the
+    # norms saves normalising the tokens, a pass over (B, T, D), the main cost on CPU
     z = z.float()
     n = z.norm(dim=-1).clamp(min=1e-8)  # (B, T)
     return (z @ z.transpose(1, 2)).div_(n[:, :, None]).div_(n[:, None, :])
 
 
 def _rmsc(G):
-    # mean_t |u_t|^2 - |mean_t u_t|^2 = mean over pairs of G_tt - G_ts: summed pairwise, identical tokens give 0
+    # mean_t |u_t|^2 - |mean_t u_t|^2 = mean over pairs of G_tt - G_ts: identical tokens give 0
     return (G.diagonal(dim1=1, dim2=2)[..., None] - G).mean((1, 2)).clamp(min=0).sqrt()
 
 
 def spatial_metrics(z, masks=None, grid=None, paper=False):
     """All metrics of a batch {name: (B,)} from one Gram matrix; SRSS only with masks (B, T)."""
-    if masks is not None and tuple(masks.shape) != tuple(z.shape[:2]):
-        raise ValueError(f"masks must hold one foreground flag per token, shape {tuple(z.shape[:2])}, "
-                         f"got {tuple(masks.shape)}")
     G, (H, W) = _gram(z), token_grid(z.shape[1], grid)
     dist, onehot, counts = _pairs(H, W, G.device)
-    # per image, the sum of cos over the ordered pairs at each distance d = 0..H+W-2 (B, K): fp32 sums of T terms
-    # per row, then fp64 over the rows, so means over ~T^2 pairs stay exact to ~1e-9
+    # per image, the sum of cos over the ordered pairs at each distance d = 0..H+W-2 (B, K): fp32
+    # sums of T terms per row, then fp64 over rows, so means over ~T^2 pairs stay exact to ~1e-9
     sums = torch.einsum("bts,tsk->tbk", G, onehot).double().sum(0)
     near, far = (slice(1, H // 2), slice(H // 2, None)) if paper else (slice(1, 2), slice(6, None))
-    lds = sums[:, near].sum(1) / counts[near].sum() - sums[:, far].sum(1) / counts[far].sum().clamp(min=1)
+    far_mean = sums[:, far].sum(1) / counts[far].sum().clamp(min=1)
+    lds = sums[:, near].sum(1) / counts[near].sum() - far_mean
     d = torch.arange(1, min(8, len(counts) - 1) + 1, device=G.device)
-    sim, dc = sums[:, d] / counts[d], d - d.double().mean()  # mean cos at distance d = 1..8 (B, 8), centred d (8,)
+    sim = sums[:, d] / counts[d]  # mean cos at distance d = 1..8 (B, 8)
+    dc = d - d.double().mean()  # centred d (8,)
     cds = -((sim - sim.mean(1, keepdim=True)) @ dc) / (dc @ dc)
     out = {"lds": lds.float(), "cds": cds.float(), "rmsc": _rmsc(G)}
     if masks is None:
         return out
-    fg, pos, neg = masks.to(G.device).bool(), (dist == 1).float(), (dist >= 6).float()  # (B, T), (T, T), (T, T)
-    pos_sum, pos_n = ((G * pos) @ fg.float()[..., None])[..., 0], fg.float() @ pos  # (B, T) per anchor token
-    neg_sum, neg_n = ((G * neg) @ (~fg).float()[..., None])[..., 0], (~fg).float() @ neg
+    fg = masks.to(G.device).bool()  # (B, T)
+    pos, neg = (dist == 1).float(), (dist >= 6).float()  # (T, T)
+    pos_sum = ((G * pos) @ fg.float()[..., None])[..., 0]  # (B, T) per anchor token
+    neg_sum = ((G * neg) @ (~fg).float()[..., None])[..., 0]
+    pos_n, neg_n = fg.float() @ pos, (~fg).float() @ neg
     valid = fg & (pos_n > 0) & (neg_n > 0)
     delta = pos_sum / pos_n.clamp(min=1) - neg_sum / neg_n.clamp(min=1)
-    return {**out, "srss": (delta * valid).sum(1) / valid.sum(1)}  # 0/0 = NaN for an image without a valid anchor
+    return {**out, "srss": (delta * valid).sum(1) / valid.sum(1)}  # NaN without a valid anchor
 
 
 def lds(z, grid=None, paper=False):
-    """Local-vs-distant similarity per image (B,): mean cos of near token pairs - mean cos of far pairs; as the
-    official code near d = 1, far d >= 6, or paper=True (appendix B, r = H/2) near 0 < d < H/2, far d >= H/2."""
+    """Local-vs-distant similarity per image (B,): mean cos of near token pairs - of far pairs:
+    d = 1 vs d >= 6 as the official code, or (paper=True, appendix B) d < H/2 vs d >= H/2."""
     return spatial_metrics(z, grid=grid, paper=paper)["lds"]
 
 
 def cds(z, grid=None):
-    """Correlation-decay slope per image (B,): minus the least-squares slope of mean cos at distance d vs d = 1..8."""
+    """Correlation-decay slope per image (B,): minus the slope of mean cos vs d, d = 1..8."""
     return spatial_metrics(z, grid=grid)["cds"]
 
 
 def srss(z, masks, grid=None):
-    """Semantic-region self-similarity per image (B,), masks (B, T) True = foreground: mean over foreground tokens of
-    (mean cos to foreground 4-neighbours - mean cos to background tokens at d >= 6); NaN if no token has both."""
+    """Semantic-region self-similarity per image (B,), masks (B, T) True = foreground: mean over
+    foreground tokens of (mean cos to foreground 4-neighbours - to background tokens at d >= 6)."""
     return spatial_metrics(z, masks, grid)["srss"]
 
 
@@ -112,24 +112,18 @@ def rmsc(z):
     """RMS spatial contrast per image (B,): sqrt(mean_t |u_t - mean_t u|^2) of the unit tokens u."""
     return _rmsc(_gram(z))
 
-# -----------------------------------------------------------------------------
-# images
-
 
 def load_folder(images, masks=None, n=None, size=256):
-    """First n readable images of a folder, centre-cropped, uint8 (N, 3, size, size): its images by name, else those
-    of its ImageNet-style class sub-folders in train.py's order; unreadable files are named on stderr and skipped.
-    Masks (flat folders only: same file stem, non-zero = foreground, cropped alike): bool (N, size, size) or None."""
-    is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M of them
+    """The first n readable images, centre-cropped, uint8 (N, 3, size, size), of a flat folder or
+    else its class folders in train.py's order; unreadable files are named and skipped. Masks of a
+    flat folder (same file names, non-zero = foreground): bool (N, size, size) or None."""
+    is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M
     flat = sorted(filter(is_image, Path(images).iterdir()))
     files = flat or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
-    if not files:
-        raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {images} or in class sub-folders of it")
-    if masks and not flat:
-        raise ValueError(f"--masks: masks are matched to images by file name, only for a flat folder of "
-                         f"images; {images} holds class sub-folders")
-    mask_files = {p.stem: p for p in filter(is_image, Path(masks).iterdir())} if masks else {}
-    x, m = [], []
+    mask_files = {}
+    if masks and flat:  # class folders can repeat a file name
+        mask_files = {p.stem: p for p in filter(is_image, Path(masks).iterdir())}
+    x, m, why = [], [], None
     bar = tqdm(total=min(n or len(files), len(files)), desc="images")
     for f in files:
         if len(x) == n:
@@ -142,57 +136,69 @@ def load_folder(images, masks=None, n=None, size=256):
         bar.update()
         x.append(center_crop(img, size))
         if masks:
-            if f.stem not in mask_files:
-                raise ValueError(f"no mask for image {f.name} in {masks} (masks are matched to images by name)")
-            mask = Image.open(mask_files[f.stem]).convert("L").point(lambda v: 255 * (v > 0))
-            if mask.size != img.size:
-                raise ValueError(f"mask {mask_files[f.stem].name} is {'x'.join(map(str, mask.size))}, "
-                                 f"image {f.name} is {'x'.join(map(str, img.size))}")
+            mask = mask_files.get(f.stem)
+            mask = mask and Image.open(mask).convert("L").point(lambda v: 255 * (v > 0))
+            if mask is None or mask.size != img.size:
+                why = (f"--masks {masks}: no mask of the name and size of image {f.name} "
+                       f"({img.size[0]}x{img.size[1]}), in a flat --images folder")
+                break
             m.append(center_crop(mask, size) >= 128)
     bar.close()
-    if not x:  # then every file was tried
-        raise ValueError(f"no readable image in {images} ({len(files)} unreadable)")
+    if not x:
+        why = f"no readable image in {images} ({len(files)} {'/'.join(IMAGE_SUFFIXES)} files)"
+    if why:
+        raise ValueError(why)
     x = torch.from_numpy(np.stack(x)).permute(0, 3, 1, 2).contiguous()
     return x, torch.from_numpy(np.stack(m)) if masks else None
 
 
 def patch_masks(masks, grid):
-    """Pixel masks (B, R, R) -> token masks (B, H*W): foreground if any pixel of the patch is (as the official code)."""
+    """Pixel masks (B, R, R) -> token masks (B, H*W): foreground if any pixel of the patch is."""
     return F.adaptive_max_pool2d(masks[:, None].float(), grid).flatten(1) > 0
-
-# -----------------------------------------------------------------------------
-# scoring, pictures, correlation with gFID
 
 
 @torch.no_grad()
-def score_encoder(name, encoder, images, masks, args, device):
-    """Metrics of one encoder (its module, on device), mean over the images {row: {metric: mean}}, raw and
-    (--spnorm-gamma) spatially normalised, and the first image's tokens (T, D)."""
-    scores, first, g = {}, None, args.spnorm_gamma
-    for i in tqdm(range(0, len(images), args.batch_size), desc=name):
-        z = encoder(images[i:i + args.batch_size].to(device))  # (B, T, D)
-        m = None if masks is None else patch_masks(masks[i:i + len(z)].to(device), token_grid(z.shape[1], args.grid))
-        for row, zz in ({name: z} if g is None else {name: z, f"{name} +spnorm({g})": spatial_norm(z, g)}).items():
-            for k, v in spatial_metrics(zz, m, args.grid, args.lds == "paper").items():
+def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, device):
+    """Means over the images {row: {metric: mean}} of one encoder's tokens, raw and (gamma)
+    spatially normalised, and the first image's tokens (T, D)."""
+    scores, first = {}, None
+    for i in tqdm(range(0, len(images), batch_size), desc=name):
+        z = encoder(images[i:i + batch_size].to(device))  # (B, T, D)
+        m = None
+        if masks is not None:
+            m = patch_masks(masks[i:i + len(z)].to(device), token_grid(z.shape[1], grid))
+        rows = {name: z}
+        if gamma is not None:
+            rows[f"{name} +spnorm({gamma})"] = spatial_norm(z, gamma)
+        for row, zz in rows.items():
+            for k, v in spatial_metrics(zz, m, grid, paper).items():
                 scores.setdefault(row, {}).setdefault(k, []).append(v.cpu())
         first = z[0].cpu() if first is None else first
-    return {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()} for row, s in scores.items()}, first
+    means = {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()}
+             for row, s in scores.items()}
+    return means, first
 
 
 def colour(v):
     """Values in [0, 1] -> uint8 RGB (..., 3), piecewise linear through five viridis colours."""
-    viridis = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
-    return np.stack([np.interp(v, np.linspace(0, 1, len(viridis)), c) for c in viridis.T], -1).astype(np.uint8)
+    viridis = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+                       float)
+    stops = np.linspace(0, 1, len(viridis))
+    return np.stack([np.interp(v, stops, c) for c in viridis.T], -1).astype(np.uint8)
 
 
 def draw_viz(path, image, tokens, gamma, grid, cell=112):
-    """Per encoder (row): the image, then per reference point (red dot) the cosine map of the raw tokens, then of
-    the spatially normalised ones; one colour scale for all, bar on the right. tokens {name: (T, D)}."""
+    """A row per encoder of tokens {name: (T, D)}: the image, then per red point the cosine map of
+    the raw tokens, then of the spatially normalised ones; one colour scale for all."""
     (H, W), top, P = grid, 20, 4
     points = [(H // 2, W // 2), (H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, W // 3)]
-    cos = lambda z: (lambda u: u[[r * W + c for r, c in points]] @ u.T)(F.normalize(z.float(), dim=-1)).view(P, H, W)
-    maps = {n: torch.cat([cos(z), cos(spatial_norm(z[None], gamma)[0])]) for n, z in tokens.items()}  # (2P, H, W)
-    lo, hi = min(m.min().item() for m in maps.values()), max(m.max().item() for m in maps.values())
+
+    def cos(z):  # (P, H, W): each point's cosine to every token
+        u = F.normalize(z.float(), dim=-1)
+        return (u[[r * W + c for r, c in points]] @ u.T).view(P, H, W)
+    maps = {n: torch.cat([cos(z), cos(spatial_norm(z[None], gamma)[0])]) for n, z in tokens.items()}
+    lo = min(m.min().item() for m in maps.values())
+    hi = max(m.max().item() for m in maps.values())
     cx = lambda k: 120 + (k + 1) * (cell + 4) + 16 * (k >= P)  # x of map column k
     canvas = Image.new("RGB", (cx(2 * P) + 60, top + len(maps) * (cell + 4)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -201,45 +207,50 @@ def draw_viz(path, image, tokens, gamma, grid, cell=112):
     for row, (name, m) in enumerate(maps.items()):
         y = top + row * (cell + 4)
         draw.text((4, y + cell // 2), name, fill="black")
-        canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell, cell), Image.BICUBIC), (120, y))
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+        canvas.paste(picture.resize((cell, cell), Image.BICUBIC), (120, y))
         for k, sim in enumerate(m):
-            canvas.paste(Image.fromarray(colour(((sim - lo) / (hi - lo)).numpy())).resize((cell, cell), 0), (cx(k), y))
-            px, py = cx(k) + (points[k % P][1] + 0.5) * cell / W, y + (points[k % P][0] + 0.5) * cell / H
+            heat = Image.fromarray(colour(((sim - lo) / (hi - lo)).numpy()))
+            canvas.paste(heat.resize((cell, cell), 0), (cx(k), y))
+            px = cx(k) + (points[k % P][1] + 0.5) * cell / W
+            py = y + (points[k % P][0] + 0.5) * cell / H
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill="red", outline="white")
-    canvas.paste(Image.fromarray(colour(np.linspace(1, 0, canvas.height - top - 24)[:, None].repeat(12, 1))),
-                 (cx(2 * P), top + 12))
+    bar = colour(np.linspace(1, 0, canvas.height - top - 24)[:, None].repeat(12, 1))
+    canvas.paste(Image.fromarray(bar), (cx(2 * P), top + 12))
     draw.text((cx(2 * P) + 14, top), f"{hi:.2f}", fill="black")
     draw.text((cx(2 * P) + 14, canvas.height - 14), f"{lo:.2f}", fill="black")
     canvas.save(path)
 
 
 def read_fid_table(path):
-    rows = list(csv.DictReader(open(path)))
-    if not rows or not {"encoder", "gfid"} <= set(rows[0]):
-        raise ValueError(f"{path}: need a header encoder,gfid[,linear_probe] and one row per encoder")
-    for r in rows:
-        try:
-            [float(r[k]) for k in ("gfid", "linear_probe") if k in r]
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: row {r['encoder']} has a value that is not a number: {r}") from None
+    """Rows {encoder, gfid[, linear_probe]} of a CSV file with that header and numbers."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    try:
+        ok = bool(rows) and {"encoder", "gfid"} <= set(rows[0])
+        [float(r[k]) for r in rows for k in ("gfid", "linear_probe") if k in r]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--fid-table {path}: need a header encoder,gfid[,linear_probe] and a "
+                         "row of numbers per encoder")
     return rows
 
 
 def fid_correlations(rows, means):
-    """Pearson r with gFID of each metric (and of linear_probe if given) over the encoders in both the fid table rows
-    and means {encoder: {metric: mean}}: {column: (r, values)}, and the gFID values."""
+    """Pearson r with gFID of each metric (and of linear_probe if given) over the encoders both in
+    the fid table's rows and in means {encoder: {metric: mean}}: {column: (r, values)}, gFIDs."""
     rows = [r for r in rows if r["encoder"] in means]
-    if len(rows) < 3:
-        raise ValueError(f"need >= 3 encoders with both a gFID and metrics to correlate, got {len(rows)}")
     gfid = [float(r["gfid"]) for r in rows]
-    cols = {m.upper(): [means[r["encoder"]][m] for r in rows] for m in METRICS if m in means[rows[0]["encoder"]]}
+    scored = means[rows[0]["encoder"]]
+    cols = {m.upper(): [means[r["encoder"]][m] for r in rows] for m in METRICS if m in scored}
     if "linear_probe" in rows[0]:
         cols["linear probe"] = [float(r["linear_probe"]) for r in rows]
     return {c: (float(pearsonr(x, gfid)[0]), x) for c, x in cols.items()}, gfid
 
 
 def draw_scatter(path, corr, gfid, size=240, pad=36):
-    """One panel per column of fid_correlations: gFID (y) against the column (x), least-squares line, r on top."""
+    """A panel per column of fid_correlations: gFID against it, the least-squares line, and r."""
     canvas, y = Image.new("RGB", (size * len(corr), size), "white"), np.asarray(gfid, float)
     draw = ImageDraw.Draw(canvas)
     to = lambda v, lo, hi, a, b: a + (v - lo) / max(hi - lo, 1e-12) * (b - a)
@@ -249,104 +260,103 @@ def draw_scatter(path, corr, gfid, size=240, pad=36):
         py = lambda v: to(v, y.min(), y.max(), size - pad, 26)
         draw.rectangle([x0 + pad - 8, 18, x0 + size - 6, size - pad + 8], outline="black")
         a, b = np.polyfit(x, y, 1)
-        draw.line([px(x.min()), py(a * x.min() + b), px(x.max()), py(a * x.max() + b)], fill=(231, 76, 60), width=2)
+        line = [px(x.min()), py(a * x.min() + b), px(x.max()), py(a * x.max() + b)]
+        draw.line(line, fill=(231, 76, 60), width=2)
         for u, v in zip(px(x), py(y)):
             draw.ellipse([u - 4, v - 4, u + 4, v + 4], fill=(52, 152, 219), outline="black")
         draw.text((x0 + pad, 4), f"{name}: r = {r:+.3f}", fill="black")
-        draw.text((x0 + pad, size - pad + 12), f"{name}  {x.min():.3g} .. {x.max():.3g}", fill="black")
-        for text, ty in ((f"{y.max():.3g}", 20), ("gFID", size // 2 - 12), (f"{y.min():.3g}", size - pad - 6)):
+        span = f"{name}  {x.min():.3g} .. {x.max():.3g}"
+        draw.text((x0 + pad, size - pad + 12), span, fill="black")
+        for text, ty in ((f"{y.max():.3g}", 20), ("gFID", size // 2 - 12),
+                         (f"{y.min():.3g}", size - pad - 6)):
             draw.text((x0 + 2, ty), text, fill="black")
     canvas.save(path)
 
-# -----------------------------------------------------------------------------
+
+def HxW(text):
+    """argparse type of --grid: "16x12" -> (16, 12)."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add = p.add_argument
-    add("--encoder", nargs="+", help=f"encoders (default: the --fid-table rows): {' '.join(ENCODERS)}")
+    add("--encoder", nargs="+", help="default: the --fid-table rows; of " + " ".join(ENCODERS))
     add("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
-    add("--images", help="flat image folder or ImageNet-style class folders (train.py's order): the first "
-        "--num-images readable ones, centre crop (default: data.py's generated shapes)")
-    add("--masks", help="mask folder for SRSS, flat --images only: same file names, non-zero = foreground")
-    add("--num-images", type=int, default=1000, help="images to score")
-    add("--batch-size", type=int, default=100, help="images per encoder forward")
-    add("--grid", help="token grid HxW if not square, e.g. 16x12")
-    add("--lds", choices=("code", "paper"), default="code", help="LDS definition (d = Manhattan distance): 'code' = "
-        "official metrics/spatial_metrics.py, d = 1 vs d >= 6; 'paper' = appendix B, 0 < d < H/2 vs d >= H/2")
-    add("--spnorm-gamma", type=float, help="also score the spatially normalised tokens (0.6 SiT, 0.8 JiT)")
+    add("--images", help="image folder, flat or class folders (default: data.py's shapes)")
+    add("--masks", help="SRSS masks of flat --images: same file names, non-zero = foreground")
+    add("--num-images", type=at_least(1), default=1000, help="the first readable ones are scored")
+    add("--batch-size", type=at_least(1), default=100, help="images per encoder forward")
+    add("--grid", type=HxW, help="token grid HxW if not square, e.g. 16x12")
+    add("--lds", choices=("code", "paper"), default="code",
+        help="near vs far: d = 1 vs d >= 6 (official code), d < H/2 vs d >= H/2 (appendix B)")
+    add("--spnorm-gamma", type=float, help="also score spatially normalised tokens (0.6, 0.8)")
     add("--save", help="write the table to this .csv or .json file")
-    add("--viz", help="PNG of cosine maps on the first image, raw and spatial-normed (gamma: --spnorm-gamma, else 0.6)")
-    add("--fid-table", help="CSV encoder,gfid[,linear_probe]: metrics' Pearson r with gFID, plot FID_TABLE.pearson.png")
+    add("--viz", help="PNG of cosine maps on the first image, raw and spatially normalised")
+    add("--fid-table", help="CSV encoder,gfid[,linear_probe]: Pearson r with gFID, and a plot")
     args = p.parse_args(argv)
-    try:
-        fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
-    except (ValueError, OSError) as e:
-        p.error(str(e))
-    names, weights = args.encoder or [r["encoder"] for r in fid_rows], args.encoder_weights or [None]
-    if not names:
-        p.error("give --encoder NAME [NAME ...] (or --fid-table)")
-    if unknown := [n for n in names if n not in ENCODERS]:
-        p.error(f"unknown encoder(s) {' '.join(unknown)}; known: {' '.join(ENCODERS)}")
-    if len(weights) not in (1, len(names)):
-        p.error(f"--encoder-weights: give one value or one per encoder ({len(names)}), got {len(weights)}")
-    if args.masks and not args.images:
-        p.error("--masks needs --images (masks are matched to image files)")
-    if args.grid:
-        if not re.fullmatch(r"\d+x\d+", args.grid.lower()):
-            p.error(f"--grid {args.grid}: give it as HxW, e.g. 16x12")
-        args.grid = tuple(map(int, args.grid.lower().split("x")))
-    if args.spnorm_gamma is not None and not math.isfinite(args.spnorm_gamma):
-        p.error(f"--spnorm-gamma must be a number, got {args.spnorm_gamma}")
-    if args.save and not args.save.endswith((".csv", ".json")):
-        p.error(f"--save {args.save}: the file name must end in .csv or .json (it picks the format)")
-    if args.fid_table and len({r["encoder"] for r in fid_rows} & set(names)) < 3:
-        p.error(f"--fid-table: need >= 3 of the scored encoders in {args.fid_table} to correlate with gFID")
     check_writable(p, [("--save", args.save), ("--viz", args.viz)])
-    check_at_least(p, args, ("num_images", "batch_size"))
-    weights = weights * len(names) if len(weights) == 1 else weights
-    for name, w in zip(names, weights):  # a mistyped file fails now, not after the images and other encoders
-        if w not in (None, "random") and not Path(w).is_file():
-            p.error(f"--encoder-weights {w} (for {name}): no such file")
-    try:
-        images, masks = (load_folder(args.images, args.masks, args.num_images) if args.images else
-                         (generated_images(args.num_images, 256)[0], None))
-    except (ValueError, OSError) as e:
+    gamma, device = args.spnorm_gamma, "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # unreadable files, missing weights, a token grid that does not fit: one line
+        fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
+        names = args.encoder or [r["encoder"] for r in fid_rows]
+        weights = args.encoder_weights or [None]
+        weights = weights * len(names) if len(weights) == 1 else weights
+        unknown = [n for n in names if n not in ENCODERS]
+        in_table = {r["encoder"] for r in fid_rows} & set(names)
+        for bad, message in [  # settings that would waste the run, refused before it starts
+            (not names, "give --encoder NAME [NAME ...] (or --fid-table)"),
+            (unknown, f"unknown encoder(s) {' '.join(unknown)}; known: {' '.join(ENCODERS)}"),
+            (len(weights) != len(names), "--encoder-weights: give one value or one per encoder"),
+            (args.masks and not args.images, "--masks needs --images"),
+            (not math.isfinite(gamma or 0), f"--spnorm-gamma must be a number, got {gamma}"),
+            (args.save and not args.save.endswith((".csv", ".json")),
+             f"--save {args.save}: must end in .csv or .json"),
+            (args.fid_table and len(in_table) < 3, "--fid-table: need >= 3 of the scored encoders"),
+            *[(w not in (None, "random") and not Path(w).is_file(),
+               f"--encoder-weights {w} (for {name}): no such file")
+              for name, w in zip(names, weights)],
+        ]:
+            if bad:
+                p.error(message)
+        if args.images:
+            images, masks = load_folder(args.images, args.masks, args.num_images)
+        else:
+            images, masks = generated_images(args.num_images, 256)[0], None
+        means, first = {}, {}
+        for name, w in zip(names, weights):
+            encoder = load_encoder(name, resolution=images.shape[-1], weights=w).to(device)
+            m, first[name] = score_encoder(name, encoder, images, masks, args.batch_size, gamma,
+                                           args.grid, args.lds == "paper", device)
+            means.update(m)
+            for row, v in m.items():  # at once: a later encoder's missing weights lose nothing
+                tqdm.write(f"{row}: " + ", ".join(f"{k.upper()} {x:.4f}" for k, x in v.items()))
+    except (ValueError, OSError, RuntimeError) as e:
         p.error(str(e))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    means, first = {}, {}
-    for name, w in zip(names, weights):
-        try:
-            encoder = load_encoder(name, resolution=images.shape[-1], weights=w)
-        except (RuntimeError, OSError) as e:  # hub weights not cached and not downloadable, no such file
-            p.error(str(e))
-        try:
-            m, first[name] = score_encoder(name, encoder.to(device), images, masks, args, device)
-        except ValueError as e:  # e.g. tokens that do not fit --grid
-            p.error(f"{name}: {e}")
-        means.update(m)
-        for row, v in m.items():  # at once: a later encoder whose weights are missing loses nothing scored
-            tqdm.write(f"{row}: " + ", ".join(f"{k.upper()} {x:.4f}" for k, x in v.items()))
-    cols, w = [m for m in METRICS if m in means[names[0]]], max(map(len, means)) + 2
+    cols = [m for m in METRICS if m in means[names[0]]]
     table = [["encoder", *cols]] + [[row, *(v[c] for c in cols)] for row, v in means.items()]
     print(f"\n{len(images)} images, LDS definition '{args.lds}', mean over images")
     for row in table:
-        print(row[0].ljust(w) + "".join(f"{c:10.4f}" if isinstance(c, float) else f"{c.upper():>10}" for c in row[1:]))
+        cells = (f"{c:10.4f}" if isinstance(c, float) else f"{c.upper():>10}" for c in row[1:])
+        print(row[0].ljust(max(map(len, means)) + 2) + "".join(cells))
     if masks is None:
         print("SRSS omitted: it needs foreground masks (--images DIR --masks DIR)")
     elif any(math.isnan(v["srss"]) for v in means.values()):
-        print("SRSS nan: no image had a foreground token with a foreground 4-neighbour and background tokens at "
-              "d >= 6 (are the masks all foreground or all background?)")
+        print("SRSS nan: no image had a foreground token with a foreground 4-neighbour and "
+              "background tokens at d >= 6: are the masks all one value?")
     if args.save and args.save.endswith(".json"):
-        Path(args.save).write_text(json.dumps({"num_images": len(images), "lds": args.lds, "means": means}, indent=2))
+        result = {"num_images": len(images), "lds": args.lds, "means": means}
+        Path(args.save).write_text(json.dumps(result, indent=2))
     elif args.save:
         Path(args.save).write_text("".join(",".join(map(str, row)) + "\n" for row in table))
     if args.viz:
-        gamma = 0.6 if args.spnorm_gamma is None else args.spnorm_gamma
+        gamma = 0.6 if gamma is None else gamma
         draw_viz(args.viz, images[0], first, gamma, token_grid(len(first[names[0]]), args.grid))
     if args.fid_table:
         corr, gfid = fid_correlations(fid_rows, means)
-        print(f"\nPearson r with gFID ({len(gfid)} encoders):", *(f"{c} {r:+.3f}" for c, (r, _) in corr.items()))
+        print(f"\nPearson r with gFID ({len(gfid)} encoders):",
+              *(f"{c} {r:+.3f}" for c, (r, _) in corr.items()))
         draw_scatter(Path(args.fid_table).with_suffix(".pearson.png"), corr, gfid)
 
 
