@@ -3,16 +3,12 @@ ADM-exact FID, sFID, Inception Score, precision and recall: OpenAI's guided-diff
 (TensorFlow) ported to torch with the 2015-12-05 FID Inception. Standalone: copy it alone.
 
   python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--json metrics.json]
-  python fid.py samples_png_dir/ --ref stats.npz    # a stats-only ref (mu, sigma): IS, FID
-  python fid.py samples.npz --save-stats stats.npz  # no --ref: the Inception Score alone
+  python fid.py png_dir/ --save-stats s.npz  # no --ref: IS; a stats-only --ref (mu, sigma): FID
   torchrun --nproc_per_node=8 fid.py samples.npz --ref REF.npz  # features sharded over GPUs
-
-Weights: --inception PATH, else WEIGHT_FILES in ~/.cache/torch/hub/checkpoints/ (--download).
 """
 import argparse
 import json
 import os
-import struct
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -29,8 +25,7 @@ from tqdm import tqdm
 
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth",
                 "weights-inception-2015-12-05-6726825d.pth")
-WEIGHT_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-              + WEIGHT_FILES[0])
+WEIGHT_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
 
 
 class BasicConv2d(nn.Module):
@@ -43,18 +38,14 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-POOLS = {
-    "avg": lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),  # TF's: pads not counted
-    "max": lambda x: F.max_pool2d(x, 3, 1, 1),
-    "max/2": lambda x: F.max_pool2d(x, 3, 2),
-}
+AVG = lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)  # TF's: pads not counted
+MAX = lambda x: F.max_pool2d(x, 3, 1, 1)
+MAX2 = lambda x: F.max_pool2d(x, 3, 2)
 ROW, COL = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7 and 7x1: kernel, stride, padding
 
 
 class Mixed(nn.Module):
-    """An Inception block, torchvision's module names: branches concatenated on channels. A branch
-    is a chain of steps: a conv (name, cin, cout, kernel, stride=1, padding=0), a POOLS key, or a
-    list of convs on one input, concatenated (Mixed_7b/c)."""
+    """An Inception block: chains of convs, pools or lists of convs on one input, concatenated."""
 
     def __init__(self, *branches):
         super().__init__()
@@ -63,48 +54,40 @@ class Mixed(nn.Module):
             for name, *conv in step:
                 self.add_module(name, BasicConv2d(*conv))
 
+    def branch(self, chain, y):
+        for step in chain:
+            y = step(y) if callable(step) else torch.cat([getattr(self, n)(y) for n, *_ in step], 1)
+        return y
+
     def forward(self, x):
-        outs = []
-        for chain in self.branches:
-            y = x
-            for step in chain:
-                if isinstance(step, str):
-                    y = POOLS[step](y)
-                else:
-                    y = torch.cat([getattr(self, name)(y) for name, *_ in step], 1)
-            outs.append(y)
-        return torch.cat(outs, 1)
+        return torch.cat([self.branch(chain, x) for chain in self.branches], 1)
 
 
 def _block_a(cin, pool_ch):
-    return Mixed(
-        [("branch1x1", cin, 64, 1)],
-        [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
-        [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
-         ("branch3x3dbl_3", 96, 96, 3, 1, 1)],
-        ["avg", ("branch_pool", cin, pool_ch, 1)])
+    return Mixed([("branch1x1", cin, 64, 1)],
+                 [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
+                 [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                  ("branch3x3dbl_3", 96, 96, 3, 1, 1)],
+                 [AVG, ("branch_pool", cin, pool_ch, 1)])
 
 
 def _block_c(c7):
-    return Mixed(
-        [("branch1x1", 768, 192, 1)],
-        [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *ROW),
-         ("branch7x7_3", c7, 192, *COL)],
-        [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *COL),
-         ("branch7x7dbl_3", c7, c7, *ROW), ("branch7x7dbl_4", c7, c7, *COL),
-         ("branch7x7dbl_5", c7, 192, *ROW)],
-        ["avg", ("branch_pool", 768, 192, 1)])
+    return Mixed([("branch1x1", 768, 192, 1)],
+                 [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *ROW),
+                  ("branch7x7_3", c7, 192, *COL)],
+                 [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *COL),
+                  ("branch7x7dbl_3", c7, c7, *ROW), ("branch7x7dbl_4", c7, c7, *COL),
+                  ("branch7x7dbl_5", c7, 192, *ROW)],
+                 [AVG, ("branch_pool", 768, 192, 1)])
 
 
 def _block_e(cin, pool):
-    def fork(a, b):  # a 1x3 and a 3x1 conv on one input
-        return [(a, 384, 384, (1, 3), 1, (0, 1)), (b, 384, 384, (3, 1), 1, (1, 0))]
-    return Mixed(
-        [("branch1x1", cin, 320, 1)],
-        [("branch3x3_1", cin, 384, 1), fork("branch3x3_2a", "branch3x3_2b")],
-        [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
-         fork("branch3x3dbl_3a", "branch3x3dbl_3b")],
-        [pool, ("branch_pool", cin, 192, 1)])
+    fork = lambda a, b: [(a, 384, 384, (1, 3), 1, (0, 1)), (b, 384, 384, (3, 1), 1, (1, 0))]
+    return Mixed([("branch1x1", cin, 320, 1)],
+                 [("branch3x3_1", cin, 384, 1), fork("branch3x3_2a", "branch3x3_2b")],
+                 [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
+                  fork("branch3x3dbl_3a", "branch3x3dbl_3b")],
+                 [pool, ("branch_pool", cin, 192, 1)])
 
 
 @contextmanager
@@ -120,8 +103,7 @@ def strict_fp32(device_type):
 
 
 def tf1_resize(x, size=299):
-    """TF1's legacy bilinear resize of (B, C, H, W) float32, no half-pixel centres, no antialias:
-    source coordinate = dst * (in / out) in float32; along W, then H."""
+    """TF1's legacy bilinear resize of (B, C, H, W): source = dst * (in / out) in float32."""
     for dim in (3, 2):
         n = x.shape[dim]
         step = torch.tensor(n, dtype=torch.float32) / size
@@ -135,8 +117,7 @@ def tf1_resize(x, size=299):
 
 
 class FIDInception(nn.Module):
-    """uint8 (B, H, W, 3) at any size -> pool3 (B, 2048), sFID features (B, 2023): Mixed_6d's
-    first branch, channels 0..6 in H, W, C order, and logits (B, 1008) without the fc bias."""
+    """uint8 (B, H, W, 3) -> pool3 (B, 2048), sFID features (B, 2023), logits (B, 1008)."""
 
     def __init__(self):
         super().__init__()
@@ -148,39 +129,33 @@ class FIDInception(nn.Module):
         self.Mixed_5b = _block_a(192, 32)
         self.Mixed_5c = _block_a(256, 64)
         self.Mixed_5d = _block_a(288, 64)
-        self.Mixed_6a = Mixed(
-            [("branch3x3", 288, 384, 3, 2)],
-            [("branch3x3dbl_1", 288, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
-             ("branch3x3dbl_3", 96, 96, 3, 2)],
-            ["max/2"])
-        self.Mixed_6b = _block_c(128)
-        self.Mixed_6c = _block_c(160)
-        self.Mixed_6d = _block_c(160)
-        self.Mixed_6e = _block_c(192)
-        self.Mixed_7a = Mixed(
-            [("branch3x3_1", 768, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
-            [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, *ROW),
-             ("branch7x7x3_3", 192, 192, *COL), ("branch7x7x3_4", 192, 192, 3, 2)],
-            ["max/2"])
-        self.Mixed_7b = _block_e(1280, "avg")
-        self.Mixed_7c = _block_e(2048, "max")
+        self.Mixed_6a = Mixed([("branch3x3", 288, 384, 3, 2)],
+                              [("branch3x3dbl_1", 288, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                               ("branch3x3dbl_3", 96, 96, 3, 2)], [MAX2])
+        for name, c7 in zip(["Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"], [128, 160, 160, 192]):
+            self.add_module(name, _block_c(c7))
+        self.Mixed_7a = Mixed([("branch3x3_1", 768, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
+                              [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, *ROW),
+                               ("branch7x7x3_3", 192, 192, *COL),
+                               ("branch7x7x3_4", 192, 192, 3, 2)], [MAX2])
+        self.Mixed_7b = _block_e(1280, AVG)
+        self.Mixed_7c = _block_e(2048, MAX)
         self.fc = nn.Linear(2048, 1008)
-        for m in self.modules():  # He init: O(1) activations for tests before the weights load
+        for m in self.modules():  # He init: O(1) activations before the weights load
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, x):
         with strict_fp32(x.device.type):
-            x = x.permute(0, 3, 1, 2).contiguous().float()
-            x = (tf1_resize(x) - 128) / 128  # (B, 3, 299, 299)
+            x = (tf1_resize(x.permute(0, 3, 1, 2).contiguous().float()) - 128) / 128
             for name, m in list(self.named_children())[:-1]:  # every layer but fc
                 x = m(x)
-                if name == "Mixed_6d":  # its first branch's channels come first
+                if name == "Mixed_6d":  # sFID: its first branch's channels 0..6
                     spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # (B, 17*17*7)
                 if name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3"):
-                    x = F.max_pool2d(x, 3, 2)
+                    x = MAX2(x)
             pool = x.mean((2, 3))  # (B, 2048) pool_3: the 8x8 average
-            return pool, spatial, pool @ self.fc.weight.T
+            return pool, spatial, pool @ self.fc.weight.T  # no fc bias, as in ADM
 
 
 def load_inception(path=None, download=False, device="cpu"):
@@ -190,23 +165,20 @@ def load_inception(path=None, download=False, device="cpu"):
         path = next((p for p in cached if os.path.exists(p)), cached[0])
         if download and not os.path.exists(path):
             os.makedirs(hub, exist_ok=True)
-            torch.hub.download_url_to_file(WEIGHT_URL, path)
+            torch.hub.download_url_to_file(WEIGHT_URL + WEIGHT_FILES[0], path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--inception {path}: no such file; put {' or '.join(WEIGHT_FILES)}"
                                 f" in {hub}, or use --download ({WEIGHT_URL})")
     model = FIDInception()
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    # older files lack BatchNorm's num_batches_tracked, which eval mode does not use
+    sd = torch.load(path, map_location="cpu", weights_only=True)  # older ones lack BN's counters
     counters = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" in k}
     model.load_state_dict({**counters, **sd})
     return model.eval().requires_grad_(False).to(device)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():  # a singular product: retry, slightly regularised
+    if not np.isfinite(covmean).all():  # singular: retry, regularised
         warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
         offset = np.eye(len(sigma1)) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
@@ -230,8 +202,7 @@ def inception_score(logits, split_size=5000):
 
 
 def _sqdist(u, v):
-    """ADM's DistanceBlock, (n, D), (m, D) -> (n, m): |u|^2 - 2 u.v + |v|^2 with every op rounded
-    to fp16 (sums in fp32, as on a GPU), or all in fp32 if an fp16 value overflowed."""
+    """ADM's DistanceBlock (n, D), (m, D) -> (n, m): every op in fp16, or fp32 on overflow."""
     h = lambda t: t.half().float()
     u16, v16 = h(u), h(v)
     nu, nv = h(h(u16 * u16).sum(1)), h(h(v16 * v16).sum(1))  # (n,), (m,)
@@ -243,7 +214,6 @@ def _sqdist(u, v):
 
 
 def _radii(feats, k, batch):
-    """Each row's squared distance to its k-th nearest neighbour, itself excluded."""
     blocks = range(0, len(feats), batch)
     rows = []
     for i in blocks:
@@ -253,11 +223,10 @@ def _radii(feats, k, batch):
 
 
 def precision_recall(ref_feats, sample_feats, k=3, batch=10000):
-    """Precision: the share of samples inside some reference's k-NN ball; recall: of references
-    inside some sample's. (N, D) float32 tensors, in blocks of batch x batch."""
+    """Shares of samples inside some reference's k-NN ball, and of references in a sample's."""
     r_ref, r_smp = _radii(ref_feats, k, batch), _radii(sample_feats, k, batch)
-    ref_in = torch.zeros(len(ref_feats), dtype=torch.bool, device=ref_feats.device)
-    smp_in = torch.zeros(len(sample_feats), dtype=torch.bool, device=sample_feats.device)
+    ref_in = torch.zeros_like(r_ref, dtype=torch.bool)
+    smp_in = torch.zeros_like(r_smp, dtype=torch.bool)
     for i in range(0, len(ref_feats), batch):
         for j in range(0, len(sample_feats), batch):
             d = _sqdist(ref_feats[i:i + batch], sample_feats[j:j + batch])  # (ref, sample)
@@ -276,15 +245,12 @@ def _open_npz(path):
     fmt = np.lib.format  # header format 1.0, or 2.0 when it exceeds 64 KiB
     header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = header(f)
-    offset, item = f.tell(), int(np.prod(shape[1:]))  # of the data in the member; bytes per image
+    offset, item = f.tell(), int(np.prod(shape[1:]))  # data start; bytes per image
     if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8 or fortran:
-        nchw = " (NCHW: transpose it)" if len(shape) == 4 and shape[1] == 3 else ""
-        return (0,), None, f"arr_0 must be C-ordered uint8 [N,H,W,3], got {dtype} {shape}{nchw}"
-    if info.compress_type == zipfile.ZIP_STORED:  # np.savez: memory-map the bytes in place
-        with open(path, "rb") as raw:
-            raw.seek(info.header_offset + 26)  # zip local header: name, extra lengths, data
-            name_len, extra_len = struct.unpack("<HH", raw.read(4))
-        start = info.header_offset + 30 + name_len + extra_len + offset
+        return (0,), None, f"arr_0 must be C-ordered uint8 [N,H,W,3], not NCHW; got {dtype} {shape}"
+    if info.compress_type == zipfile.ZIP_STORED:  # np.savez: memory-map the data in place
+        lengths = np.fromfile(path, "<u2", 2, offset=info.header_offset + 26)  # name, extra field
+        start = info.header_offset + 30 + int(lengths.sum()) + offset  # after the zip's header
         data = np.memmap(path, np.uint8, "r", start, shape)
         return shape, lambda i, j: data[i:j], None
 
@@ -295,33 +261,22 @@ def _open_npz(path):
 
 
 def open_images(path, flag=""):
-    """((N, H, W, 3), read(start, end, batch) -> uint8 (b, H, W, 3) arrays) of a folder of PNGs or
-    an npz's arr_0, streamed: 50K images never sit in memory. Refused in one line unless it holds
-    at least 4 8-bit RGB images of one size (precision/recall's k=3 neighbours need 4)."""
+    """((N, H, W, 3), read(start, end, batch) -> uint8 arrays) of a PNG folder or an npz's arr_0."""
     shape, why = (0,), None
     if os.path.isdir(path):
         names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
         files = [os.path.join(path, f) for f in names]
-        heads = []
-        for f in files:
-            with Image.open(f) as im:  # reads the header only
-                heads.append((f, im.mode, im.size))
-        # 16-bit or float pixels: convert("RGB") would clip them to white
-        deep = ("I", "I;16", "I;16B", "I;16L", "F")
-        bad = [h for h in heads if h[1] in deep or h[2] != heads[0][2]]
-        if bad:
-            why = f"{bad[0][0]} is {bad[0][1]} {bad[0][2]}: need 8-bit PNGs of one size"
-        if files:
-            W, H = heads[0][2]
-            shape = (len(files), H, W, 3)
         get = lambda i, j: np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i:j]])
+        if files:
+            with Image.open(files[0]) as first:  # the header only
+                shape = (len(files), first.height, first.width, 3)
+            if first.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip it white
+                why = f"{files[0]} is {first.mode}: need 8-bit PNGs"
     elif zipfile.is_zipfile(path):
         shape, get, why = _open_npz(path)
-    elif os.path.exists(path):
-        why = "neither a folder of PNGs nor an .npz (np.savez) file"
     else:
-        why = "no such file or folder"
-    if not why and shape[0] < 4:
+        why = "not a PNG folder or an .npz file" if os.path.exists(path) else "no such file"
+    if not why and shape[0] < 4:  # precision/recall's k=3 neighbours need 4
         why = f"{shape[0]} image(s); the statistics need at least 4"
     if why:
         raise ValueError(f"{flag} {path}: {why}".lstrip())
@@ -330,15 +285,13 @@ def open_images(path, flag=""):
 
 @torch.no_grad()
 def features(model, path, batch_size=250, device="cpu"):
-    """pool3 (N, 2048) and sFID (N, 2023) float32 features and the image shape. Under torchrun each
-    rank reads a contiguous shard; rank 0 gathers them in order and gets numpy arrays, the others
-    (None, None, shape)."""
+    """pool3 (N, 2048), sFID (N, 2023) features, shape; under torchrun, rank 0's in order."""
     shape, read = open_images(path)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, per = shape[0], -(-shape[0] // world)
     start, end = min(rank * per, n), min(rank * per + per, n)
     out = torch.zeros(per, 2048 + 2023, device=device)  # one size on every rank, to gather
-    top = torch.zeros((), dtype=torch.int64, device=device)  # the brightest pixel value seen
+    top = torch.zeros((), dtype=torch.int64, device=device)  # the brightest pixel seen
     bar = tqdm(read(start, end, batch_size), total=-(-(end - start) // batch_size),
                desc=os.path.basename(path.rstrip("/")), disable=rank != 0)
     for i, batch in enumerate(bar):
@@ -353,7 +306,7 @@ def features(model, path, batch_size=250, device="cpu"):
         dist.gather(out, parts, dst=0)
         out = torch.cat(parts) if rank == 0 else None  # only the last shard may be partial
     if top <= 1:  # all-black first images are legal: this waits for the brightest pixel
-        raise ValueError(f"{path}: pixel values are all 0 or 1; need uint8 in 0..255, not [0,1]")
+        raise ValueError(f"{path}: pixels all 0 or 1; need uint8 in 0..255, not [0,1]")
     if rank != 0:
         return None, None, shape
     out = out[:n].cpu().numpy()
@@ -366,8 +319,7 @@ def statistics(pool, spatial):
 
 
 def read_ref(ref):
-    """(statistics stored in the reference npz, whether its images are needed). As in ADM the
-    stored ones win over ones from its images; without mu and sigma it needs images."""
+    """(its stored statistics, which win as in ADM; whether its images are needed)."""
     stats, names = {}, []
     if zipfile.is_zipfile(ref):
         with np.load(ref) as z:
@@ -379,25 +331,21 @@ def read_ref(ref):
 
 
 def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
-    """ADM's numbers for samples against ref, and the samples' statistics: (metrics, stats) on
-    rank 0, (None, None) on the others. A stats-only ref gives IS, FID (sFID with mu_s)."""
-    ref_stats, ref_images = read_ref(ref) if ref else ({}, False)
+    """(metrics, the samples' statistics) on rank 0, else (None, None)."""
+    r_stats, r_imgs = read_ref(ref) if ref else ({}, False)
     pool, spatial, shape = features(model, samples, batch_size, device)
-    no_ref = None, None, None
-    r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if ref_images else no_ref
+    r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if r_imgs else [None] * 3
     if pool is None:
         return None, None
     if r_shape is not None and r_shape[1:3] != shape[1:3]:
         warnings.warn(f"resolution mismatch: samples {shape[1:3]}, reference {r_shape[1:3]}")
     stats = statistics(pool, spatial)
-    logits = pool @ model.fc.weight.detach().T.cpu().numpy()
-    metrics = {"Inception Score": inception_score(logits)}
-    if r_pool is not None and len(ref_stats) < 4:
-        ref_stats = {**statistics(r_pool, r_spatial), **ref_stats}
+    metrics = {"Inception Score": inception_score(pool @ model.fc.weight.detach().T.cpu().numpy())}
+    if r_pool is not None and len(r_stats) < 4:
+        r_stats = {**statistics(r_pool, r_spatial), **r_stats}
     for name, mu, sigma in (("FID", "mu", "sigma"), ("sFID", "mu_s", "sigma_s")):
-        if mu in ref_stats and sigma in ref_stats:
-            fd = frechet_distance(stats[mu], stats[sigma], ref_stats[mu], ref_stats[sigma])
-            metrics[name] = fd
+        if mu in r_stats and sigma in r_stats:
+            metrics[name] = frechet_distance(stats[mu], stats[sigma], r_stats[mu], r_stats[sigma])
     if r_pool is not None:
         r_feats, feats = torch.from_numpy(r_pool).to(device), torch.from_numpy(pool).to(device)
         metrics["Precision"], metrics["Recall"] = precision_recall(r_feats, feats)
@@ -405,36 +353,25 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose error is one line, the reason and "see --help"."""
-
-    def error(self, message):
+    def error(self, message):  # one line, not the usage text
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def checked(kind, ok, why):
-    """An argparse type: kind(text), refused while parsing unless ok(value)."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(why.format(text))
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type by this
-    return parse
 
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0].strip())
-    writable = lambda path: os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
-    output = checked(str, writable, "{}: its folder does not exist or is not writable")
     p.add_argument("samples", help=".npz with arr_0 uint8 [N,H,W,3], or a folder of PNGs")
     p.add_argument("--ref", help=".npz with arr_0 images and/or mu, sigma (mu_s, sigma_s)")
-    p.add_argument("--json", type=output, help="also write the metrics to this file")
-    p.add_argument("--save-stats", type=output, help="write the samples' statistics to this .npz")
+    p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument("--save-stats", help="write the samples' statistics to this .npz")
     p.add_argument("--inception", help="Inception weights file (default: torch hub cache)")
     p.add_argument("--download", action="store_true", help="download the weights if not cached")
-    p.add_argument("--batch-size", type=checked(int, lambda n: n >= 1, "{}: must be at least 1"),
-                   default=250, help="images per Inception forward (per GPU)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward (per GPU)")
     args = p.parse_args(argv)
+    outputs = {"--json": args.json, "--save-stats": args.save_stats}
+    why = [f"{flag} {path}: its folder is not writable" for flag, path in outputs.items()
+           if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)]
+    if why or args.batch_size < 1:
+        p.error(why[0] if why else "--batch-size must be at least 1")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun: one process per GPU
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -443,13 +380,12 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:  # bad samples, reference or weights: one line, not a traceback
-        n = open_images(args.samples)[0][0]  # inputs are checked before the weights load
+    try:  # bad inputs or weights: one line, no traceback
+        n = open_images(args.samples)[0][0]  # checked before the weights load
         if args.ref:
             read_ref(args.ref)
         if abs(n - 50000) > 5000:
-            warnings.warn(f"{args.samples}: {n} images; FID is biased by the count, meaningless "
-                          "under 2,048 (papers use 50,000)")
+            warnings.warn(f"{n} images; FID is biased (papers use 50,000) and void under 2,048")
         model = load_inception(args.inception, args.download, device)
         metrics, stats = evaluate(model, args.samples, args.ref, args.batch_size, device)
     except (ValueError, OSError) as e:
@@ -457,14 +393,12 @@ def main(argv=None):
     if metrics is not None:
         if args.save_stats:
             np.savez(args.save_stats, **stats)
-        for name, value in metrics.items():
-            print(f"{name}: {value}")
+        print("\n".join(f"{name}: {value}" for name, value in metrics.items()))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({**metrics, "samples": args.samples, "ref": args.ref}, f, indent=2)
     if world > 1:
         dist.destroy_process_group()
-    return metrics
 
 
 if __name__ == "__main__":

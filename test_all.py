@@ -2274,9 +2274,9 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     with pytest.raises(ValueError, match="no arr_0"):
         fid.open_images(str(tmp_path / "noarr.npz"))
     np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="neither a folder of PNGs nor an .npz"):
+    with pytest.raises(ValueError, match="not a PNG folder or an .npz"):
         fid.open_images(str(tmp_path / "plain.npy"))
-    with pytest.raises(ValueError, match="--ref .*plain.npy: neither a folder of PNGs nor an .npz"):
+    with pytest.raises(ValueError, match="--ref .*plain.npy: not a PNG folder or an .npz"):
         fid.evaluate(None, str(tmp_path / "unit.npz"), str(tmp_path / "plain.npy"))
     np.savez(tmp_path / "badref.npz", mu=np.zeros(2048))
     with pytest.raises(ValueError, match="--ref .*badref.npz: no arr_0"):  # nor mu and sigma
