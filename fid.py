@@ -1,5 +1,4 @@
-"""
-ADM-exact FID, sFID, Inception Score, precision and recall: OpenAI's guided-diffusion evaluator
+"""ADM-exact FID, sFID, Inception Score, precision and recall: OpenAI's guided-diffusion evaluator
 (TensorFlow) ported to torch with the 2015-12-05 FID Inception. Standalone: copy it alone.
 
   python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--json metrics.json]
@@ -141,7 +140,7 @@ class FIDInception(nn.Module):
         self.Mixed_7b = _block_e(1280, AVG)
         self.Mixed_7c = _block_e(2048, MAX)
         self.fc = nn.Linear(2048, 1008)
-        for m in self.modules():  # He init: O(1) activations before the weights load
+        for m in self.modules():  # He init: O(1) activations without weights
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
@@ -207,7 +206,7 @@ def _sqdist(u, v):
     u16, v16 = h(u), h(v)
     nu, nv = h(h(u16 * u16).sum(1)), h(h(v16 * v16).sum(1))  # (n,), (m,)
     d = h(h(nu[:, None] - h(2 * h(u16 @ v16.T))) + nv[None]).clamp_min(0)
-    if torch.isfinite(d).all():  # fp16 values are exact in TF32 too; the fp32 retry is not
+    if torch.isfinite(d).all():  # fp16 values are exact in TF32; fp32 ones are not
         return d
     with strict_fp32(u.device.type):
         return ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None]).clamp_min(0)
@@ -297,7 +296,7 @@ def features(model, path, batch_size=250, device="cpu"):
     for i, batch in enumerate(bar):
         x = torch.from_numpy(batch.copy()).to(device)
         top = torch.maximum(top, x.max())
-        if world == 1 and i == 0 and top == 1:  # [0, 1] images: refused below, the rest unread
+        if world == 1 and i == 0 and top == 1:  # [0, 1] images: refused below
             break
         out[i * batch_size:i * batch_size + len(x)] = torch.cat(model(x)[:2], 1)
     if world > 1:

@@ -1,5 +1,4 @@
-"""
-Spatial structure of frozen encoders' patch tokens (iREPA): LDS, CDS, SRSS, RMSC as means over
+"""Spatial structure of frozen encoders' patch tokens (iREPA): LDS, CDS, SRSS, RMSC as means over
 images, the paper's cosine-map picture (raw vs spatially normalised), Pearson r with gFID.
 
   python metrics.py --encoder dinov2-vit-b --encoder-weights random --num-images 1000
@@ -29,9 +28,6 @@ from data import (Parser, at_least, center_crop, check_writable, class_files, ge
 METRICS = ("lds", "cds", "srss", "rmsc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-# -----------------------------------------------------------------------------
-# metrics of patch tokens z (B, T, D) on an H x W grid; d = Manhattan distance of two positions
-
 
 def token_grid(T, grid=None):
     """(H, W) of the token grid: sqrt(T) x sqrt(T) unless given."""
@@ -44,32 +40,25 @@ def token_grid(T, grid=None):
 
 @functools.lru_cache(maxsize=8)
 def _pairs(H, W, device):
-    # distance of every token pair (T, T), row-major; its one-hot (T, T, K); pairs per distance (K,)
+    # distance d of every token pair (T, T), row-major; its one-hot (T, T, K); counts (K,)
     y, x = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
     dist = ((y[:, None] - y).abs() + (x[:, None] - x).abs()).to(device)
     onehot = F.one_hot(dist).float()
     return dist, onehot, onehot.sum((0, 1)).double()
 
 
-def _gram(z):
-    # cos of all token pairs (B, T, T) in fp32 as the official code; dividing the Gram by the
-    # norms saves normalising the tokens, a pass over (B, T, D), the main cost on CPU
-    z = z.float()
-    n = z.norm(dim=-1).clamp(min=1e-8)  # (B, T)
-    return (z @ z.transpose(1, 2)).div_(n[:, :, None]).div_(n[:, None, :])
-
-
-def _rmsc(G):
-    # mean_t |u_t|^2 - |mean_t u_t|^2 = mean over pairs of G_tt - G_ts: identical tokens give 0
-    return (G.diagonal(dim1=1, dim2=2)[..., None] - G).mean((1, 2)).clamp(min=0).sqrt()
-
-
 def spatial_metrics(z, masks=None, grid=None, paper=False):
-    """All metrics of a batch {name: (B,)} from one Gram matrix; SRSS only with masks (B, T)."""
-    G, (H, W) = _gram(z), token_grid(z.shape[1], grid)
+    """Per image {metric: (B,)} of tokens z (B, T, D) on an H x W grid, d = Manhattan distance.
+    LDS: mean cos at d = 1 - at d >= 6 (paper=True, appendix B: d < H/2 - d >= H/2). CDS: minus
+    the slope of mean cos vs d = 1..8. RMSC: sqrt(mean_t |u_t - mean u|^2) of unit tokens u.
+    SRSS, masks (B, T) True = foreground: mean over foreground tokens of (mean cos to foreground
+    4-neighbours - to background tokens at d >= 6)."""
+    H, W = token_grid(z.shape[1], grid)
+    z = z.float()  # fp32 as the official code
+    n = z.norm(dim=-1).clamp(min=1e-8)  # (B, T): dividing the Gram by it spares a copy of z
+    G = (z @ z.transpose(1, 2)).div_(n[:, :, None]).div_(n[:, None, :])  # cos (B, T, T)
     dist, onehot, counts = _pairs(H, W, G.device)
-    # per image, the sum of cos over the ordered pairs at each distance d = 0..H+W-2 (B, K): fp32
-    # sums of T terms per row, then fp64 over rows, so means over ~T^2 pairs stay exact to ~1e-9
+    # sum of cos per distance d = 0..H+W-2 (B, K): fp32 per row, fp64 over rows
     sums = torch.einsum("bts,tsk->tbk", G, onehot).double().sum(0)
     near, far = (slice(1, H // 2), slice(H // 2, None)) if paper else (slice(1, 2), slice(6, None))
     far_mean = sums[:, far].sum(1) / counts[far].sum().clamp(min=1)
@@ -78,7 +67,9 @@ def spatial_metrics(z, masks=None, grid=None, paper=False):
     sim = sums[:, d] / counts[d]  # mean cos at distance d = 1..8 (B, 8)
     dc = d - d.double().mean()  # centred d (8,)
     cds = -((sim - sim.mean(1, keepdim=True)) @ dc) / (dc @ dc)
-    out = {"lds": lds.float(), "cds": cds.float(), "rmsc": _rmsc(G)}
+    # mean_t |u_t|^2 - |mean_t u_t|^2 = mean over pairs of G_tt - G_ts: identical tokens give 0
+    rmsc = (G.diagonal(dim1=1, dim2=2)[..., None] - G).mean((1, 2)).clamp(min=0).sqrt()
+    out = {"lds": lds.float(), "cds": cds.float(), "rmsc": rmsc}
     if masks is None:
         return out
     fg = masks.to(G.device).bool()  # (B, T)
@@ -91,38 +82,13 @@ def spatial_metrics(z, masks=None, grid=None, paper=False):
     return {**out, "srss": (delta * valid).sum(1) / valid.sum(1)}  # NaN without a valid anchor
 
 
-def lds(z, grid=None, paper=False):
-    """Local-vs-distant similarity per image (B,): mean cos of near token pairs - of far pairs:
-    d = 1 vs d >= 6 as the official code, or (paper=True, appendix B) d < H/2 vs d >= H/2."""
-    return spatial_metrics(z, grid=grid, paper=paper)["lds"]
-
-
-def cds(z, grid=None):
-    """Correlation-decay slope per image (B,): minus the slope of mean cos vs d, d = 1..8."""
-    return spatial_metrics(z, grid=grid)["cds"]
-
-
-def srss(z, masks, grid=None):
-    """Semantic-region self-similarity per image (B,), masks (B, T) True = foreground: mean over
-    foreground tokens of (mean cos to foreground 4-neighbours - to background tokens at d >= 6)."""
-    return spatial_metrics(z, masks, grid)["srss"]
-
-
-def rmsc(z):
-    """RMS spatial contrast per image (B,): sqrt(mean_t |u_t - mean_t u|^2) of the unit tokens u."""
-    return _rmsc(_gram(z))
-
-
 def load_folder(images, masks=None, n=None, size=256):
-    """The first n readable images, centre-cropped, uint8 (N, 3, size, size), of a flat folder or
-    else its class folders in train.py's order; unreadable files are named and skipped. Masks of a
-    flat folder (same file names, non-zero = foreground): bool (N, size, size) or None."""
+    """The first n readable images (N, 3, size, size) of a flat folder or else of its class folders
+    (train.py's order), centre-cropped; masks of a flat folder: bool (N, size, size) or None."""
     is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M
     flat = sorted(filter(is_image, Path(images).iterdir()))
     files = flat or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
-    mask_files = {}
-    if masks and flat:  # class folders can repeat a file name
-        mask_files = {p.stem: p for p in filter(is_image, Path(masks).iterdir())}
+    by_name = {p.stem: p for p in filter(is_image, Path(masks).iterdir())} if masks and flat else {}
     x, m, why = [], [], None
     bar = tqdm(total=min(n or len(files), len(files)), desc="images")
     for f in files:
@@ -136,11 +102,10 @@ def load_folder(images, masks=None, n=None, size=256):
         bar.update()
         x.append(center_crop(img, size))
         if masks:
-            mask = mask_files.get(f.stem)
+            mask = by_name.get(f.stem)
             mask = mask and Image.open(mask).convert("L").point(lambda v: 255 * (v > 0))
             if mask is None or mask.size != img.size:
-                why = (f"--masks {masks}: no mask of the name and size of image {f.name} "
-                       f"({img.size[0]}x{img.size[1]}), in a flat --images folder")
+                why = f"--masks {masks}: no mask of the name and size of image {f.name} {img.size}"
                 break
             m.append(center_crop(mask, size) >= 128)
     bar.close()
@@ -153,20 +118,18 @@ def load_folder(images, masks=None, n=None, size=256):
 
 
 def patch_masks(masks, grid):
-    """Pixel masks (B, R, R) -> token masks (B, H*W): foreground if any pixel of the patch is."""
+    """Pixel masks (B, R, R) -> token masks (B, H*W): any foreground pixel counts."""
     return F.adaptive_max_pool2d(masks[:, None].float(), grid).flatten(1) > 0
 
 
 @torch.no_grad()
 def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, device):
-    """Means over the images {row: {metric: mean}} of one encoder's tokens, raw and (gamma)
-    spatially normalised, and the first image's tokens (T, D)."""
+    """Means {row: {metric: mean}} of raw and spatially normalised tokens; image 0's tokens."""
     scores, first = {}, None
     for i in tqdm(range(0, len(images), batch_size), desc=name):
         z = encoder(images[i:i + batch_size].to(device))  # (B, T, D)
-        m = None
-        if masks is not None:
-            m = patch_masks(masks[i:i + len(z)].to(device), token_grid(z.shape[1], grid))
+        hw = token_grid(z.shape[1], grid)
+        m = None if masks is None else patch_masks(masks[i:i + len(z)].to(device), hw)
         rows = {name: z}
         if gamma is not None:
             rows[f"{name} +spnorm({gamma})"] = spatial_norm(z, gamma)
@@ -180,11 +143,10 @@ def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, 
 
 
 def colour(v):
-    """Values in [0, 1] -> uint8 RGB (..., 3), piecewise linear through five viridis colours."""
-    viridis = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
-                       float)
+    """[0, 1] -> uint8 RGB (..., 3), linear between five viridis colours."""
+    viridis = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]
     stops = np.linspace(0, 1, len(viridis))
-    return np.stack([np.interp(v, stops, c) for c in viridis.T], -1).astype(np.uint8)
+    return np.stack([np.interp(v, stops, c) for c in np.transpose(viridis)], -1).astype(np.uint8)
 
 
 def draw_viz(path, image, tokens, gamma, grid, cell=112):
@@ -197,6 +159,7 @@ def draw_viz(path, image, tokens, gamma, grid, cell=112):
         u = F.normalize(z.float(), dim=-1)
         return (u[[r * W + c for r, c in points]] @ u.T).view(P, H, W)
     maps = {n: torch.cat([cos(z), cos(spatial_norm(z[None], gamma)[0])]) for n, z in tokens.items()}
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell, cell), Image.BICUBIC)
     lo = min(m.min().item() for m in maps.values())
     hi = max(m.max().item() for m in maps.values())
     cx = lambda k: 120 + (k + 1) * (cell + 4) + 16 * (k >= P)  # x of map column k
@@ -207,8 +170,7 @@ def draw_viz(path, image, tokens, gamma, grid, cell=112):
     for row, (name, m) in enumerate(maps.items()):
         y = top + row * (cell + 4)
         draw.text((4, y + cell // 2), name, fill="black")
-        picture = Image.fromarray(image.permute(1, 2, 0).numpy())
-        canvas.paste(picture.resize((cell, cell), Image.BICUBIC), (120, y))
+        canvas.paste(picture, (120, y))
         for k, sim in enumerate(m):
             heat = Image.fromarray(colour(((sim - lo) / (hi - lo)).numpy()))
             canvas.paste(heat.resize((cell, cell), 0), (cx(k), y))
@@ -223,7 +185,7 @@ def draw_viz(path, image, tokens, gamma, grid, cell=112):
 
 
 def read_fid_table(path):
-    """Rows {encoder, gfid[, linear_probe]} of a CSV file with that header and numbers."""
+    """Rows {encoder, gfid[, linear_probe]} of a CSV file."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
     try:
@@ -232,14 +194,12 @@ def read_fid_table(path):
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"--fid-table {path}: need a header encoder,gfid[,linear_probe] and a "
-                         "row of numbers per encoder")
+        raise ValueError(f"--fid-table {path}: need header encoder,gfid[,linear_probe] and numbers")
     return rows
 
 
 def fid_correlations(rows, means):
-    """Pearson r with gFID of each metric (and of linear_probe if given) over the encoders both in
-    the fid table's rows and in means {encoder: {metric: mean}}: {column: (r, values)}, gFIDs."""
+    """({column: (Pearson r with gFID, values)} over the encoders in rows and means, the gFIDs)."""
     rows = [r for r in rows if r["encoder"] in means]
     gfid = [float(r["gfid"]) for r in rows]
     scored = means[rows[0]["encoder"]]
@@ -250,7 +210,7 @@ def fid_correlations(rows, means):
 
 
 def draw_scatter(path, corr, gfid, size=240, pad=36):
-    """A panel per column of fid_correlations: gFID against it, the least-squares line, and r."""
+    """A panel per column: gFID against it, its least-squares line and r."""
     canvas, y = Image.new("RGB", (size * len(corr), size), "white"), np.asarray(gfid, float)
     draw = ImageDraw.Draw(canvas)
     to = lambda v, lo, hi, a, b: a + (v - lo) / max(hi - lo, 1e-12) * (b - a)
@@ -273,8 +233,7 @@ def draw_scatter(path, corr, gfid, size=240, pad=36):
     canvas.save(path)
 
 
-def HxW(text):
-    """argparse type of --grid: "16x12" -> (16, 12)."""
+def HxW(text):  # the argparse type of --grid: "16x12" -> (16, 12)
     h, w = text.lower().split("x")
     return int(h), int(w)
 
@@ -284,7 +243,7 @@ def main(argv=None):
     add = p.add_argument
     add("--encoder", nargs="+", help="default: the --fid-table rows; of " + " ".join(ENCODERS))
     add("--encoder-weights", nargs="+", help="file or 'random': one for all or one per encoder")
-    add("--images", help="image folder, flat or class folders (default: data.py's shapes)")
+    add("--images", help="flat or class folders (default: generated shapes)")
     add("--masks", help="SRSS masks of flat --images: same file names, non-zero = foreground")
     add("--num-images", type=at_least(1), default=1000, help="the first readable ones are scored")
     add("--batch-size", type=at_least(1), default=100, help="images per encoder forward")
@@ -293,19 +252,19 @@ def main(argv=None):
         help="near vs far: d = 1 vs d >= 6 (official code), d < H/2 vs d >= H/2 (appendix B)")
     add("--spnorm-gamma", type=float, help="also score spatially normalised tokens (0.6, 0.8)")
     add("--save", help="write the table to this .csv or .json file")
-    add("--viz", help="PNG of cosine maps on the first image, raw and spatially normalised")
+    add("--viz", help="PNG of the first image's cosine maps")
     add("--fid-table", help="CSV encoder,gfid[,linear_probe]: Pearson r with gFID, and a plot")
     args = p.parse_args(argv)
     check_writable(p, [("--save", args.save), ("--viz", args.viz)])
     gamma, device = args.spnorm_gamma, "cuda" if torch.cuda.is_available() else "cpu"
-    try:  # unreadable files, missing weights, a token grid that does not fit: one line
+    try:  # bad files or weights, a token grid that does not fit: one line
         fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
         names = args.encoder or [r["encoder"] for r in fid_rows]
         weights = args.encoder_weights or [None]
         weights = weights * len(names) if len(weights) == 1 else weights
         unknown = [n for n in names if n not in ENCODERS]
         in_table = {r["encoder"] for r in fid_rows} & set(names)
-        for bad, message in [  # settings that would waste the run, refused before it starts
+        for bad, message in [  # refused before the run
             (not names, "give --encoder NAME [NAME ...] (or --fid-table)"),
             (unknown, f"unknown encoder(s) {' '.join(unknown)}; known: {' '.join(ENCODERS)}"),
             (len(weights) != len(names), "--encoder-weights: give one value or one per encoder"),
@@ -343,8 +302,7 @@ def main(argv=None):
     if masks is None:
         print("SRSS omitted: it needs foreground masks (--images DIR --masks DIR)")
     elif any(math.isnan(v["srss"]) for v in means.values()):
-        print("SRSS nan: no image had a foreground token with a foreground 4-neighbour and "
-              "background tokens at d >= 6: are the masks all one value?")
+        print("SRSS nan: are the masks all one value? (no valid anchor token)")
     if args.save and args.save.endswith(".json"):
         result = {"num_images": len(images), "lds": args.lds, "means": means}
         Path(args.save).write_text(json.dumps(result, indent=2))

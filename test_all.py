@@ -1782,11 +1782,11 @@ def test_metrics_match_bruteforce_loops():
     z = torch.randn(2, 30, 8) + _metrics_smooth(2, 6, 8)[:, :30]  # a 5x6 grid, not square
     for b in range(2):
         want_lds, want_cds = _metrics_bruteforce(z[b], 5, 6, near=1, far=6)
-        assert metrics.lds(z, grid=(5, 6))[b].item() == pytest.approx(want_lds, abs=1e-6)
-        assert metrics.cds(z, grid=(5, 6))[b].item() == pytest.approx(want_cds, abs=1e-6)
+        assert metrics.spatial_metrics(z, grid=(5, 6))["lds"][b].item() == pytest.approx(want_lds, abs=1e-6)
+        assert metrics.spatial_metrics(z, grid=(5, 6))["cds"][b].item() == pytest.approx(want_cds, abs=1e-6)
     z = _metrics_smooth(2, 8, 16) + 0.5 * torch.randn(2, 64, 16)
     want_paper, _ = _metrics_bruteforce(z[0], 8, 8, near=3, far=4)  # appendix B: 0 < d < H/2 vs d >= H/2
-    assert metrics.lds(z, paper=True)[0].item() == pytest.approx(want_paper, abs=1e-6)
+    assert metrics.spatial_metrics(z, paper=True)["lds"][0].item() == pytest.approx(want_paper, abs=1e-6)
 
 
 def test_metrics_srss_matches_bruteforce_loop():
@@ -1803,32 +1803,34 @@ def test_metrics_srss_matches_bruteforce_loop():
         if pos and neg:
             deltas.append(np.mean(pos) - np.mean(neg))
     assert len(deltas) > 3
-    assert metrics.srss(z, fg, grid=(H, W)).item() == pytest.approx(np.mean(deltas), abs=1e-6)
+    assert metrics.spatial_metrics(z, fg, grid=(H, W))["srss"].item() == pytest.approx(np.mean(deltas), abs=1e-6)
 
 
 def test_metrics_smooth_field_is_structured():
-    z = _metrics_smooth()
-    assert (metrics.lds(z) > 0.1).all() and (metrics.cds(z) > 0.01).all() and (metrics.lds(z, paper=True) > 0.1).all()
+    out, paper = metrics.spatial_metrics(_metrics_smooth()), metrics.spatial_metrics(_metrics_smooth(), paper=True)
+    assert (out["lds"] > 0.1).all() and (out["cds"] > 0.01).all() and (paper["lds"] > 0.1).all()
 
 
 def test_metrics_iid_noise_has_no_structure():
     z = torch.randn(4, 256, 768, generator=torch.Generator().manual_seed(0))
-    assert metrics.lds(z).abs().max() < 0.01 and metrics.cds(z).abs().max() < 0.002
+    out = metrics.spatial_metrics(z)
+    assert out["lds"].abs().max() < 0.01 and out["cds"].abs().max() < 0.002
     # unit vectors in general position: mean_t |u_t - mean u|^2 = 1 - |mean u|^2 ~ 1 - 1/T
-    assert metrics.rmsc(z) == pytest.approx(torch.full((4,), (1 - 1 / 256) ** 0.5), abs=0.01)
+    assert out["rmsc"] == pytest.approx(torch.full((4,), (1 - 1 / 256) ** 0.5), abs=0.01)
 
 
 def test_metrics_identical_tokens_have_zero_rmsc():
     z = (torch.randn(3, 1, 32) + 2).expand(3, 256, 32)
-    assert metrics.rmsc(z).abs().max() < 1e-6  # the sqrt would turn fp32 cancellation noise into ~1e-4
-    assert metrics.rmsc(_metrics_smooth()).min() > 0.1
+    assert metrics.spatial_metrics(z)["rmsc"].abs().max() < 1e-6  # the sqrt would turn fp32 cancellation noise into ~1e-4
+    assert metrics.spatial_metrics(_metrics_smooth())["rmsc"].min() > 0.1
 
 
 def test_metrics_global_vector_hides_structure_until_spatial_norm():
     z = _metrics_smooth() + 4 * torch.randn(1, 1, 64)  # the same global vector in every token
-    raw, normed = metrics.lds(z), metrics.lds(metrics.spatial_norm(z, 1.0))
+    lds = lambda z: metrics.spatial_metrics(z)["lds"]
+    raw, normed = lds(z), lds(metrics.spatial_norm(z, 1.0))
     assert (raw < normed).all() and (normed - raw).min() > 0.1
-    assert (metrics.lds(_metrics_smooth()) > raw).all()
+    assert (lds(_metrics_smooth()) > raw).all()
 
 
 def test_metrics_srss_two_regions():
@@ -1837,30 +1839,32 @@ def test_metrics_srss_two_regions():
     a, b = torch.randn(B, 1, D, generator=g), torch.randn(B, 1, D, generator=g)
     left = (torch.arange(H * H) % H < H // 2)[None].expand(B, -1)  # (B, T) left half = foreground
     z = torch.where(left[..., None], a, b) + 0.3 * torch.randn(B, H * H, D, generator=g)
-    assert (metrics.srss(z, left) > 0.5).all() and (metrics.srss(z, ~left) > 0.5).all()
+    srss = lambda z, masks: metrics.spatial_metrics(z, masks)["srss"]
+    assert (srss(z, left) > 0.5).all() and (srss(z, ~left) > 0.5).all()
     # uniform tokens: near and far similarity are equal, SRSS ~ 0; no background at all: NaN
-    assert metrics.srss(torch.randn(B, H * H, D, generator=g), left).abs().max() < 0.02
-    assert metrics.srss(z, torch.ones(B, H * H, dtype=torch.bool)).isnan().all()
+    assert srss(torch.randn(B, H * H, D, generator=g), left).abs().max() < 0.02
+    assert srss(z, torch.ones(B, H * H, dtype=torch.bool)).isnan().all()
     with pytest.raises(RuntimeError):  # not one foreground flag per token
-        metrics.srss(z, left[:, :100])
+        srss(z, left[:, :100])
 
 
-def test_metrics_spatial_metrics_equals_single_functions():
+def test_metrics_masks_only_add_srss():
+    # one Gram matrix for all metrics: masks add SRSS and change nothing else; CDS ignores paper=
     z, masks = _metrics_smooth(3) + torch.randn(3, 256, 64), torch.rand(3, 256) > 0.5
     out = metrics.spatial_metrics(z, masks, paper=True)
-    singles = {"lds": metrics.lds(z, paper=True), "cds": metrics.cds(z), "srss": metrics.srss(z, masks), "rmsc": metrics.rmsc(z)}
-    for k, v in singles.items():
+    plain, paper = metrics.spatial_metrics(z), metrics.spatial_metrics(z, paper=True)
+    assert "srss" not in plain and out["srss"].isfinite().all()
+    for k, v in {"lds": paper["lds"], "cds": plain["cds"], "rmsc": plain["rmsc"]}.items():
         torch.testing.assert_close(out[k], v)
-    assert "srss" not in metrics.spatial_metrics(z)
 
 
 def test_metrics_grid_must_be_square_or_given():
     z = torch.randn(2, 12, 8)
     with pytest.raises(ValueError, match="not a square grid.*--grid"):
-        metrics.lds(z)
+        metrics.spatial_metrics(z)
     with pytest.raises(ValueError, match="do not form a 5x3 grid"):
-        metrics.cds(z, grid=(5, 3))
-    assert metrics.lds(z, grid=(3, 4)).shape == (2,)
+        metrics.spatial_metrics(z, grid=(5, 3))
+    assert metrics.spatial_metrics(z, grid=(3, 4))["lds"].shape == (2,)
 
 
 def test_metrics_pearson_with_gfid(tmp_path):
@@ -1948,14 +1952,14 @@ def test_metrics_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--save", f"{out}.csv", "--lds", "paper"])
     rows = list(csv.DictReader(open(f"{out}.csv")))
     assert [r["encoder"] for r in rows] == ["toy-a"] and "srss" not in rows[0]
-    assert float(rows[0]["lds"]) == pytest.approx(metrics.lds(z, paper=True).mean().item(), abs=1e-6)
+    assert float(rows[0]["lds"]) == pytest.approx(metrics.spatial_metrics(z, paper=True)["lds"].mean().item(), abs=1e-6)
     assert "SRSS omitted" in capsys.readouterr().out
     assert Image.open(f"{out}.png").height == 20 + 3 * 116
     assert Image.open(tmp_path / "fid.pearson.png").size == (240 * 4, 240)
     for f in (tmp_path / "mask").iterdir():  # all foreground: no anchor has background tokens, SRSS is NaN
         Image.fromarray(np.ones(np.array(Image.open(f)).shape, np.uint8)).save(f)
     metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")])
-    assert "SRSS nan: no image had" in capsys.readouterr().out
+    assert "SRSS nan: are the masks all one value" in capsys.readouterr().out
 
 
 def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
@@ -1978,7 +1982,7 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "mask" / "im1.png").rename(tmp_path / "mask" / "other.png")
     fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask of the name and size of image im1.png")
     Image.new("L", (10, 10)).save(tmp_path / "mask" / "im1.png")
-    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask of the name and size of image im1.png (400x320)")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask of the name and size of image im1.png (400, 320)")
     enc = torch.nn.Module()
     enc.forward = lambda x: torch.randn(len(x), 200, 8)  # 200 tokens: no square grid
     monkeypatch.setattr(metrics, "load_encoder", lambda *a, **k: enc)
@@ -1986,7 +1990,7 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "8x8"], "200 tokens do not form a 8x8 grid")
     fails(["--encoder", name, "--viz", str(tmp_path / "no" / "v.png")], "--viz")
     (tmp_path / "bad.csv").write_text("encoder,gfid\nx,abc\n")
-    fails(["--fid-table", str(tmp_path / "bad.csv")], "need a header encoder,gfid[,linear_probe] and a row of numbers")
+    fails(["--fid-table", str(tmp_path / "bad.csv")], "need header encoder,gfid[,linear_probe] and numbers")
     fails(["--encoder", name, "--spnorm-gamma", "nan"], "--spnorm-gamma must be a number")
     fails(["--encoder", name, "--save", str(tmp_path / "m.txt")], "must end in .csv or .json")
     (tmp_path / "two.csv").write_text("encoder,gfid\n" + "".join(f"{n},{i}\n" for i, n in enumerate(metrics.ENCODERS)
