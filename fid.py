@@ -259,18 +259,24 @@ def _open_npz(path):
     return shape, get, None
 
 
+def read_png(path):
+    """An 8-bit image file as uint8 (H, W, 3); 16-bit or float pixels are refused, naming it."""
+    im = Image.open(path)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip them white
+        raise ValueError(f"{path} is {im.mode}: need 8-bit PNGs")
+    return np.asarray(im.convert("RGB"))
+
+
 def open_images(path, flag=""):
     """((N, H, W, 3), read(start, end, batch) -> uint8 arrays) of a PNG folder or an npz's arr_0."""
     shape, why = (0,), None
     if os.path.isdir(path):
         names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
         files = [os.path.join(path, f) for f in names]
-        get = lambda i, j: np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i:j]])
+        get = lambda i, j: np.stack([read_png(f) for f in files[i:j]])
         if files:
             with Image.open(files[0]) as first:  # the header only
                 shape = (len(files), first.height, first.width, 3)
-            if first.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip it white
-                why = f"{files[0]} is {first.mode}: need 8-bit PNGs"
     elif zipfile.is_zipfile(path):
         shape, get, why = _open_npz(path)
     else:

@@ -2288,10 +2288,12 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
         fid.load_inception()
-    (tmp_path / "deep").mkdir()
-    Image.fromarray(np.full((8, 8), 300, np.uint16)).save(tmp_path / "deep" / "0.png")
-    with pytest.raises(ValueError, match="0.png is I.*: need 8-bit PNGs"):
-        fid.open_images(str(tmp_path / "deep"))
+    (tmp_path / "deep").mkdir()  # a 16-bit file anywhere in a folder: refused when it is read
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "deep" / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 300, np.uint16)).save(tmp_path / "deep" / "3.png")
+    with pytest.raises(ValueError, match="3.png is I.*: need 8-bit PNGs"):
+        list(fid.open_images(str(tmp_path / "deep"))[1](0, 4, 2))
     monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
     dark = np.zeros((6, 8, 8, 3), np.uint8)
     dark[4:] = 200  # an all-black first batch is legal
