@@ -1,14 +1,5 @@
-"""Data and files around the method, shared by train.py, sample.py and metrics.py (nothing
-here is iREPA).
-
-  image files       open_rgb, center_crop (ADM's), save_grid
-  generated shapes  generated_images: class-conditional shapes, so every demo runs offline
-  image folders     prepare (class folders -> memory-mapped crops, labels, SD-VAE posterior),
-                    prepared_folder, prepared_arrays, Batches (a rank's slice of step s)
-  run files         setup_device, find_checkpoint, load_checkpoint (as data), sampling_weights,
-                    readable_checkpoint, save_checkpoint (atomic), trim_log, write_shards
-  flags             Parser (one-line errors), at_least (a range as an argparse type)
-"""
+"""Images, generated shapes, prepared data, checkpoints, sample shards and flags for the scripts
+(train.py, sample.py, metrics.py): nothing here is iREPA."""
 import argparse
 import glob
 import json
@@ -25,7 +16,6 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
-# Image files
 def open_rgb(path):
     """An image file as 8-bit RGB (PIL), or a ValueError naming the file."""
     try:
@@ -61,8 +51,7 @@ def save_grid(images, path):
     Image.fromarray(grid.numpy()).save(path)
 
 
-# Generated data: class k has its own shape and colour; position, size, background vary
-NUM_GENERATED_CLASSES = 10
+NUM_GENERATED_CLASSES = 10  # class k: its own shape and colour; place, size, background vary
 _SHAPES = ["circle", "square", "triangle", "diamond", "ring",
            "cross", "hbar", "vbar", "star", "half"]
 _COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220),
@@ -108,7 +97,6 @@ def generated_images(n, image_size, seed=0):
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
 
 
-# ImageNet-style class folders -> memory-mapped arrays, once; batches from them
 @torch.no_grad()
 def posterior(vae, images, out, device, batch=64):
     """SD-VAE posterior of uint8 images (N, 3, R, R) into out (N, 8, R/8, R/8): mean | std."""
@@ -127,12 +115,10 @@ def class_files(folder):
 
 
 def prepare(data_path, out, image_size, vae, vae_name, device):
-    """Class folders -> out/: images.npy (N, 3, R, R) uint8, labels.npy, latents.npy (VAE
-    posterior) and last meta.json (source, size, VAE): without it the preparation did not end."""
+    """Class folders -> out/ images.npy (N, 3, R, R) uint8, labels, latents; meta.json last."""
     classes, files = class_files(data_path)
-    if not files:
-        raise SystemExit(f"no images under {data_path}: expected one sub-folder of images "
-                         "per class")
+    if not files:  # else an empty folder would be "prepared" and kept
+        raise SystemExit(f"no images under {data_path}: expected one sub-folder per class")
     os.makedirs(out, exist_ok=True)
     at = lambda name: os.path.join(out, name)
     shape = (len(files), 3, image_size, image_size)
@@ -159,34 +145,28 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
 
 
 def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir=None):
-    """The folder of data_path's arrays at image_size with vae_name's latents (None: pixels),
-    beside the run unless prepared_dir; a ValueError where it holds other arrays."""
+    """The prepared folder (a moved run finds its arrays beside it); a ValueError if it differs."""
     tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
     tag += "-vae" if vae_name == "random" else ""
     name = f"prepared-{os.path.basename(os.path.normpath(data_path))}-{image_size}{tag}"
     beside = os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)
     done = lambda d: d and os.path.exists(os.path.join(d, "meta.json"))  # a finished one
-    # a resumed run that moved with its arrays finds them beside it
     folder = next((d for d in (prepared_dir, beside) if done(d)), prepared_dir or beside)
     if not done(folder):
         return folder
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    source, why = os.path.abspath(data_path), None
-    if (meta["source"], meta["image_size"]) != (source, image_size):
-        why = (f"{meta['source']} at {meta['image_size']} px, not {source} at {image_size} px: "
-               "pass another --prepared-dir or delete it")
-    elif vae_name and meta.get("vae") != vae_name:
+    held = f"{meta['source']} at {meta['image_size']} px"
+    want = f"{os.path.abspath(data_path)} at {image_size} px"
+    if held == want and vae_name and meta.get("vae") != vae_name:
         held = f"latents of the VAE {meta['vae']}" if meta.get("vae") else "no VAE latents"
-        why = (f"{held}, not {vae_name}'s: pass another --prepared-dir, or none (each VAE "
-               "prepares its own folder beside the run)")
-    if why:
-        raise ValueError(f"{folder} holds {why}")
+        want = f"{vae_name}'s"
+    if held != want:
+        raise ValueError(f"{folder} holds {held}, not {want}: pass another --prepared-dir")
     return folder
 
 
 def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank=0, world=1):
-    """(images, labels, latents or None) of a prepared folder, memory-mapped; where no
-    preparation finished, rank 0 prepares it first and the other ranks wait."""
+    """Memory-mapped (images, labels, latents or None); rank 0 prepares them, the others wait."""
     if rank == 0 and not os.path.exists(os.path.join(folder, "meta.json")):
         prepare(data_path, folder, image_size, vae, vae_name, device)
     if world > 1:
@@ -197,8 +177,7 @@ def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank=0
 
 
 class Batches(torch.utils.data.Dataset):
-    """Item s = this rank's slice of global batch s: (uint8 images, labels, latents or None).
-    Order: a permutation per epoch seeded by (seed, epoch); JiT's flips by (seed, step)."""
+    """Item s: this rank's part of batch s; order seeded by (seed, epoch), flips by (seed, step)."""
 
     def __init__(self, images, labels, latents, global_batch, rank, world, seed, flip):
         self.images, self.labels, self.latents = images, labels, latents
@@ -212,18 +191,15 @@ class Batches(torch.utils.data.Dataset):
             self._epoch = epoch
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n)
         idx = np.sort(self._perm[i * self.B + self.rank * self.b:][:self.b])
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        take = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a[idx]))
+        x = take(self.images)
         if self.flip:
             coins = np.random.default_rng((self.seed, 1, step)).random(self.B)
             flips = torch.from_numpy(coins[self.rank * self.b:][:self.b] < 0.5)
             x[flips] = x[flips].flip(-1)
-        lat = None
-        if self.latents is not None:
-            lat = torch.from_numpy(np.ascontiguousarray(self.latents[idx]))
-        return x, torch.from_numpy(np.asarray(self.labels[idx])), lat
+        return x, take(self.labels), take(self.latents)
 
 
-# Run files and processes, shared by train.py and sample.py
 def setup_device():
     """(device, rank, world size) of a plain run or a torchrun process; TF32 matmuls on GPU."""
     cuda = torch.cuda.is_available()
@@ -243,14 +219,12 @@ def find_checkpoint(path):
         return path
     found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
     if not found:
-        raise FileNotFoundError(f"{path}: no such file, and not a run directory with "
-                                "checkpoints/*.pt")
+        raise FileNotFoundError(f"{path}: no such file, nor a run folder with checkpoints/*.pt")
     return found[-1]
 
 
 def load_checkpoint(path, mmap=False):
-    """A checkpoint file as data: weights_only=True runs no code from the file. Beyond tensors
-    and containers it admits argparse.Namespace, the `args` of official SiT and JiT files."""
+    """A checkpoint as data (no code runs), with the official files' argparse.Namespace args."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -263,44 +237,36 @@ def load_checkpoint(path, mmap=False):
 
 
 def sampling_weights(path, ema=True):
-    """(state dict, saved settings) to sample from: ours, official SiT/REPA/iREPA (args: a
-    Namespace) or official JiT checkpoints (EMA 'model_ema1', keys under 'net.'), without the
-    projector and JiT's RoPE tables (recomputed); {} where the file holds no such weights."""
+    """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1',
+    keys under 'net.'), without projectors and RoPE tables; 256 px, 1000 classes if unsaid."""
     ckpt = load_checkpoint(path)
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     a = ckpt.get("args") or {}
     a = a if isinstance(a, dict) else vars(a)
-    saved = dict(model=a.get("model"), vae_weights=a.get("vae_weights"),
-                 image_size=a.get("image_size", a.get("resolution", a.get("img_size"))),
-                 num_classes=a.get("num_classes", a.get("class_num")),
-                 vae_stats=a.get("vae_stats"), noise_scale=a.get("noise_scale"),
-                 objective=a.get("objective"))
+    saved = {k: a.get(k) for k in ("model", "vae_weights", "vae_stats", "noise_scale", "objective")}
+    saved["image_size"] = a.get("image_size") or a.get("resolution") or a.get("img_size") or 256
+    saved["num_classes"] = a.get("num_classes") or a.get("class_num") or 1000
     weights = {k.removeprefix("net."): v for k, v in ckpt.get(key, {}).items()}
     unused = lambda k: k.startswith("projectors.") or k.endswith(("freqs_cos", "freqs_sin"))
     return {k: v for k, v in weights.items() if not unused(k)}, saved
 
 
 def readable_checkpoint(path):
-    """(file, checkpoint as data, tensors memory-mapped) of a checkpoint file or a run folder
-    (its newest); a ValueError naming a damaged file and the newest good one."""
+    """(file, checkpoint memory-mapped) of a file or a run's newest; damaged: names a good one."""
     path = os.path.abspath(find_checkpoint(path))
-
-    def read(f):
+    older = sorted(f for f in glob.glob(os.path.join(os.path.dirname(path), "*.pt")) if f < path)
+    damaged = f"{path} is not a readable train.py checkpoint (damaged?)"
+    for f in [path, *reversed(older)]:  # older ones only where the newest is damaged
         try:
             ck = load_checkpoint(f, mmap=True)
-            return ck if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck) else None
-        except ValueError:  # truncated, not a torch file, or a pickle that is more than data
-            return None
-    ck = read(path)
-    if ck is None:
-        folder = os.path.dirname(path)
-        older = sorted(f for f in glob.glob(os.path.join(folder, "*.pt")) if f < path)
-        good = next((f for f in reversed(older) if read(f)), None)
-        hint = f"; the newest good one is {good}: resume from it with --resume {good}"
-        raise ValueError(f"{path} is not a readable train.py checkpoint (damaged?)"
-                         f"{hint if good else ''}")
-    return path, ck
+        except ValueError:
+            continue
+        if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck):
+            if f == path:
+                return path, ck
+            damaged += f"; the newest good one is {f}: resume from it with --resume {f}"
+            break
+    raise ValueError(damaged)
 
 
 def save_checkpoint(state, path):
@@ -311,23 +277,16 @@ def save_checkpoint(state, path):
 
 
 def trim_log(path, step):
-    """On resume: keep the log records up to the checkpoint's step (a killed run logs past it,
-    its last line maybe cut), so log.jsonl reads as one uninterrupted run."""
-    keep = []
-    for line in open(path):
-        try:
-            keep += [line] if json.loads(line)["step"] <= step else []
-        except (ValueError, KeyError):
-            pass
+    """On resume: drop the records a killed run logged past its checkpoint step."""
+    whole = [line for line in open(path) if line.endswith("\n")]  # a kill may cut the last one
     with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
+        f.writelines(line for line in whole if json.loads(line)["step"] <= step)
     os.replace(path + ".tmp", path)
 
 
 def write_shards(out, n, shard_size, settings, make_shard, grid=0, rank=0, world=1):
-    """n samples into out (.npz: ADM's arr_0 images, arr_1 labels; .png or grid: a PNG grid),
-    by shards: make_shard(s) -> (uint8 (b, H, W, 3), labels (b,)) from sample s * shard_size.
-    Shards land whole in out.shards/: a rerun with the same settings resumes from them."""
+    """n samples into out (.npz: ADM's arr_0 images, arr_1 labels; .png or grid: a grid) by shards,
+    make_shard(s) -> (uint8 (b, H, W, 3), labels (b,)); a rerun resumes from out.shards/."""
     folder, num_shards = out + ".shards", math.ceil(n / shard_size)
     at = lambda s: os.path.join(folder, f"{s:06d}.npz")
     settings = json.dumps(settings, sort_keys=True)
@@ -336,15 +295,13 @@ def write_shards(out, n, shard_size, settings, make_shard, grid=0, rank=0, world
         path = os.path.join(folder, "settings.json")
         old = open(path).read() if os.path.exists(path) else settings
         if old != settings:
-            raise SystemExit(f"{folder} holds shards made with other flags ({old}); "
-                             "rerun with those flags or delete the folder")
+            raise SystemExit(f"{folder} holds shards made with other flags: rerun with {old}")
         with open(path, "w") as f:
             f.write(settings)
     todo = [s for s in range(num_shards) if not os.path.exists(at(s))]
     if world > 1:  # every rank lists the same missing shards before any is written
         dist.barrier()
-    desc = f"{len(todo)} of {num_shards} shards to sample"
-    for s in tqdm(todo[rank::world], desc=desc, disable=rank != 0):  # rank r: every world-th
+    for s in tqdm(todo[rank::world], f"{len(todo)} of {num_shards} shards", disable=rank != 0):
         images, labels = make_shard(s)
         np.savez(at(s)[:-4] + ".tmp.npz", images=images.numpy(), labels=labels.numpy())
         os.replace(at(s)[:-4] + ".tmp.npz", at(s))  # a shard file is whole or absent
@@ -361,10 +318,8 @@ def write_shards(out, n, shard_size, settings, make_shard, grid=0, rank=0, world
         print(f"wrote {out}: {images.shape[0]} images {images.shape[1:]}")
 
 
-# Flags
 class Parser(argparse.ArgumentParser):
-    """The scripts' argument parser: an error is one line, the reason and "see --help"; no
-    abbreviations, so a flag counts as given only when spelled out (train.py's resume)."""
+    """Errors in one line ending in "see --help"; no abbreviations (train.py's resume)."""
 
     def __init__(self, description):
         super().__init__(description=description, allow_abbrev=False,
@@ -388,8 +343,8 @@ def at_least(least, kind=int):
 def check_at_least(parser, args, names, least=1):
     """argparse error unless every given flag among `names` (dests) is at least `least`."""
     for k in names:
-        if getattr(args, k) is not None and getattr(args, k) < least:
-            value = getattr(args, k)
+        value = getattr(args, k)
+        if value is not None and value < least:
             parser.error(f"--{k.replace('_', '-')} must be at least {least}, got {value}")
 
 

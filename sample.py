@@ -1,12 +1,11 @@
 """Sample from SiT (latent) or JiT (pixel) checkpoints with the official samplers.
 
   python sample.py --ckpt RUN                              # 8x8 PNG grid in RUN/samples/
-  python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # ADM npz, for fid.py
+  python sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz  # for fid.py
   torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --out samples.npz
 
 Time runs as in each official code: SiT from t=1 (noise) to t=0, JiT from t=0 (noise) to t=1.
-Shard s (--batch-size samples) draws from (seed, s): any number of processes, or a rerun that
-resumes from <out>.shards/, writes the same npz.
+Shard s draws from (seed, s), so any number of processes, or a resumed rerun, write one npz.
 """
 import argparse
 import math
@@ -23,8 +22,7 @@ from model import build_model, in_latent_space, noise_std
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
-    """Network output at state x (B, ...) and time t; guided (on): conditional and null-class
-    rows in one forward, combined as uncond + cfg_scale * (cond - uncond)."""
+    """Model output at x (B, ...), t; on: uncond + cfg_scale * (cond - uncond), one forward."""
     if on:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
     t = torch.full((len(x),), float(t), dtype=dtype, device=x.device)
@@ -55,9 +53,8 @@ def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guid
 @torch.no_grad()
 def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0,
                            guidance_high=1.0, generator=None):
-    """SiT SDE with diffusion w(t) = 2t on linspace(1, 0.04, N), then one drift-only step to
-    t=0 (N evaluations). On the linear path the score is s = -(x + (1-t) v) / t, so the drift
-    v - w s / 2 is (2 - t) v + x."""
+    """SiT SDE, diffusion w(t) = 2t, on linspace(1, 0.04, N), then a drift-only step to t=0 (N
+    evaluations); the score s = -(x + (1-t) v) / t makes the drift v - w s / 2 = (2 - t) v + x."""
     ts = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
@@ -73,9 +70,8 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
 @torch.no_grad()
 def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0),
                 t_eps=0.05):
-    """JiT ODE on a float32 linspace(0, 1, N+1), Heun then a last Euler step (heun=False: all
-    Euler); v = (x - z) / max(1 - t, t_eps) from the x-prediction. Guided where low < t < high
-    (low 0: no lower bound), compared in float32 as the official code."""
+    """JiT ODE on a float32 linspace(0, 1, N+1), Heun but the last step (heun=False: Euler);
+    v = (x - z) / max(1 - t, t_eps). CFG where low < t < high (low 0: no bound), as official."""
     ts = torch.linspace(0, 1, num_steps + 1)  # 0-d float32 entries: the official arithmetic
     low, high = interval
 
@@ -106,7 +102,7 @@ def mean_flow_sampler(model, noise, y, num_steps=1):
 
 def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0,
                    generator=None):
-    """The sampler for labels y (B,), noise from generator: SiT latents (float64), JiT pixels."""
+    """SiT latents (float64) or JiT pixels for labels y (B,)."""
     shape = (len(y), model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=generator, device=y.device)
     if family == "jit":
@@ -133,7 +129,7 @@ def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-# Each family's FID protocol, as in its official code; a flag overrides any setting
+# Each family's FID protocol as in its official code; flags override it
 PROTOCOLS = {
     "sit": dict(mode="sde", num_steps=250, cfg_scale=1.0, guidance_low=0.0, labels="uniform"),
     "jit": dict(mode="heun", num_steps=50, guidance_low=0.1, labels="balanced"),  # CFG by size
@@ -143,18 +139,14 @@ PROTOCOLS = {
 JIT_CFG = {"B": 3.0, "L": 2.4, "H": 2.2}  # none for other sizes (the demo)
 
 
-def shard_seed(seed, shard):
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
-
-
 def sample_to_file(model, vae, args, rank=0, world_size=1):
-    """args.num_samples images into args.out by shards of args.batch_size (data.write_shards);
-    shard s draws its noise and its uniform labels from (args.seed, s)."""
+    """args.num_samples images into args.out, by shards of args.batch_size."""
     family, device = args.model.split("-")[0].lower(), next(model.parameters()).device
     n, bs = args.num_samples, args.batch_size
 
-    def make_shard(s):
-        seed, idx = shard_seed(args.seed, s), torch.arange(s * bs, min(s * bs + bs, n))
+    def make_shard(s):  # shard s draws its labels and noise from (args.seed, s)
+        seed = int(np.random.SeedSequence([args.seed, s]).generate_state(1)[0])
+        idx = torch.arange(s * bs, min(s * bs + bs, n))
         y = idx * model.num_classes // n  # balanced: class i * C // N for sample i
         if args.labels == "uniform":
             y = torch.randint(model.num_classes, (len(idx),),
@@ -169,51 +161,39 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
     write_shards(args.out, n, bs, settings, make_shard, args.grid, rank, world_size)
 
 
-def default_out(ckpt):
-    """The grid without --out: RUN/samples/sample-NAME.png for RUN/checkpoints/NAME.pt."""
-    folder, stem = os.path.dirname(ckpt), os.path.splitext(os.path.basename(ckpt))[0]
-    if os.path.basename(folder) == "checkpoints":
-        return os.path.join(os.path.dirname(folder), "samples", f"sample-{stem}.png")
-    return os.path.join(folder, f"{stem}-samples.png")
-
-
 def fill(args, values):
     """Each setting not given as a flag (still None) from values."""
-    for k, v in values.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    vars(args).update({k: v for k, v in values.items() if getattr(args, k) is None})
 
 
 parser = Parser(__doc__)
 add = parser.add_argument
-add("--ckpt", required=True, help="checkpoint (ours, official SiT/REPA/iREPA/JiT) or run folder")
+add("--ckpt", required=True, help="checkpoint file (ours or official) or run folder")
 add("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
-add("--model", help="model name as in model.py (default: the checkpoint's)")
+add("--model", help="as in model.py (default: the checkpoint's)")
 add("--image-size", type=at_least(1), help="default: the checkpoint's, else 256")
 add("--num-classes", type=at_least(1), help="default: the checkpoint's, else 1000")
-add("--vae-weights", help="SiT's SD-VAE (default: the checkpoint's, else sd-vae-ft-mse)")
-add("--vae-stats", help="per-channel latent statistics file (default: the checkpoint's)")
-add("--mode", choices=["sde", "ode", "heun", "meanflow"], help="ode: Euler (default: SiT sde, "
-    "JiT heun, MeanFlow meanflow)")
+add("--vae-weights", help="SD-VAE (default: the checkpoint's, else sd-vae-ft-mse)")
+add("--vae-stats", help="latent statistics file (default: the checkpoint's)")
+add("--mode", choices=["sde", "ode", "heun", "meanflow"], help="ode: Euler (default: by family)")
 add("--num-steps", type=at_least(1), help="default: SiT 250, JiT 50, MeanFlow 1")
-add("--cfg-scale", type=float, help="guidance scale (default: 1; JiT-B 3, L 2.4, H 2.2)")
-add("--guidance-low", type=float, help="guide SiT where low <= t <= high (t=1: noise), JiT "
-    "where low < t < high (t=1: data) (default: SiT 0, JiT 0.1)")
+add("--cfg-scale", type=float, help="default: 1; JiT-B 3, L 2.4, H 2.2")
+add("--guidance-low", type=float, help="CFG for low <= t <= high, JiT: < (default SiT 0, JiT 0.1)")
 add("--guidance-high", type=float, default=1.0, help="see --guidance-low")
 add("--noise-scale", type=float, help="JiT noise std (default: the checkpoint's, else by size)")
 add("--labels", choices=["uniform", "balanced"], help="balanced: class i * C // N for sample i")
 add("--num-samples", type=at_least(1), default=64, help="number of images")
-add("--out", help=".npz (ADM's, for fid.py) or .png grid (default: a grid beside the checkpoint)")
-add("--grid", type=at_least(0), default=0, help="also a .png grid of the first N samples")
+add("--out", help=".npz for fid.py or .png grid (default: beside the checkpoint)")
+add("--grid", type=at_least(0), default=0, help="also a .png grid of the first N")
 add("--batch-size", type=at_least(1), default=256, help="images per forward and per shard")
-add("--seed", type=int, default=0, help="shard s draws from a generator seeded (seed, s)")
-add("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 (+TF32) or bf16 autocast")
+add("--seed", type=int, default=0, help="shard s draws from (seed, s)")
+add("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
 add("--compile", action="store_true", help="torch.compile the model")
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    try:  # the file itself goes into the shards' settings: a newer one must not join them
+    try:  # the file, not the run, goes into the shards' settings
         args.ckpt = os.path.abspath(find_checkpoint(args.ckpt))
         weights, saved = sampling_weights(args.ckpt, args.ema)
     except (FileNotFoundError, ValueError) as e:
@@ -222,53 +202,44 @@ def main(argv=None):
     vae_from = [f"--{k.replace('_', '-')} {saved[k]}" for k in ("vae_weights", "vae_stats")
                 if saved[k] is not None and getattr(args, k) is None]
     fill(args, saved)
-    fill(args, dict(image_size=256, num_classes=1000))
-
-    if args.out is None:
-        args.out = default_out(args.ckpt)
+    if args.out is None:  # a grid beside the checkpoint; a run's in RUN/samples/
+        folder, stem = os.path.split(os.path.splitext(args.ckpt)[0])
+        args.out = os.path.join(folder, f"{stem}-samples.png")
+        if os.path.basename(folder) == "checkpoints":
+            args.out = os.path.join(os.path.dirname(folder), "samples", f"sample-{stem}.png")
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if not args.out.endswith((".npz", ".png")):
         parser.error(f"--out {args.out} must end in .npz or .png")
     check_writable(parser, [("--out", args.out)])
-    made = [args.out, args.grid and args.out.endswith(".npz") and args.out[:-4] + ".png"]
-    made = [f for f in made if f and os.path.exists(f)]
-    if made and not os.path.isdir(args.out + ".shards"):  # a finished output stays as it is
-        parser.error(f"{' and '.join(made)} exists already: pass another --out (or move it away)")
-
+    if os.path.exists(args.out) and not os.path.isdir(args.out + ".shards"):
+        parser.error(f"{args.out} exists already: pass another --out (or move it away)")
     try:
         model = build_model(args.model, args.image_size, args.num_classes, mean_flow)
         model.load_state_dict(weights)
     except (ValueError, RuntimeError) as e:
-        parser.error(f"--ckpt {args.ckpt} does not fit --model {args.model} --image-size "
-                     f"{args.image_size} --num-classes {args.num_classes}: {str(e)[:1500]}")
+        parser.error(f"--ckpt {args.ckpt} does not fit --model {args.model}: {str(e)[:1500]}")
     family = args.model.split("-")[0].lower()
     fill(args, PROTOCOLS["meanflow" if mean_flow else family])
     fill(args, dict(cfg_scale=JIT_CFG.get(args.model[4], 1.0),
                     noise_scale=noise_std(family, args.image_size)))
     modes = {"sit": ["sde", "ode", "heun"], "jit": ["heun", "ode"]}[family]
-    if mean_flow and args.cfg_scale == 1:
-        modes.append("meanflow")
+    modes += ["meanflow"] if mean_flow and args.cfg_scale == 1 else []
     if args.mode not in modes:
-        hint = ("; meanflow needs a MeanFlow checkpoint, which learnt its guidance in training: "
-                "sample with --cfg-scale 1")
-        parser.error(f"--mode {args.mode} does not fit this checkpoint: use --mode "
-                     f"{' or '.join(modes)}{hint if args.mode == 'meanflow' else ''}")
-
-    device, rank, world_size = setup_device()  # torchrun: the ranks share --out's folder
+        use = " or ".join(modes)
+        parser.error(f"--mode {args.mode} does not fit this checkpoint: use --mode {use}")
+    device, rank, world_size = setup_device()
     vae = None
     if in_latent_space(args.model):
         from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
         torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank
         try:
-            vae = load_vae(args.vae_weights, args.vae_stats)
-        except (RuntimeError, OSError) as e:  # not cached and not downloadable, or no file
+            vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
+        except (RuntimeError, OSError) as e:  # not cached, or no such file
             where = f" (the checkpoint's {' '.join(vae_from)}: a flag overrides it)"
             parser.error(f"{e}{where if vae_from else ''}")
-        vae = vae.to(device).eval()
 
     model = model.to(device).eval().requires_grad_(False)
-    if device.type == "cuda":  # GPU fast paths (kernels.py): same functions, same names
-        model = kernels.enable(model)
+    model = kernels.enable(model) if device.type == "cuda" else model  # GPU fast paths
     model = torch.compile(model) if args.compile else model
     sample_to_file(model, vae, args, rank, world_size)
     if dist.is_initialized():

@@ -1501,6 +1501,10 @@ def test_sample_save_grid_layout(tmp_path):
         data.save_grid(imgs.float(), tmp_path / "g.png")
 
 
+def _shard_seed(seed, shard):  # sample.py: shard s draws its labels and noise from (seed, s)
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
 def _sample_args(out, n, labels="balanced", extra=()):
     return sample.parser.parse_args(["--ckpt", "toy.pt", "--model", "JiT-toy", "--mode", "heun", "--num-steps", "2", "--cfg-scale", "2.0",
                                      "--guidance-low", "0.0", "--guidance-high", "1.0", "--noise-scale", "1.0",
@@ -1574,7 +1578,7 @@ def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):
     # shard 1 (samples 4, 5) again by hand: labels, noise and sampler from its own (seed 0, shard 1) generator
     net = model.models["JiT-demo/16"](image_size=32, num_classes=10)
     net.load_state_dict(torch.load(_sample_ckpt(tmp_path), weights_only=False)["ema"])
-    g = torch.Generator().manual_seed(sample.shard_seed(0, 1))
+    g = torch.Generator().manual_seed(_shard_seed(0, 1))
     want = sample.generate(net.eval(), torch.tensor([6, 8]), "jit", None, "heun", 2, 2.0, (0.1, 1.0), 1.0, g)
     assert np.array_equal(a["arr_0"][4:], want.numpy())
     assert Image.open(tmp_path / "a.png").size == (64, 64)
@@ -1667,15 +1671,15 @@ def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_o
     assert out["arr_1"].dtype == np.int64 and 0 <= out["arr_1"].min() and out["arr_1"].max() < 10
     assert len(set(out["arr_1"].tolist())) > 1  # uniform random labels by default for SiT
     # sample 4 = shard 2 alone: SDE from the (seed 0, shard 2) generator, official truncation to uint8
-    g = torch.Generator().manual_seed(sample.shard_seed(0, 2))
+    g = torch.Generator().manual_seed(_shard_seed(0, 2))
     net.eval()
-    y = torch.randint(10, (1,), generator=torch.Generator().manual_seed(sample.shard_seed(0, 2)))
+    y = torch.randint(10, (1,), generator=torch.Generator().manual_seed(_shard_seed(0, 2)))
     z = sample.euler_maruyama_sampler(net, torch.randn(1, 4, 4, 4, generator=g), y, 3, generator=g)
     want = (255 * (_sample_FakeVAE().decode(_sample_FakeVAE().unscale(z.float())) + 1) / 2).clamp(0, 255)
     assert out["arr_1"][4] == y.item() and np.array_equal(out["arr_0"][4], want[0].permute(1, 2, 0).byte().numpy())
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--image-size", "64"])
-    assert "does not fit --model SiT-B/2 --image-size 64" in capsys.readouterr().err
+    assert "does not fit --model SiT-B/2: " in capsys.readouterr().err
 
 
 def _error_line(err):
