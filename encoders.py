@@ -1,8 +1,6 @@
-"""Frozen target encoders (all through timm) and the SD-VAE (sd-vae-ft-mse), for REPA / iREPA.
-
-Encoders reproduce the official iREPA preprocessing and token choice (README, "Encoders and
-metrics"); the VAE is a plain-torch AutoencoderKL with diffusers' keys: the hub file loads strictly.
-"""
+"""Frozen target encoders for REPA / iREPA, all through timm, with the official iREPA preprocessing
+and token choice (README, "Encoders and metrics"); the SD-VAE (sd-vae-ft-mse) as a plain-torch
+AutoencoderKL with diffusers' keys, so the hub file loads strictly."""
 import os
 import re
 import socket
@@ -15,11 +13,11 @@ import torch.nn.functional as F
 
 import timm
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def _enc(timm_id, px, mode="bicubic", norm_first=True, stats=IMAGENET, prenorm=False, kw=None):
@@ -38,9 +36,9 @@ def _webssl(dim, depth, heads):
 
 SIZE = dict(s="small", b="base", l="large", h="huge", g="giant")
 DINOV3 = dict(s16="small", s16plus="small_plus", b16="base", l16="large", h16plus="huge_plus")
-BILINEAR = dict(mode="bilinear", norm_first=False)  # DINOv3, PE, C-RADIO: resize, normalise
+BILINEAR = dict(mode="bilinear", norm_first=False)  # resize, then normalise
 SIGLIP = dict(kw=dict(act_layer="gelu_tanh"))  # HF's tanh-GELU; ImageNet mean/std (official)
-PE = dict(BILINEAR, stats=HALF, prenorm=True)
+PE = dict(BILINEAR, stats=((0.5,) * 3, (0.5,) * 3), prenorm=True)
 ENCODERS = {
     **{f"dinov2-vit-{s}": _enc(f"vit_{SIZE[s]}_patch14_dinov2.lvd142m", 224) for s in "sblg"},
     **{f"dinov2reg-vit-{s}": _enc(f"vit_{SIZE[s]}_patch14_reg4_dinov2.lvd142m", 224)
@@ -53,7 +51,6 @@ ENCODERS = {
                        stats=CLIP, prenorm=True),
     "mae-vit-l": _enc("vit_large_patch16_224.mae", 256, prenorm=True),
     "jepa-vit-h": _enc("vit_huge_patch14_gap_224.in1k_ijepa", 224),
-    # no timm weights: the official files, renamed (vit-{b,l}-300ep.pth.tar, facebook/webssl-*)
     **{f"mocov3-vit-{s}": _enc(f"vit_{SIZE[s]}_patch16_224", 256) for s in "bl"},
     "webssl-vit-dino300m_full2b_224": _webssl(dim=1024, depth=24, heads=16),
     "webssl-vit-dino1b_full2b_224": _webssl(dim=1536, depth=40, heads=24),
@@ -88,17 +85,13 @@ ENCODERS = {
 
 def _cached(who, flag, repo, files):
     """Hub `repo`'s first cached file of `files` (repo None: the URL files[0], in timm's folder),
-    else None (download it); offline, one line naming the file and the flag, within seconds."""
-    if repo is None:
-        url = files[0]
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if os.path.isfile(path):
+    else None (to download); offline, one line naming the file and the flag."""
+    url = files[0] if repo is None else constants.ENDPOINT
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    paths = [hub] if repo is None else [try_to_load_from_cache(repo, f) for f in files]
+    for path in paths:
+        if isinstance(path, str) and os.path.isfile(path):
             return path
-    else:
-        url = constants.ENDPOINT
-        for f in files:
-            if isinstance(cached := try_to_load_from_cache(repo, f), str):
-                return cached
     why = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
         try:
@@ -107,13 +100,11 @@ def _cached(who, flag, repo, files):
         except OSError as err:
             why = err
     raise RuntimeError(f"{who} weights {repo + '/' if repo else ''}{files[0]} are not cached "
-                       f"here and cannot be downloaded ({why}): pass `{flag} PATH` to that "
-                       f"file, or `{flag} random` for random weights (smoke tests only)")
+                       f"here, nor downloadable ({why}): pass `{flag} PATH` or `{flag} random`")
 
 
 def _read(path):
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -121,14 +112,13 @@ def _read(path):
 def _mocov3_state_dict(sd, grid):
     """Official MoCo v3 checkpoint (module.base_encoder.*) -> timm ViT keys."""
     # the official ViT-L file misnames four tensors of blocks 13 and 14
-    misnamed = {"13.norm13": "13.norm1", "13.mlp.fc13": "13.mlp.fc1", "14.norm14": "14.norm2",
-                "14.mlp.fc14": "14.mlp.fc2"}
+    misnamed = {"norm13": "norm1", "fc13": "fc1", "norm14": "norm2", "fc14": "fc2"}
     out, prefix = {}, "module.base_encoder."
     for k, v in sd.get("state_dict", sd).items():
         if k.startswith(prefix) and not k.startswith(prefix + "head"):
             k = k[len(prefix):]
             for a, b in misnamed.items():
-                k = k.replace(f"blocks.{a}", f"blocks.{b}")
+                k = k.replace(a, b)
             out[k] = v
     # the official resamples the 14x14 table to 16x16 at load, then to the run's grid
     pos = resample_abs_pos_embed(out["pos_embed"], [16, 16])
@@ -141,19 +131,18 @@ def _webssl_state_dict(sd, grid):
     renames = {"embeddings.patch_embeddings.projection": "patch_embed.proj",
                "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
                "encoder.layer.": "blocks.", "attention.output.dense": "attn.proj",
-               "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-               "mlp.weights_in": "mlp.fc1", "mlp.weights_out": "mlp.fc2", "layernorm.": "norm."}
-    qkv_key = r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
-    out, qkv = {}, {}
+               "attention.attention.": "attn.", "layer_scale1.lambda1": "ls1.gamma",
+               "layer_scale2.lambda1": "ls2.gamma", "mlp.weights_in": "mlp.fc1",
+               "mlp.weights_out": "mlp.fc2", "layernorm.": "norm."}
+    out = {}
     for k, v in sd.items():
-        if m := re.fullmatch(qkv_key, k):
-            qkv.setdefault(f"blocks.{m[1]}.attn.qkv.{m[3]}", {})[m[2]] = v
-            continue
         for a, b in renames.items():
             k = k.replace(a, b)
         if k != "embeddings.mask_token":
             out[k] = v
-    out.update({k: torch.cat([d["query"], d["key"], d["value"]]) for k, d in qkv.items()})
+    for q in [k for k in out if ".attn.query." in k]:  # q, k, v -> one qkv
+        qkv = [out.pop(q.replace("query", n)) for n in ("query", "key", "value")]
+        out[q.replace("query", "qkv")] = torch.cat(qkv)
     # transformers resizes the table with plain bicubic (no antialias) when the grid differs
     out["pos_embed"] = resample_abs_pos_embed(out["pos_embed"], [grid, grid], antialias=False)
     return out
@@ -169,20 +158,15 @@ class Encoder(nn.Module):
         self.num_prefix = getattr(model, "num_prefix_tokens", 0)  # CLS + registers, dropped
         if spec["prenorm"]:
             self.model.norm = nn.Identity()
-        for name, s in zip(("mean", "std"), spec["stats"]):  # built once, not copied per step
+        for name, s in zip(("mean", "std"), spec["stats"]):
             self.register_buffer(name, torch.tensor(s).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
-
-    def train(self, mode=True):  # frozen: stays in eval mode
-        return super().train(False)
 
     def preprocess(self, x):
         R = self.resolution
         if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (3, R, R):
             raise ValueError(f"expected uint8 (B, 3, {R}, {R}), got {x.dtype} {tuple(x.shape)}")
         x = x / 255.0  # (B, 3, R, R) float32
-        if self.size == R:  # resizing to the same size is the identity in every official mode
-            return (x - self.mean) / self.std
         if self.spec["norm_first"]:
             return F.interpolate((x - self.mean) / self.std, size=self.size, mode=self.spec["mode"])
         return (F.interpolate(x, size=self.size, mode=self.spec["mode"]) - self.mean) / self.std
@@ -198,8 +182,6 @@ def load_encoder(name, resolution=256, weights=None):
     """Frozen encoder of R x R images (16 divides R); weights: None (timm's), PATH, "random"."""
     spec = ENCODERS[name]
     tid, arch = spec["timm_id"], spec["timm_id"].split(".")[0]
-    if arch not in timm.list_models(arch):
-        raise RuntimeError(f"{name} needs timm model {arch}, which timm {timm.__version__} lacks")
     size, grid = spec["px"] * resolution // 256, resolution // 16
     kw = dict(spec["kw"], num_classes=0)
     if arch.startswith("vit_pe_"):  # official PE: RoPE on integer grid positions
@@ -208,26 +190,26 @@ def load_encoder(name, resolution=256, weights=None):
         kw["img_size"] = size
     who, flag = f"encoder {name}:", "--encoder-weights"
     if weights == "random":
-        warnings.warn(f"{who} RANDOM weights, meaningless targets (tests/benchmarks only)")
+        warnings.warn(f"{who} RANDOM weights (tests and benchmarks only)")
     elif weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"{who} weights file not found: {weights}")
     elif weights is None and name.startswith("mocov3"):
         raise RuntimeError(f"{who} no download exists: pass `{flag} PATH` (the official MoCo v3 "
                            f"checkpoint, vit-{name[-1]}-300ep.pth.tar) or `{flag} random`")
-    elif weights is None and name.startswith("webssl"):  # e.g. facebook/webssl-dino1b-full2b-224
+    elif weights is None and name.startswith("webssl"):
         repo, file = "facebook/webssl-" + name[11:].replace("_", "-"), "model.safetensors"
         weights = _cached(who, flag, repo, [file]) or hf_hub_download(repo, file)
     elif weights is None:  # None after this: timm downloads its weights itself
         cfg = timm.models.get_pretrained_cfg(tid)
         files = ["model.safetensors", "pytorch_model.bin"] if cfg.hf_hub_id else [cfg.url]
         weights = _cached(who, flag, cfg.hf_hub_id, files)
-    renamed = "." not in tid  # mocov3, webssl: timm builds the bare arch; the file is renamed
+    renamed = "." not in tid  # mocov3, webssl: a bare timm arch, the file renamed
     model = timm.create_model(tid, pretrained=weights != "random" and not renamed,
                               pretrained_cfg_overlay=dict(file=weights), **kw)
     if renamed and weights != "random":
         to_timm = _mocov3_state_dict if name.startswith("mocov3") else _webssl_state_dict
         model.load_state_dict(to_timm(_read(weights), grid), strict=True)
-    if "ref_feat_shape" in kw:  # official PE: the pretrained table resized bilinearly, no antialias
+    if "ref_feat_shape" in kw:  # official PE: the table resized bilinearly, no antialias
         pos = resample_abs_pos_embed(model.pos_embed, [grid, grid], interpolation="bilinear",
                                      num_prefix_tokens=model.num_prefix_tokens, antialias=False)
         model.set_input_size(img_size=size)
@@ -235,7 +217,6 @@ def load_encoder(name, resolution=256, weights=None):
     return Encoder(model, spec, resolution)
 
 
-# -----------------------------------------------------------------------------
 # SD-VAE: CompVis AutoencoderKL in plain torch, parameter names as in diffusers
 class _Resnet(nn.Module):
     def __init__(self, cin, cout, groups):
@@ -251,7 +232,7 @@ class _Resnet(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class _Attention(nn.Module):  # single-head self-attention over the H*W positions, residual
+class _Attention(nn.Module):  # one head over the H*W positions, residual
     def __init__(self, c, groups):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
@@ -259,10 +240,9 @@ class _Attention(nn.Module):  # single-head self-attention over the H*W position
         self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers' to_out.1: a dropout
 
     def forward(self, x):
-        B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
-        return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.to_out[0](h).transpose(1, 2).reshape(x.shape)
 
 
 class _Mid(nn.Module):  # diffusers' UNetMidBlock2D
@@ -280,7 +260,7 @@ class _Level(nn.Module):  # diffusers' DownEncoderBlock2D / UpDecoderBlock2D
         super().__init__()
         self.resnets = nn.Sequential(*[_Resnet(cin if i == 0 else c, c, groups) for i in range(n)])
         self.sampler = sampler
-        if sampler:  # a 2x down- or up-sampling conv: down_blocks.i.downsamplers.0.conv, ...
+        if sampler:  # a 2x down- or up-sampling conv
             down = sampler == "down"
             conv = nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
             setattr(self, f"{sampler}samplers", nn.ModuleList([nn.ModuleDict(dict(conv=conv))]))
@@ -353,11 +333,11 @@ class VAE(nn.Module):
 
 
 def load_vae(weights=None, stats=None):
-    """Frozen SD-VAE. weights: None = stabilityai/sd-vae-ft-mse, PATH = a diffusers file (even
-    decoder-only), "random". stats: None = scale 0.18215, PATH = latents_scale/latents_bias file."""
+    """Frozen SD-VAE. weights: None (the hub's sd-vae-ft-mse), PATH (diffusers, even decoder-only)
+    or "random"; stats: None (scale 0.18215) or a latents_scale/latents_bias file."""
     repo, file = "stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"
     if weights == "random":
-        warnings.warn("SD-VAE has RANDOM weights: meaningless latents (tests/benchmarks only)")
+        warnings.warn("SD-VAE: RANDOM weights (tests and benchmarks only)")
     elif weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"SD-VAE weights file not found: {weights}")
     elif not weights:

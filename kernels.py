@@ -1,13 +1,8 @@
-"""GPU fast paths: each class here subclasses a plain module (torch, timm, model.py) and computes
-the same function faster on a GPU (only the GELU epilogue rounds once where bf16 autocast rounds
-twice); the tests compare each with its plain definition; docs/PERFORMANCE.md gives each one's
-gain in the real training step. An iREPA reader can skip this file.
+"""GPU fast paths, each a subclass of a plain module (torch, timm, model.py) computing the same
+function faster (only the GELU epilogue rounds once where bf16 autocast rounds twice); the tests
+compare each with its plain twin, docs/PERFORMANCE.md gives the gains. An iREPA reader can skip it.
 
-    kernels.enable(module)   # in place, on a GPU: train.py and sample.py call it once
-
-  PatchConv         a patch-embedding conv (stride = kernel) as one matrix product, token-major
-  LinearGELU        a timm MLP's fc1 + GELU (the frozen encoders) as one matrix product
-  JiTAttentionQK    JiT's q/k RMSNorm + RoPE as one Triton kernel each way (forward, backward)
+    kernels.enable(module)   # in place, on a GPU: train.py, sample.py and bench.py call it
 """
 from contextlib import nullcontext
 
@@ -25,12 +20,10 @@ except ImportError:  # e.g. macOS wheels: JiT keeps its PyTorch q/k path
     triton = None
 
 
-# -----------------------------------------------------------------------------
 # Patch embeddings: cuDNN ran these convs far below the matrix rate, and their channel-major
 # output made the (B, T, D) token stream a strided view that torch.compile carried everywhere.
 class PatchConv(nn.Conv2d):
-    """Conv2d with stride = kernel, no padding: one matrix product, output token-major in memory."""
-
+    """A conv with stride = kernel (a patch embedding) as one matrix product, output token-major."""
     def forward(self, x):
         B, C, H, W = x.shape
         ph, pw = self.kernel_size
@@ -40,11 +33,9 @@ class PatchConv(nn.Conv2d):
         return F.linear(x, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
 
 
-# -----------------------------------------------------------------------------
-# The frozen encoder's ViT MLPs: fc1, bias and GELU in one cuBLASLt call
 class LinearGELU(nn.Linear):
-    """gelu(fc1(x)) of a timm Mlp whose act enable() made Identity. In bf16/fp16 on a GPU: one
-    matrix product with the bias and GELU in its fp32 epilogue, rounded once."""
+    """gelu(fc1(x)) of a timm Mlp (the frozen encoders) whose act enable() made Identity. In
+    bf16/fp16 on a GPU: one cuBLASLt matrix product, bias and GELU in its fp32 epilogue."""
     approximate = "none"  # the replaced nn.GELU's, set by enable()
 
     def forward(self, x):
@@ -56,17 +47,16 @@ class LinearGELU(nn.Linear):
         return h.unflatten(0, x.shape[:-1])
 
 
-# -----------------------------------------------------------------------------
 # JiT's q/k RMSNorm + RoPE, model.py's apply_rope(RMSNorm(x)): a program loads 32 whole rows,
 # swaps pairs in registers (PyTorch gathers); the backward rotates back, recomputes the norm.
 if triton is not None:
     @triton.jit
-    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps,
+    def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, N, eps,
                  HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        # ROWS rows (token, head) of x (B, T, H, HD), strides (sb, st, sh, 1), as (ROWS, P)
-        # tiles; P is HD rounded up to a power of two (JiT-H 80 -> 128), the rest masked
+        # ROWS of the N rows (token, head) of x (B, T, H, HD), strides (sb, st, sh, 1), as
+        # (ROWS, P) tiles; P is HD rounded up to a power of two (JiT-H 80 -> 128), the rest masked
         rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, P)
-        ok = (rows < n_rows)[:, None] & (cols < HD)
+        ok = (rows < N)[:, None] & (cols < HD)
         b, t, h = rows // (T * H), rows // H % T, rows % H
         at = (b.to(tl.int64) * sb + t * st + h * sh)[:, None] + cols
         x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
@@ -84,19 +74,17 @@ if triton is not None:
         return tl.reshape(tl.join(b, a), (ROWS, P))
 
     @triton.jit
-    def _qk_norm_rope_fwd(X, W, COS, SIN, Y, eps, sb, st, sh, H, T, n_rows,
+    def _qk_norm_rope_fwd(X, W, COS, SIN, Y, eps, sb, st, sh, H, T, N,
                           HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps,
-                                              HD, P, ROWS)
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, N, eps, HD, P, ROWS)
         y = (x * r * w).to(X.dtype.element_ty).to(tl.float32)  # RMSNorm, in x's dtype
         y = y * cos + _swap_pairs(y, ROWS, P) * sin
         tl.store(Y + out, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _qk_norm_rope_bwd(X, W, COS, SIN, G, DX, DW, eps, sb, st, sh, H, T, n_rows,
+    def _qk_norm_rope_bwd(X, W, COS, SIN, G, DX, DW, eps, sb, st, sh, H, T, N,
                           HD: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr):
-        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, n_rows, eps,
-                                              HD, P, ROWS)
+        out, ok, x, r, w, cos, sin = _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, N, eps, HD, P, ROWS)
         g = tl.load(G + out, mask=ok, other=0.0).to(tl.float32)
         dy = (g * cos + _swap_pairs(g * sin, ROWS, P)).to(X.dtype.element_ty).to(tl.float32)
         n, dn = x * r, dy * w
@@ -150,7 +138,7 @@ if triton is not None:
     qk_norm_rope.register_autograd(_qk_grad, setup_context=_qk_save)
 
 
-class JiTAttentionQK(model.JiTAttention):
+class JiTAttentionQK(model.Attention):
     """JiT attention whose q/k norm + RoPE runs as the Triton op above on a GPU."""
     def qk_norm_rope(self, q, k, cos, sin):
         if not q.is_cuda:
@@ -169,6 +157,6 @@ def enable(module):
             m.fc1.__class__ = LinearGELU
             m.fc1.approximate = m.act.approximate
             m.act = nn.Identity()
-        elif type(m) is model.JiTAttention and triton is not None:
+        elif type(m) is model.Attention and hasattr(m, "q_norm") and triton is not None:
             m.__class__ = JiTAttentionQK
     return module

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# -----------------------------------------------------------------------------
 # Layers. SiT's are DiT's; JiT ("Just image Transformers") swaps in a bottleneck patch embedding,
 # SwiGLU, RMSNorm, and q/k-norm + 2D RoPE in the attention; both condition by adaLN
 def modulate(x, shift, scale):
@@ -32,8 +31,8 @@ def modulate(x, shift, scale):
 def sincos_pos_embed(dim, grid):
     """Fixed 2D sin-cos table (grid*grid, dim): first half encodes the column, second the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
 
     def emb1d(pos):
         out = pos.reshape(-1, 1) * omega
@@ -49,9 +48,8 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        half = 128
-        i = torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(-math.log(10000) * i / half)
+        i = torch.arange(128, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000) * i / 128)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
 
@@ -139,9 +137,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, grid, prefix=0):
-    """2D RoPE (cos, sin), each (prefix + grid*grid, 1, head_dim): the first half of the head dims
-    rotates with the row, the second with the column, in interleaved pairs; `sin` carries the
-    signs (-, +) of each pair. `prefix` rows of identity leave class tokens unrotated."""
+    """2D RoPE (cos, sin), each (prefix + grid*grid, 1, head_dim): first half of head dims by row,
+    second by column, in pairs whose signs `sin` holds; `prefix` identity rows skip class tokens."""
     dim = head_dim // 2
     freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     pos = torch.arange(grid) / grid * grid               # float32 grid positions, as the official
@@ -169,7 +166,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, *rope):  # rope: JiT's (cos, sin) tables
+    def forward(self, x, *rope):  # rope: JiT's (cos, sin) tables, with q/k-norm
         B, T, D = x.shape
         # q, k, v (B, T, heads, hd) enter attention as head-major views: the output is token-major
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
@@ -183,23 +180,15 @@ class Attention(nn.Module):
         return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
-class JiTAttention(Attention):
-    """JiT's attention: q and k RMS-normalised per head, then rotated by their position."""
-    def __init__(self, dim, num_heads):
-        super().__init__(dim, num_heads, qk_norm=True)
-
-
-# -----------------------------------------------------------------------------
 # The two networks: the same adaLN-Zero block, holding SiT's or JiT's layers
 class Block(nn.Module):
     """c (B, D) shifts, scales and gates both residual branches (adaLN-Zero: gates start at 0).
     SiT: LayerNorm, attention, GELU MLP. JiT: RMSNorm, attention with q/k-norm + RoPE, SwiGLU."""
-
     def __init__(self, dim, num_heads, mlp_ratio, jit):
         super().__init__()
         Norm = RMSNorm if jit else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
         self.norm1 = Norm(dim)
-        self.attn = JiTAttention(dim, num_heads) if jit else Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qk_norm=jit)
         self.norm2 = Norm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = SwiGLU(dim, hidden) if jit else Mlp(dim, hidden)
@@ -331,7 +320,6 @@ class JiT(nn.Module):
         return unpatchify(x, self.patch_size, self.in_channels), hidden
 
 
-# -----------------------------------------------------------------------------
 # Official names -> constructors: models[name]() is the ImageNet-256 configuration
 SIT_SIZES = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -371,9 +359,8 @@ def noise_std(family, image_size):
 def build_model(name, image_size=256, num_classes=1000, mean_flow=False):
     if name not in models:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(models)}")
-    if mean_flow:  # SiT only (train.py checks)
-        return models[name](image_size=image_size, num_classes=num_classes, mean_flow=True)
-    return models[name](image_size=image_size, num_classes=num_classes)
+    kw = dict(mean_flow=True) if mean_flow else {}  # SiT only (train.py checks)
+    return models[name](image_size=image_size, num_classes=num_classes, **kw)
 
 
 if __name__ == "__main__":

@@ -962,7 +962,7 @@ def _encoders_build_meta(name, resolution):
         try:
             return encoders.load_encoder(name, resolution, weights="random")
         except RuntimeError as err:
-            if "lacks" in str(err):
+            if "Unknown model" in str(err):  # an older timm
                 pytest.skip(str(err))
             raise
 
