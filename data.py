@@ -240,6 +240,7 @@ def sampling_weights(path, ema=True):
     """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1',
     keys under 'net.'), without projectors and RoPE tables; 256 px, 1000 classes if unsaid."""
     ckpt = load_checkpoint(path)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}  # not a checkpoint: "does not fit", one line
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     a = ckpt.get("args") or {}
     a = a if isinstance(a, dict) else vars(a)

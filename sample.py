@@ -211,8 +211,9 @@ def main(argv=None):
     if not args.out.endswith((".npz", ".png")):
         parser.error(f"--out {args.out} must end in .npz or .png")
     check_writable(parser, [("--out", args.out)])
-    if os.path.exists(args.out) and not os.path.isdir(args.out + ".shards"):
-        parser.error(f"{args.out} exists already: pass another --out (or move it away)")
+    made = [f for f in (args.out, args.grid and args.out[:-4] + ".png") if f and os.path.exists(f)]
+    if made and not os.path.isdir(args.out + ".shards"):  # a finished output stays as it is
+        parser.error(f"{made[0]} exists already: pass another --out (or move it away)")
     try:
         model = build_model(args.model, args.image_size, args.num_classes, mean_flow)
         model.load_state_dict(weights)

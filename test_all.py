@@ -1637,6 +1637,16 @@ def test_sample_never_overwrites_a_finished_output(tmp_path, capsys, cpu_only):
         sample.main([*flags, "--seed", "1"])
     assert f"{tmp_path / 's.npz'} exists already: pass another --out" in capsys.readouterr().err
     assert (tmp_path / "s.npz").read_bytes() == first
+    grid = tmp_path / "t.png"  # the grid an .npz --out writes beside it is a finished output too
+    grid.write_bytes(b"mine")
+    with pytest.raises(SystemExit):
+        sample.main([*flags[:-1], str(tmp_path / "t.npz"), "--grid", "2"])
+    assert f"{grid} exists already" in capsys.readouterr().err and grid.read_bytes() == b"mine"
+    torch.save([1, 2], tmp_path / "list.pt")  # a torch file that is no checkpoint: one line
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "list.pt"), "--out", str(tmp_path / "u.png")])
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 class _sample_FakeVAE(nn.Module):
