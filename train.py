@@ -9,9 +9,8 @@ Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo t
     python train.py --objective meanflow             # MeanFlow's offline demo (pixel SiT)
 
 Without --model and a data path the offline demo runs, else the family's paper recipe (RECIPES);
-given flags win. With --model or --encoder the data path defaults to data/imagenet/train if it
-exists. Step s's noise is seeded by (seed, s, rank), the data order by (seed, epoch): a resumed
-run repeats the uninterrupted one (bit for bit when eager).
+given flags win. Step s's noise is seeded by (seed, s, rank), the data order by (seed, epoch): a
+resumed run repeats the uninterrupted one (bit for bit when eager).
 """
 import argparse
 import copy
@@ -54,8 +53,8 @@ class MeanFlow:
 
 
 class Objective(nn.Module):
-    """The network and the projector in one module, for DDP and torch.compile.
-    mean_flow: MeanFlow's settings for --objective meanflow, else None."""
+    """The network and the projector as one module for DDP and torch.compile; mean_flow:
+    MeanFlow's settings (--objective meanflow) or None."""
 
     def __init__(self, net, projector, *, family, align_depth, gamma, coeff, noise_scale=1.0,
                  mean_flow=None):
@@ -117,8 +116,8 @@ class Objective(nn.Module):
 
         def u_fn(z, t, r):  # the network's second time input is the interval h = t - r
             return self.net(z, t, y, self.align_depth, h=t - r)  # aux: hidden (B, T, D)
-        # u and du/dt from one forward-mode product, tangents (v, 1, 0) for (z_t, t, r). Math
-        # attention: flash has no forward-mode rule. Clones: the compiler refuses views here.
+        # u and du/dt from one jvp, tangents (v, 1, 0) for (z_t, t, r); math attention: flash has
+        # no forward-mode rule; clones: the compiler refuses views as jvp inputs
         with sdpa_kernel(SDPBackend.MATH):
             u, du_dt, hidden = torch.func.jvp(u_fn, (z.clone(), t.clone(), r.clone()),
                                               (v, torch.ones_like(t), torch.zeros_like(r)),
@@ -133,11 +132,9 @@ class Objective(nn.Module):
 
 RECIPES = {  # flag defaults, then AdamW's betas, the gradient clip and random flips
     "SiT": dict(model="SiT-B/2", image_size=256, batch_size=256, lr=1e-4, warmup_steps=0,
-                ema="0.9999", steps=400_000, log_every=100, ckpt_every=50_000,
-                sample_every=10_000, betas=(0.9, 0.999), clip=1.0, flip=False),
+                ema="0.9999", steps=400_000, betas=(0.9, 0.999), clip=1.0, flip=False),
     "JiT": dict(model="JiT-B/16", image_size=256, batch_size=1024, lr=None, warmup_steps=None,
-                ema="0.9999,0.9996", steps=250_000, log_every=100, ckpt_every=50_000,
-                sample_every=10_000, betas=(0.9, 0.95), clip=None, flip=True),
+                ema="0.9999,0.9996", steps=250_000, betas=(0.9, 0.95), clip=None, flip=True),
 }  # JiT's lr None: 5e-5 * batch / 256; its warmup None: 5 epochs
 RECIPES["MeanFlow"] = dict(RECIPES["SiT"], betas=(0.9, 0.95), clip=None)  # its official AdamW
 SHORT = dict(steps=1000, warmup_steps=50, ema="0.99,0.98", log_every=50, ckpt_every=500,
@@ -256,9 +253,9 @@ def get_args(argv=None):
     add("--warmup-steps", type=at_least(0), help="linear warm-up (JiT's default: 5 epochs)")
     add("--ema", type=decays, help="one or two EMA decays, comma-separated")
     add("--steps", type=at_least(1), help="total optimisation steps")
-    add("--log-every", type=at_least(1), help="print and log every N steps")
-    add("--ckpt-every", type=at_least(1), help="checkpoint every N steps and at the end")
-    add("--sample-every", type=at_least(0), help="EMA sample grid every N steps (0: never)")
+    add("--log-every", type=at_least(1), default=100, help="log every N steps")
+    add("--ckpt-every", type=at_least(1), default=50_000, help="checkpoint every N steps")
+    add("--sample-every", type=at_least(0), default=10_000, help="sample grid every N (0: never)")
     add("--out-dir", help="run folder (default: out/<model>-<encoder>[-<method>][-meanflow])")
     add("--start-over", action="store_true", help="move a run in --out-dir aside first")
     add("--resume", help="a run folder (its newest checkpoint) or a checkpoint file")
@@ -326,8 +323,7 @@ def check_run(args, world):
 
 
 def build(args, device):
-    """(objective, frozen encoder, SD-VAE, EMA network(s), AdamW), the same on every rank and
-    rerun; the encoder is None without alignment, the VAE None in pixel space."""
+    """(objective, encoder or None, SD-VAE or None, EMA network(s), AdamW), seeded."""
     torch.manual_seed(args.seed)
     net = build_model(args.model, args.image_size, args.num_classes, args.objective == "meanflow")
     net = net.to(device)
@@ -347,9 +343,8 @@ def build(args, device):
         encoder = kernels.enable(encoder) if encoder is not None else None
     mean_flow = None
     if args.objective == "meanflow":
-        mean_flow = MeanFlow(time=tuple(args.mf_time), ratio=args.mf_ratio, omega=args.mf_omega,
-                             kappa=args.mf_kappa, interval=tuple(args.mf_interval),
-                             weight=tuple(args.mf_weight))
+        mean_flow = MeanFlow(time=args.mf_time, ratio=args.mf_ratio, omega=args.mf_omega,
+                             kappa=args.mf_kappa, interval=args.mf_interval, weight=args.mf_weight)
     family = args.model[:3]  # SiT or JiT
     objective = Objective(net, projector, family=family, align_depth=args.encoder_depth,
                           gamma=args.spnorm_gamma, coeff=args.proj_coeff,
@@ -362,8 +357,8 @@ def build(args, device):
 
 
 def load_data(args, vae, device, rank, world, start):
-    """A loader of this rank's batches of steps start..--steps: --data-path's arrays (rank 0
-    prepares them on first use), else generated shapes (SiT: with their VAE posterior)."""
+    """This rank's batches of steps start..--steps: --data-path's arrays (prepared on first
+    use) or generated shapes (SiT: with their VAE posterior)."""
     if args.data_path:
         images, labels, latents = prepared_arrays(args.data_path, args.prepared_dir,
                                                   args.image_size, vae, vae_name(args), device,
@@ -386,8 +381,8 @@ def load_data(args, vae, device, rank, world, start):
 
 
 def make_step(args, objective, encoder, vae, emas, opt, device, world):
-    """train_step(x, y, lat): one optimisation step on a loader batch, compiled and DDP-wrapped
-    as the run asks. It returns (loss, denoise, repa, grad norm) as a tensor: no host sync."""
+    """train_step(x, y, lat): one optimisation step on a loader batch; it returns (loss,
+    denoise, repa, grad norm) as one tensor, without a host sync."""
     model = objective
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
