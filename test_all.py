@@ -923,6 +923,12 @@ def test_bench_sample_compares_fp32_and_bf16(capsys, cpu_only):
     assert 0 < rel < 0.1  # bf16 changes the samples a little, not entirely
 
 
+def test_bench_metrics_times_metrics_py(capsys, cpu_only):
+    bench.main(["metrics", "--num-images", "8"])
+    out = capsys.readouterr().out
+    assert "dinov2-vit-b" in out and "BENCH metrics --num-images 8:" in out and " s wall" in out
+
+
 # =============================================================================
 # encoders.py
 

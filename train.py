@@ -176,7 +176,7 @@ def fresh_defaults(args):
     mf = args.objective == "meanflow"
     if args.model is None and data_path is None:  # the offline demo: JiT, or MeanFlow's SiT
         recipe = RECIPES["meanflow-demo" if mf else "demo"]
-    else:
+    else:  # the paper's recipe (without --model: SiT's)
         recipe = RECIPES["MeanFlow" if mf else (args.model or "SiT")[:3]]
     model = args.model or recipe["model"]
     method = (align.IREPA if args.irepa else align.REPA)[model[:3]]
@@ -197,7 +197,7 @@ def resumed(p, argv, path):
         path, ck = readable_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         p.error(f"--resume: {e}")
-    flags = vars(p.parse_args([]))  # a flag newer than the run keeps its default
+    flags = vars(p.parse_args([]))  # the saved settings that are flags today
     p.set_defaults(**{k: v for k, v in ck["args"].items() if k in flags})
     if os.path.basename(os.path.dirname(path)) == "checkpoints":
         p.set_defaults(out_dir=os.path.dirname(os.path.dirname(path)))
@@ -226,7 +226,7 @@ def get_args(argv=None):
         "loss; meanflow: MeanFlow's average velocity (SiT), sampled in one step")
     add("--mf-time", type=float, nargs=2, default=MeanFlow.time, metavar=("MEAN", "STD"),
         help="MeanFlow: t, r ~ logit-normal(MEAN, STD)")
-    add("--mf-ratio", type=float, default=MeanFlow.ratio, help="MeanFlow: pairs with r != t")
+    add("--mf-ratio", type=float, default=MeanFlow.ratio, help="MeanFlow: the share of r != t")
     add("--mf-omega", type=float, default=MeanFlow.omega, help="MeanFlow guidance: omega")
     add("--mf-kappa", type=float, default=MeanFlow.kappa, help="MeanFlow guidance: kappa")
     add("--mf-interval", type=float, nargs=2, default=MeanFlow.interval, metavar=("LOW", "HIGH"),
