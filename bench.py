@@ -8,10 +8,9 @@ Measurement on generated data and random weights; nothing is written to disk.
     python bench.py metrics --num-images 1000
     torchrun --nproc_per_node=8 bench.py train --model SiT-B/2 --batch-size 2048
 
-train times train.py's own step after 5 warm-up steps, on 1,024 generated 256-px images, iREPA
-on a random DINOv2-B and a random SD-VAE unless flags say otherwise; MFU: useful FLOPs over
-PEAK_FLOPS. GPU checks, untimed: a torchrun train.py run resumed halfway logs the uninterrupted
-losses (eager: bit for bit); sample.py and fid.py under torchrun write one GPU's npz and scores.
+train times train.py's own step after 5 warm-up steps (1,024 generated 256-px images, iREPA on
+a random DINOv2-B, a random SD-VAE, unless flags say otherwise). GPU checks: an eager torchrun
+run of train.py resumed halfway logs the uninterrupted losses; sample.py, fid.py likewise agree.
 """
 import argparse
 import os
@@ -34,7 +33,7 @@ TRAIN = [*RANDOM_DINO, "--irepa", "--vae-weights", "random", "--num-generated", 
          "--image-size", "256"]  # argparse keeps a flag's last value
 
 
-def clock(device):
+def clock(device):  # the time once the GPU's queued work is done
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.time()
@@ -76,7 +75,7 @@ def bench_train(argv):
     marks.append(clock(device))
     cuda, nan = device.type == "cuda", float("nan")
     ips = b.bench_steps * args.batch_size / (marks[1] - marks[0]) / world
-    mfu = ips * flops / PEAK_FLOPS if cuda else nan
+    mfu = ips * flops / PEAK_FLOPS if cuda else nan  # useful FLOPs: no recomputation
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else nan
     if b.profile and rank == 0:
         profiler.stop()
@@ -98,9 +97,7 @@ def bench_sample(argv):
     p.add_argument("--compile", action="store_true")
     a = p.parse_args(argv)
     device, family = setup_device()[0], a.model[:3].lower()
-    mode, steps = ("heun", 50) if family == "jit" else ("sde", 250)
-    steps = a.num_steps or steps
-    torch.manual_seed(0)
+    mode, steps = ("heun", a.num_steps or 50) if family == "jit" else ("sde", a.num_steps or 250)
     net = build_model(a.model).to(device).eval().requires_grad_(False)
     for w in net.parameters():  # random: a fresh adaLN-Zero network outputs zeros
         torch.nn.init.normal_(w, std=0.02)
@@ -111,18 +108,18 @@ def bench_sample(argv):
     out = {}
     for precision in ("fp32", "bf16"):
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-            sample.sample_latents(net, y, family, mode, 2, 1.0, (0.0, 1.0))  # warm-up
+            sample.sample_latents(net, y, family, mode, 2, 1.0, (0.0, 1.0))  # warm-up; no CFG
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0, gen = clock(device), torch.Generator(device).manual_seed(0)
             out[precision] = sample.sample_latents(net, y, family, mode, steps, 1.0, (0.0, 1.0),
-                                                   noise_std(family, 256), gen)  # no CFG
+                                                   noise_std(family, 256), gen).double()
             ips = a.batch_size / (clock(device) - t0)
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         print(f"BENCH sample {a.model} {mode}-{steps} batch {a.batch_size} "
               f"{precision}: {ips:.2f} img/s, peak memory {mem:.1f} GiB")
-    fp32, bf16 = out["fp32"].double(), out["bf16"].double()
-    print(f"bf16 vs fp32 relative L2 of the samples: {(bf16 - fp32).norm() / fp32.norm():.3e}")
+    rel = (out["bf16"] - out["fp32"]).norm() / out["fp32"].norm()
+    print(f"bf16 vs fp32 relative L2 of the samples: {rel:.3e}")
 
 
 def bench_metrics(argv):  # metrics.py's main, feature extraction included
