@@ -581,7 +581,7 @@ def test_train_fresh_run_into_a_run_folder_is_refused_and_start_over_moves_it_as
     run = tmp_path / "run"
     train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
     first = {p: (run / p).read_bytes() for p in ("log.jsonl", "checkpoints/0000002.pt")}
-    with pytest.raises(SystemExit, match=f"--out-dir {run} holds a run already .* --resume {run}"):
+    with pytest.raises(SystemExit, match=f"--out-dir {run} holds a run: --resume {run}"):
         train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1"])
     assert first == {p: (run / p).read_bytes() for p in first}  # nothing overwritten, nothing appended
     train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1", "--start-over"])
@@ -681,19 +681,19 @@ def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, m
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--model", "SiT-Q/2"], "unknown model"),
-    (["--model", "SiTB2"], "unknown model"),
-    (["--encoder", "dinov9"], "unknown encoder"),
+    (["--model", "SiT-Q/2"], "--model: invalid choice: 'SiT-Q/2'"),
+    (["--model", "SiTB2"], "--model: invalid choice: 'SiTB2'"),
+    (["--encoder", "dinov9"], "--encoder: invalid choice: 'dinov9'"),
     (["--model", "JiT-B/32", "--image-size", "256", "--encoder", "dinov2-vit-b"], "8x8 token grid"),
-    (["--data-path", "/does/not/exist"], "does not exist"),
-    (["--image-size", "60"], "--image-size 60 is not a multiple of 16"),
+    (["--data-path", "/does/not/exist"], "no --data-path /does/not/exist"),
+    (["--image-size", "60"], "--image-size 60: JiT-demo/16 needs a multiple of 16"),
     (["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--encoder-depth", "99"], "has 6 blocks"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--ema", "0.9,abc"], "give one or two decays"),
-    (["--resume", "out/x", "--bench", "2"], "takes no --bench"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--ema", "0.9,abc"], "--ema: invalid decays value"),
+    (["--ema", "0.9,0.99,0.999"], "give one or two decays"),
     (["--objective", "meanflow", "--mf-ratio", "1.5"], "--mf-ratio: give a fraction in [0, 1]"),
     (["--objective", "meanflow", "--mf-interval", "0.8", "0.2"], "--mf-interval: LOW is above HIGH"),
-    (["--objective", "meanflow", "--mf-weight", "1", "-0.1"], "--mf-weight P, C not negative"),
+    (["--objective", "meanflow", "--mf-weight", "1", "-0.1"], "--mf-weight: must be at least 0.0"),
     (["--resume", "out/x", "--step", "4"], "unrecognized arguments: --step"),  # an abbreviation would be overridden
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
@@ -701,12 +701,6 @@ def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
         train.main([*argv, "--out-dir", str(tmp_path), "--steps", "1"])
     assert msg in str(err.value) + capsys.readouterr().err
     assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_train_bench_prints_speed_and_leaves_no_log(tmp_path, capsys):
-    train.main([*_TINY, "--bench", "1", "--out-dir", str(tmp_path)])
-    assert "BENCH JiT-demo/16" in capsys.readouterr().out
-    assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_train_sample_grid_written(tmp_path, capsys):
@@ -721,7 +715,6 @@ def test_train_sample_grid_written(tmp_path, capsys):
 # =============================================================================
 # train.py --objective meanflow (MeanFlow, with its sampler in sample.py)
 
-import argparse  # noqa: E402
 import sample  # noqa: E402
 
 _MF_FIXTURE = os.path.join(_ROOT, "fixtures", "meanflow_fixture.npz")  # the official JAX code's outputs
@@ -745,19 +738,18 @@ class _MeanFlowFixtureNet(nn.Module):
         return u, u.flatten(2).transpose(1, 2)
 
 
-def _mf_settings(**kw):
-    return argparse.Namespace(**{**dict(mf_time=(-0.4, 1.0), mf_ratio=0.25, mf_omega=1.0, mf_kappa=0.5,
-                                        mf_interval=(0.0, 1.0), mf_weight=(1.0, 1e-3)), **kw})
+def _mf_objective(net, **settings):  # MeanFlow's defaults (train.MeanFlow), some replaced
+    return train.Objective(net, None, family="SiT", align_depth=1, gamma=None, coeff=0.0,
+                           mean_flow=train.MeanFlow(**settings))
 
 
 @pytest.mark.parametrize("case", ["a", "b", "c"])  # official defaults; omega 2 in [0.3, 0.8] with p 0.5; none
 def test_meanflow_loss_and_target_match_the_official_jax_code(case):
     f = np.load(_MF_FIXTURE)
     c = lambda k: f[f"{case}_{k}"]
-    mf = _mf_settings(mf_omega=float(c("omega")), mf_kappa=float(c("kappa")),
-                      mf_interval=(float(c("t_start")), float(c("t_end"))),
-                      mf_weight=(float(c("norm_p")), float(c("norm_eps"))))
-    obj = train.Objective(_MeanFlowFixtureNet(f), None, "SiT", 1, None, 0.0, mean_flow=mf)
+    obj = _mf_objective(_MeanFlowFixtureNet(f), omega=float(c("omega")), kappa=float(c("kappa")),
+                        interval=(float(c("t_start")), float(c("t_end"))),
+                        weight=(float(c("norm_p")), float(c("norm_eps"))))
     n = torch.from_numpy(np.stack([c("n_t"), c("n_r")]))
     t, r = obj.mean_flow_times(n)
     assert torch.allclose(t, torch.from_numpy(c("t")), rtol=1e-6)  # what the official net got: t and h = t - r
@@ -767,7 +759,7 @@ def test_meanflow_loss_and_target_match_the_official_jax_code(case):
     loss, mse, _, target = obj.mean_flow_loss(x, y, t, r, e)
     want = torch.from_numpy(c("u_tgt"))
     assert (target - want).norm() / want.norm() < 1e-5
-    p, eps = mf.mf_weight  # the official keeps the weight (err + c)^p: its per-sample error is weight^(1/p) - c
+    p, eps = obj.mf.weight  # the official keeps the weight (err + c)^p: its per-sample error is weight^(1/p) - c
     err = torch.from_numpy(c("adp_wt")) ** (1 / p) - eps
     assert torch.allclose(mse * x[0].numel(), err.mean(), rtol=1e-5)
     assert torch.allclose(loss.double(), torch.tensor(float(c("loss")), dtype=torch.float64), rtol=1e-5)
@@ -793,7 +785,7 @@ def _mf_tiny_sit():
 
 def test_meanflow_jvp_equals_finite_differences():
     net = _mf_tiny_sit()
-    obj = train.Objective(net, None, "SiT", 1, None, 0.0, mean_flow=_mf_settings(mf_omega=1.0, mf_kappa=0.0))
+    obj = _mf_objective(net, omega=1.0, kappa=0.0)
     g = torch.Generator().manual_seed(3)
     x, e = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
     t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0]), torch.tensor([0, 1, 2, 3])
@@ -844,7 +836,7 @@ def _mf_compiled_step_matches_eager(device):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     net = kernels.enable(_mf_tiny_sit().to(device)) if device == "cuda" else _mf_tiny_sit()
-    obj = train.Objective(net, None, "SiT", 1, None, 0.0, mean_flow=_mf_settings())
+    obj = _mf_objective(net)
     x, y = torch.randn(8, 4, 4, 4, device=device), torch.tensor([0, 1, 2, 3, 0, 1, 2, 0], device=device)
     grads = []
     for step, bf16 in ((obj, False), (torch.compile(obj), True)):
@@ -905,19 +897,48 @@ def test_meanflow_with_irepa_trains_the_projector_on_sit_latents(tmp_path, cpu_o
     assert all(not torch.equal(v, one["proj"][k]) for k, v in two["proj"].items())  # the loss trains the projector
 
 
-def test_meanflow_bad_input_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    with pytest.raises(SystemExit):
+def test_meanflow_bad_input_is_refused_before_training(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--objective meanflow trains SiT, not JiT-B/16"):
         train.main(["--objective", "meanflow", "--model", "JiT-B/16", "--out-dir", str(tmp_path)])
-    assert "--objective meanflow trains SiT models, not JiT-B/16" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused in argument parsing: no GPU needed
-    with pytest.raises(SystemExit):
-        train.get_args(["--objective", "meanflow", "--no-compile", "--out-dir", str(tmp_path)])
-    assert "keep --compile (the default) or pass --precision fp32" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any GPU work
+    check = lambda *argv: train.check_run(train.get_args(["--objective", "meanflow", *argv,
+                                                          "--out-dir", str(tmp_path)]), 1)
+    with pytest.raises(SystemExit, match="keep --compile or pass --precision fp32"):
+        check("--no-compile")
+    check("--no-compile", "--precision", "fp32")
     assert train.get_args(["--objective", "meanflow", "--no-compile", "--precision", "fp32"]).compile is False
-    with pytest.raises(SystemExit):
-        train.get_args(["--objective", "meanflow", "--recompute", "2"])
-    assert "--recompute with --objective meanflow" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--recompute cannot replay"):
+        check("--recompute", "2")
+
+
+# =============================================================================
+# bench.py
+
+import bench  # noqa: E402
+
+
+def test_bench_train_prints_speed_and_leaves_no_log(tmp_path, capsys, monkeypatch, cpu_only):
+    monkeypatch.chdir(tmp_path)  # a run would write out/... here
+    bench.main(["train", *_TINY, "--bench-steps", "1", "--profile", "--encoder", "dinov2-vit-s"])
+    out = capsys.readouterr().out
+    assert "BENCH JiT-demo/16 enc=dinov2-vit-s proj=conv batch=8 world=1" in out
+    assert "img/s per GPU, MFU nan%, peak memory nan GiB" in out and "Self CPU time total" in out
+    assert not os.listdir(tmp_path)  # no log, checkpoint or sample grid
+
+
+def test_bench_sample_compares_fp32_and_bf16(capsys, cpu_only):
+    bench.main(["sample", "--model", "JiT-demo/16", "--batch-size", "2", "--num-steps", "2"])
+    out = capsys.readouterr().out
+    assert "BENCH sample JiT-demo/16 heun-2 batch 2 fp32:" in out and " bf16: " in out
+    rel = float(out.split("relative L2 of the samples: ")[1].split()[0])
+    assert 0 < rel < 0.1  # bf16 changes the samples a little, not entirely
+
+
+def test_bench_metrics_times_metrics_py(capsys, cpu_only):
+    bench.main(["metrics", "--num-images", "8"])
+    out = capsys.readouterr().out
+    assert "dinov2-vit-b" in out and "BENCH metrics --num-images 8:" in out and " s wall" in out
 
 
 # =============================================================================
