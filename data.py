@@ -341,14 +341,6 @@ def at_least(least, kind=int):
     return parse
 
 
-def check_at_least(parser, args, names, least=1):
-    """argparse error unless every given flag among `names` (dests) is at least `least`."""
-    for k in names:
-        value = getattr(args, k)
-        if value is not None and value < least:
-            parser.error(f"--{k.replace('_', '-')} must be at least {least}, got {value}")
-
-
 def check_writable(parser, outputs):
     """argparse error unless the folder of every given output (flag, path) is writable."""
     for flag, path in outputs:
