@@ -225,8 +225,8 @@ def main(argv=None):
                     noise_scale=noise_std(family, args.image_size)))
     modes = {"sit": ["sde", "ode", "heun"], "jit": ["heun", "ode"]}[family]
     modes += ["meanflow"] if mean_flow and args.cfg_scale == 1 else []
-    if args.mode not in modes:
-        use = " or ".join(modes)
+    if args.mode not in modes:  # a MeanFlow model learnt its guidance in training
+        use = " or ".join(modes) + (", or --cfg-scale 1" * mean_flow)
         parser.error(f"--mode {args.mode} does not fit this checkpoint: use --mode {use}")
     device, rank, world_size = setup_device()
     vae = None
