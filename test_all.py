@@ -2421,7 +2421,8 @@ def _repae_lpips_ref(sd, lins, a, b, official=True):
         a, b = a * 2. - 1., b * 2. - 1.
     shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
     scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
-    outs0, outs1 = _repae_vgg_taps(sd, (a - shift) / scale), _repae_vgg_taps(sd, (b - shift) / scale)
+    outs0 = _repae_vgg_taps(sd, (a - shift) / scale)
+    outs1 = _repae_vgg_taps(sd, (b - shift) / scale)
     val = 0
     for f0, f1, w in zip(outs0, outs1, lins):
         n0 = f0 / (torch.sqrt(torch.sum(f0 ** 2, dim=1, keepdim=True)) + 1e-10)
@@ -2440,7 +2441,7 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
     want = {k: v.shape for k, v in tm.state_dict().items() if k.startswith("features.")}
     got = repae.LPIPS()
     assert {f"features.{k}": v.shape for k, v in got.features.state_dict().items()} == want
-    assert [type(m) for m in got.features] == [type(m) for m in tm.features][:30]  # timm: a last pool
+    assert [type(m) for m in got.features] == [type(m) for m in tm.features][:30]  # + a pool
     # a VGG16 file as timm / torchvision write it (the classifier is ignored), LPIPS's lin file
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) * (2 / s[1:].numel()) ** 0.5 if len(s) == 4 else
@@ -2449,7 +2450,8 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
     lins = [torch.rand(1, c, 1, 1, generator=g) for c in (64, 128, 256, 512, 512)]
     torch.save(sd, tmp_path / "vgg16.pth")
     torch.save({f"lin{k}.model.1.weight": w for k, w in enumerate(lins)}, tmp_path / "vgg.pth")
-    a, b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    a = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
     for official in (True, False):
         lp = repae.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"), official)
         ref = _repae_lpips_ref(sd, lins, a, b, official)
@@ -2464,7 +2466,8 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
 def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
     with torch.device("meta"):
         disc = repae.PatchGAN()
-    bn = lambda i, c: {f"main.{i}.{n}": (c,) for n in ("weight", "bias", "running_mean", "running_var")}
+    names = ("weight", "bias", "running_mean", "running_var")
+    bn = lambda i, c: {f"main.{i}.{n}": (c,) for n in names}
     want = {"main.0.weight": (64, 3, 4, 4), "main.0.bias": (64,), "main.2.weight": (128, 64, 4, 4),
             **bn(3, 128), "main.5.weight": (256, 128, 4, 4), **bn(6, 256),
             "main.8.weight": (512, 256, 4, 4), **bn(9, 512), "main.11.weight": (1, 512, 4, 4),
@@ -2521,7 +2524,8 @@ def _repae_align_ref(proj, hidden, z, gamma):
     else:
         lin = [m for m in proj.projection_layer if isinstance(m, nn.Linear)]
         h = F.silu(F.linear(hidden, lin[0].weight, lin[0].bias))
-        z_tilde = F.linear(F.silu(F.linear(h, lin[1].weight, lin[1].bias)), lin[2].weight, lin[2].bias)
+        h = F.silu(F.linear(h, lin[1].weight, lin[1].bias))
+        z_tilde = F.linear(h, lin[2].weight, lin[2].bias)
     if gamma is not None:
         z = (z - gamma * z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
     cos = (F.normalize(z_tilde, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1)  # (B, T)
@@ -2539,7 +2543,7 @@ def _repae_reference_step(r, x, y, target, st, lr=1e-4, decay=0.9, depth=2):
     std, var = torch.exp(0.5 * logvar), torch.exp(logvar)
     z = mean + std * torch.randn(mean.shape)
     recon = vae.decoder(vae.post_quant_conv(z))
-    # 2) generator loss + vae_align_proj_coeff * proj_loss of the SiT in eval mode (bn running stats)
+    # 2) generator loss + vae_align_proj_coeff * proj_loss, SiT in eval mode (bn running stats)
     rec = F.l1_loss(img, recon, reduction="mean")
     perc = _repae_lpips_ref(r["lpips_sd"], r["lins"], img, recon).mean()
     kl = 0.5 * torch.sum(torch.pow(mean, 2) + var - 1.0 - logvar, dim=[1, 2, 3])
@@ -2547,7 +2551,8 @@ def _repae_reference_step(r, x, y, target, st, lr=1e-4, decay=0.9, depth=2):
     gan = -torch.mean(disc(recon))
     t = torch.rand((B, 1, 1, 1))
     noises = torch.randn(z.shape)
-    normalized = (z - r["bn_mean"].view(1, -1, 1, 1)) / torch.sqrt(r["bn_var"].view(1, -1, 1, 1) + 1e-4)
+    rm, rv = r["bn_mean"].view(1, -1, 1, 1), r["bn_var"].view(1, -1, 1, 1)
+    normalized = (z - rm) / torch.sqrt(rv + 1e-4)
     hidden = net((1 - t) * normalized + t * noises, t.flatten(), y, depth)[1]
     vae_align = _repae_align_ref(proj, hidden, target, r["gamma"])
     vae_loss = rec + 1.0 * perc + 1e-6 * kl + 0.1 * 1.0 * gan + 1.5 * vae_align
@@ -2735,3 +2740,66 @@ def test_repae_demo_reconstruction_and_alignment_improve(flush_denormal):
     assert last["rec"] < 0.92 * logs[0]["rec"], (logs[0], last)
     assert last["repa"] < logs[0]["repa"] - 0.2 and last["vae_align"] < logs[0]["vae_align"] - 0.2
     assert all(math.isfinite(v) for d in logs for v in d.values())
+
+
+def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys, flush_denormal):
+    stage = _repae_stage(ema_decay=0.5)
+    torch.manual_seed(0)
+    stage.step(*_repae_batch(0))
+    run = tmp_path / "run"
+    data.save_checkpoint(dict(stage.state_dict(), args={}, step=1),
+                         str(run / "checkpoints" / "0000001.pt"))
+    out, stats = tmp_path / "e2e-vae.pt", tmp_path / "e2e-vae-latents-stats.pt"
+    monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(run), "--out", str(out)])
+    runpy.run_path(repae.__file__, run_name="__main__")
+    assert f"--vae-weights {out} --vae-stats {stats}" in capsys.readouterr().out
+    small = encoders.VAE
+    monkeypatch.setattr(encoders, "VAE", lambda: small(widths=(8, 16, 16, 16), layers=1, groups=4))
+    vae = encoders.load_vae(str(out), str(stats))  # train.py's and sample.py's loader, unchanged
+    want = stage.vae.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in vae.state_dict().items())
+    # official save_vae_weights.py: scale = rsqrt(EMA running var), bias = EMA running mean
+    assert torch.equal(vae.latent_scale.flatten(), stage.ema_bn.running_var.rsqrt())
+    assert torch.equal(vae.latent_shift.flatten(), stage.ema_bn.running_mean)
+    assert not torch.equal(stage.ema_bn.running_var, stage.bn.running_var)
+    z = torch.randn(2, 4, 4, 4)
+    live = stage.sampling_vae()
+    assert torch.equal(vae.decode(vae.unscale(z)), live.decode(live.unscale(z)))
+    data.save_checkpoint(dict(model={}, args={}, step=1), str(tmp_path / "plain.pt"))
+    monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(tmp_path / "plain.pt"),
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit):
+        runpy.run_path(repae.__file__, run_name="__main__")
+    assert "is not a REPA-E checkpoint" in capsys.readouterr().err
+
+
+def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
+    p = data.Parser("train.py")
+    repae.add_args(p)
+    args = p.parse_args(["--repae", "--repae-vgg", "random", "--repae-lpips", "random",
+                         "--lpips-fixed-input"])
+    assert (args.vae_lr, args.disc_lr, args.vae_align_coeff) == (1e-4, 1e-4, 1.5)
+    assert args.repae_disc is None
+    args.__dict__.update(vae_weights="vae.safetensors", encoder_depth=2, spnorm_gamma=0.6,
+                         proj_coeff=1.0, lr=1e-4, ema="0.9999,0.999")  # train.py's own flags
+    stage = _repae_stage()
+    with pytest.warns(UserWarning, match="RANDOM"):
+        built = repae.build(args, stage.net, stage.proj, stage.vae)
+    assert not built.lpips.official_input and built.decay == 0.9999 and built.vae_coeff == 1.5
+    assert built.vae.training and all(q.requires_grad for q in built.vae.parameters())
+    with pytest.raises(RuntimeError, match="pass --encoder"):
+        repae.build(args, stage.net, None, stage.vae)
+    stage.vae.encoder = None
+    with pytest.raises(RuntimeError, match="--vae-weights vae.safetensors is a decoder-only"):
+        repae.build(args, stage.net, stage.proj, stage.vae)
+
+
+def test_repae_bf16_autocast_step_stays_close_to_fp32(flush_denormal):
+    # train.py passes its autocast: the VAE and SiT passes run in bf16, the losses in fp32
+    got = []
+    for amp in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
+        stage = _repae_stage(amp=amp)
+        torch.manual_seed(0)
+        got.append(stage.step(*_repae_batch(0)))
+    for k in ("loss", "vae_loss", "rec", "kl", "d_loss"):
+        assert abs(got[1][k] - got[0][k]) <= 0.02 * abs(got[0][k]), k
