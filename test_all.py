@@ -2370,15 +2370,6 @@ import repae  # noqa: E402
 _REPAE_TAPS = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3: the ends of the official LPIPS vgg16 slices
 
 
-@pytest.fixture
-def flush_denormal():
-    # Adam's second moments of near-zero gradients turn subnormal, which the CPU computes ~100x
-    # slower (the demo: 27 s instead of 2 s): flushed to zero while a test trains
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-
-
 def _repae_stage(seed=0, res=32, conv=True, **kw):
     """A tiny stage: SiT (64 wide, 4 blocks, 10 classes), a small SD-VAE, LPIPS and PatchGAN."""
     torch.manual_seed(seed)
@@ -2604,7 +2595,7 @@ def _repae_spy_grads(stage):
 
 
 @pytest.mark.parametrize("conv", [True, False])
-def test_repae_two_steps_match_the_official_step_by_formula(conv, flush_denormal):
+def test_repae_two_steps_match_the_official_step_by_formula(conv):
     lr = 1e-4
     stage = _repae_stage(conv=conv, ema_decay=0.9)
     grads = _repae_spy_grads(stage)
@@ -2656,7 +2647,7 @@ def test_repae_two_steps_match_the_official_step_by_formula(conv, flush_denormal
         assert _repae_rel(a, b) < 1e-5
 
 
-def test_repae_each_loss_reaches_only_its_own_networks(flush_denormal):
+def test_repae_each_loss_reaches_only_its_own_networks():
     stage = _repae_stage()
     grads = _repae_spy_grads(stage)
     torch.manual_seed(0)
@@ -2687,7 +2678,7 @@ def test_repae_each_loss_reaches_only_its_own_networks(flush_denormal):
     assert all(g is None for k in ("vae", "disc") for g in seen["sit"][k])
 
 
-def test_repae_resume_is_exact(tmp_path, flush_denormal):
+def test_repae_resume_is_exact(tmp_path):
     def run(stage, steps):
         for s in steps:
             torch.manual_seed(100 + s)  # as train.py: step s's noise from (seed, s)
@@ -2717,7 +2708,7 @@ def test_repae_resume_is_exact(tmp_path, flush_denormal):
                                                                    a["bn"]["running_var"])
 
 
-def test_repae_demo_reconstruction_and_alignment_improve(flush_denormal):
+def test_repae_demo_reconstruction_and_alignment_improve():
     # 30 steps on 8 generated shapes (32 px) with a random encoder, LPIPS and discriminator, from a
     # random VAE whose posterior is narrow (as a pretrained one's): reconstruction and both
     # alignment losses (SiT pass, VAE pass) go down
@@ -2742,7 +2733,7 @@ def test_repae_demo_reconstruction_and_alignment_improve(flush_denormal):
     assert all(math.isfinite(v) for d in logs for v in d.values())
 
 
-def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys, flush_denormal):
+def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
     stage = _repae_stage(ema_decay=0.5)
     torch.manual_seed(0)
     stage.step(*_repae_batch(0))
@@ -2794,7 +2785,7 @@ def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
         repae.build(args, stage.net, stage.proj, stage.vae)
 
 
-def test_repae_bf16_autocast_step_stays_close_to_fp32(flush_denormal):
+def test_repae_bf16_autocast_step_stays_close_to_fp32():
     # train.py passes its autocast: the VAE and SiT passes run in bf16, the losses in fp32
     got = []
     for amp in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
