@@ -2448,10 +2448,11 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
         ref = _repae_lpips_ref(sd, lins, a, b, official)
         assert ref.shape == (3, 1, 1, 1) and _repae_rel(lp(a, b), ref.flatten()) < 1e-5
     assert not any(p.requires_grad for p in lp.parameters())
-    with pytest.raises(FileNotFoundError, match="--repae-vgg"):
-        repae.load_lpips(str(tmp_path / "missing.pth"), "random")
-    with pytest.raises(FileNotFoundError, match="--repae-lpips"):
-        repae.load_lpips("random", None)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        with pytest.raises(FileNotFoundError, match="--repae-vgg"):
+            repae.load_lpips(str(tmp_path / "missing.pth"), "random")
+        with pytest.raises(FileNotFoundError, match="--repae-lpips"):
+            repae.load_lpips("random", None)
 
 
 def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
@@ -2490,8 +2491,8 @@ def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
 
 
 def _repae_adamw(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
-    # torch.optim.AdamW with weight decay 0, after the official clip_grad_norm_(params, 1.0); the
-    # total norm as torch computes it (in fp32 on the CPU: ~1e-4 off for a 2048 x 2048 matrix)
+    # torch.optim.AdamW with weight decay 0, after the official clip_grad_norm_(params, 1.0), its
+    # total norm as torch computes it (fp32: ~1e-4 off on the CPU for a 2048 x 2048 matrix)
     total = torch.nn.utils.get_total_norm(grads)
     coef = min(1.0, 1.0 / (total.item() + 1e-6))
     state.setdefault("grads", []).append([g * coef for g in grads])
