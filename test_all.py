@@ -2380,7 +2380,9 @@ def _repae_stage(seed=0, res=32, conv=True, **kw):
     vae.latent_shift.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]).view(1, 4, 1, 1))
     disc = repae.PatchGAN(ndf=8)
     torch.manual_seed(123)  # LPIPS is fixed (loaded from files), the same in every stage
-    lpips = repae.LPIPS(widths=(4, 8, 8, 8, 8))
+    # 16 channels: no position has a near-zero feature norm, where LPIPS's normalisation
+    # 1 / (norm + 1e-10) would make the gradient ill-conditioned (narrower layers have some)
+    lpips = repae.LPIPS(widths=(16, 16, 16, 16, 16))
     return repae.Stage(net, proj, vae, lpips, disc, align_depth=2, gamma=0.6 if conv else None,
                        coeff=1.0, **kw)
 
@@ -2621,14 +2623,16 @@ def test_repae_two_steps_match_the_official_step_by_formula(conv):
         want = _repae_reference_step(r, x, y, target, st, lr)
         for k, v in want.items():  # 1e-5 relative, absolute for losses under 1
             assert abs(got[k].item() - v.item()) <= 1e-5 * max(abs(v.item()), 1), (s, k)
-        # parameters after each AdamW step: Adam divides by the gradient's size, so the fp32
-        # rounding of near-zero gradient entries shows in their step (the gradients are checked
-        # below); every entry within half a step (lr), each tensor on average within 2%
+        # parameters after each AdamW step. Adam divides by the gradient's size, so fp32 rounding
+        # in small gradient entries shows in their step: every entry within 5% of a step (lr),
+        # each tensor on average within 0.1%, but the attention key biases: their gradient is 0
+        # in exact arithmetic (softmax ignores a shift shared by a query's logits), rounding noise
         for live, ref in ((stage.net, r["net"]), (stage.proj, r["proj"]), (stage.vae, r["vae"]),
                           (stage.disc, r["disc"])):
             for (k, a), b in zip(live.state_dict().items(), ref.state_dict().values()):
                 diff = (a.double() - b.double()).abs()
-                assert diff.max() <= 0.5 * lr and diff.mean() <= 0.02 * lr, (s, k)
+                assert diff.max() <= 0.05 * lr, (s, k)
+                assert diff.mean() <= 1e-3 * lr or k.endswith("to_k.bias"), (s, k)
     # the first step's gradients (clipped, as each optimiser stepped with them): the whole and each
     # tensor within 1e-5 of the reference, relative to the whole gradient's norm (some tensors'
     # gradients are nearly 0 by symmetry, e.g. the attention key biases: rounding noise)
