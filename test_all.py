@@ -2733,8 +2733,8 @@ def test_repae_demo_reconstruction_and_alignment_improve():
         torch.manual_seed(s)
         logs.append({k: v.item() for k, v in stage.step(x, y, target).items()})
     last = {k: sum(d[k] for d in logs[-5:]) / 5 for k in logs[0]}
-    assert last["rec"] < 0.92 * logs[0]["rec"], (logs[0], last)
-    assert last["repa"] < logs[0]["repa"] - 0.2 and last["vae_align"] < logs[0]["vae_align"] - 0.2
+    assert last["rec"] < 0.75 * logs[0]["rec"], (logs[0], last)  # measured: 0.41 -> 0.23
+    assert last["repa"] < logs[0]["repa"] - 0.4 and last["vae_align"] < logs[0]["vae_align"] - 0.4
     assert all(math.isfinite(v) for d in logs for v in d.values())
 
 
