@@ -2423,3 +2423,447 @@ def test_fid_ddp_gather_keeps_order(tmp_path, monkeypatch):
     got = np.load(tmp_path / "out.npz")
     np.testing.assert_array_equal(got["pool"], pool)
     np.testing.assert_array_equal(got["spatial"], spatial)
+
+
+# =============================================================================
+# repae.py
+# The references below are the official REPA-E definitions (loss/lpips.py, loss/discriminator.py,
+# loss/losses.py, models/sit.py, train_repae.py), written out as plain formulas on the same weights.
+
+import copy  # noqa: E402
+import runpy  # noqa: E402
+import timm  # noqa: E402
+import repae  # noqa: E402
+
+_REPAE_TAPS = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3: the ends of the official LPIPS vgg16 slices
+
+
+def _repae_stage(seed=0, res=32, conv=True, **kw):
+    """A tiny stage: SiT (64 wide, 4 blocks, 10 classes), a small SD-VAE, LPIPS and PatchGAN."""
+    torch.manual_seed(seed)
+    net = _randomize(_tiny_sit(image_size=res), seed)  # non-zero output: every phase has gradients
+    proj = align.ConvProjector(64, 12) if conv else align.MLPProjector(64, 12, width=256)
+    vae = encoders.VAE(widths=(8, 16, 16, 16), layers=1, groups=4)
+    vae.latent_scale.copy_(torch.tensor([0.5, 1.0, 2.0, 0.8]).view(1, 4, 1, 1))
+    vae.latent_shift.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]).view(1, 4, 1, 1))
+    disc = repae.PatchGAN(ndf=8)
+    torch.manual_seed(123)  # LPIPS is fixed (loaded from files), the same in every stage
+    # 16 channels: no position has a near-zero feature norm, where LPIPS's normalisation
+    # 1 / (norm + 1e-10) would make the gradient ill-conditioned (narrower layers have some)
+    lpips = repae.LPIPS(widths=(16, 16, 16, 16, 16))
+    return repae.Stage(net, proj, vae, lpips, disc, align_depth=2, gamma=0.6 if conv else None,
+                       coeff=1.0, **kw)
+
+
+def _repae_batch(seed, B=4, res=32, T=4, Dz=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (B, 3, res, res), generator=g, dtype=torch.uint8)
+    return x, torch.randint(0, 10, (B,), generator=g), torch.randn(B, T, Dz, generator=g)
+
+
+def _repae_vgg_taps(sd, x):
+    # torchvision's / timm's vgg16.features from a state dict (features.N.*), the LPIPS taps
+    taps = []
+    for i in range(30):
+        if f"features.{i}.weight" in sd:
+            x = F.conv2d(x, sd[f"features.{i}.weight"], sd[f"features.{i}.bias"], padding=1)
+        elif i in (4, 9, 16, 23):
+            x = F.max_pool2d(x, 2, 2)
+        else:
+            x = F.relu(x)
+        if i in _REPAE_TAPS:
+            taps.append(x)
+    return taps
+
+
+def _repae_lpips_ref(sd, lins, a, b, official=True):
+    # official LPIPS.forward: (B, 1, 1, 1)
+    if official:
+        a, b = a * 2. - 1., b * 2. - 1.
+    shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
+    scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
+    outs0 = _repae_vgg_taps(sd, (a - shift) / scale)
+    outs1 = _repae_vgg_taps(sd, (b - shift) / scale)
+    val = 0
+    for f0, f1, w in zip(outs0, outs1, lins):
+        n0 = f0 / (torch.sqrt(torch.sum(f0 ** 2, dim=1, keepdim=True)) + 1e-10)
+        n1 = f1 / (torch.sqrt(torch.sum(f1 ** 2, dim=1, keepdim=True)) + 1e-10)
+        val = val + F.conv2d((n0 - n1) ** 2, w).mean([2, 3], keepdim=True)
+    return val
+
+
+def _repae_rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def test_repae_lpips_layout_files_and_official_formula(tmp_path):
+    with torch.device("meta"):
+        tm = timm.create_model("vgg16", pretrained=False)
+    want = {k: v.shape for k, v in tm.state_dict().items() if k.startswith("features.")}
+    got = repae.LPIPS()
+    assert {f"features.{k}": v.shape for k, v in got.features.state_dict().items()} == want
+    assert [type(m) for m in got.features] == [type(m) for m in tm.features][:30]  # + a pool
+    # a VGG16 file as timm / torchvision write it (the classifier is ignored), LPIPS's lin file
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) * (2 / s[1:].numel()) ** 0.5 if len(s) == 4 else
+          torch.randn(s, generator=g) * 0.1 for k, s in want.items()}
+    sd["head.fc.weight"] = torch.zeros(3, 3)
+    lins = [torch.rand(1, c, 1, 1, generator=g) for c in (64, 128, 256, 512, 512)]
+    torch.save(sd, tmp_path / "vgg16.pth")
+    torch.save({f"lin{k}.model.1.weight": w for k, w in enumerate(lins)}, tmp_path / "vgg.pth")
+    a = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    for official in (True, False):
+        lp = repae.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"), official)
+        ref = _repae_lpips_ref(sd, lins, a, b, official)
+        assert ref.shape == (3, 1, 1, 1) and _repae_rel(lp(a, b), ref.flatten()) < 1e-5
+    assert not any(p.requires_grad for p in lp.parameters())
+    with pytest.warns(UserWarning, match="RANDOM"):
+        with pytest.raises(FileNotFoundError, match="--repae-vgg"):
+            repae.load_lpips(str(tmp_path / "missing.pth"), "random")
+        with pytest.raises(FileNotFoundError, match="--repae-lpips"):
+            repae.load_lpips("random", None)
+
+
+def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
+    with torch.device("meta"):
+        disc = repae.PatchGAN()
+    names = ("weight", "bias", "running_mean", "running_var")
+    bn = lambda i, c: {f"main.{i}.{n}": (c,) for n in names}
+    want = {"main.0.weight": (64, 3, 4, 4), "main.0.bias": (64,), "main.2.weight": (128, 64, 4, 4),
+            **bn(3, 128), "main.5.weight": (256, 128, 4, 4), **bn(6, 256),
+            "main.8.weight": (512, 256, 4, 4), **bn(9, 512), "main.11.weight": (1, 512, 4, 4),
+            "main.11.bias": (1,)}
+    got = {k: tuple(v.shape) for k, v in disc.state_dict().items() if "num_batches" not in k}
+    assert got == want
+    torch.manual_seed(0)
+    disc = repae.PatchGAN(ndf=16)
+    assert abs(disc.main[2].weight.std().item() - 0.02) < 2e-3  # official weights_init
+    assert disc.main[3].bias.abs().max() == 0 and abs(disc.main[3].weight.mean().item() - 1) < 0.01
+    sd = copy.deepcopy(disc.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    h = F.leaky_relu(F.conv2d(x, sd["main.0.weight"], sd["main.0.bias"], stride=2, padding=1), 0.2)
+    for conv, norm, stride in ((2, 3, 2), (5, 6, 2), (8, 9, 1)):  # conv (no bias), BN in train mode
+        h = F.conv2d(h, sd[f"main.{conv}.weight"], stride=stride, padding=1)
+        mu, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+        h = (h - mu) / torch.sqrt(var + 1e-5) * sd[f"main.{norm}.weight"].view(1, -1, 1, 1)
+        h = F.leaky_relu(h + sd[f"main.{norm}.bias"].view(1, -1, 1, 1), 0.2)
+    ref = F.conv2d(h, sd["main.11.weight"], sd["main.11.bias"], stride=1, padding=1)
+    assert ref.shape == (3, 1, 2, 2) and _repae_rel(disc(x), ref) < 1e-5
+    full = repae.PatchGAN().eval()  # a file of the official names loads strictly
+    torch.save(full.state_dict(), tmp_path / "disc.pt")
+    assert torch.equal(repae.load_discriminator(str(tmp_path / "disc.pt")).eval()(x), full(x))
+    torch.save(sd, tmp_path / "small.pt")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        repae.load_discriminator(str(tmp_path / "small.pt"))
+    with pytest.raises(FileNotFoundError, match="--repae-disc"):
+        repae.load_discriminator(str(tmp_path / "none.pt"))
+
+
+def _repae_adamw(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    # torch.optim.AdamW with weight decay 0, after the official clip_grad_norm_(params, 1.0), its
+    # total norm as torch computes it (fp32: ~1e-4 off on the CPU for a 2048 x 2048 matrix)
+    total = torch.nn.utils.get_total_norm(grads)
+    coef = min(1.0, 1.0 / (total.item() + 1e-6))
+    state.setdefault("grads", []).append([g * coef for g in grads])
+    for p, g in zip(params, grads):
+        g = g * coef
+        m, v, n = state.get(p, (torch.zeros_like(p), torch.zeros_like(p), 0))
+        m, v, n = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g, n + 1
+        state[p] = (m, v, n)
+        with torch.no_grad():
+            p -= lr * (m / (1 - beta1 ** n)) / ((v / (1 - beta2 ** n)).sqrt() + eps)
+
+
+def _repae_align_ref(proj, hidden, z, gamma):
+    # models/sit.py's proj_loss with iREPA's projector and spatial norm (SPEC.md)
+    B, T, D = hidden.shape
+    if isinstance(proj, align.ConvProjector):
+        g = int(T ** 0.5)
+        w = proj.projection_layer
+        grid = hidden.transpose(1, 2).reshape(B, D, g, g)
+        z_tilde = F.conv2d(grid, w.weight, w.bias, padding=1).reshape(B, -1, T).transpose(1, 2)
+    else:
+        lin = [m for m in proj.projection_layer if isinstance(m, nn.Linear)]
+        h = F.silu(F.linear(hidden, lin[0].weight, lin[0].bias))
+        h = F.silu(F.linear(h, lin[1].weight, lin[1].bias))
+        z_tilde = F.linear(h, lin[2].weight, lin[2].bias)
+    if gamma is not None:
+        z = (z - gamma * z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
+    cos = (F.normalize(z_tilde, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1)  # (B, T)
+    return (-cos).mean(dim=1).sum() / B
+
+
+def _repae_reference_step(r, x, y, target, st, lr=1e-4, decay=0.9, depth=2):
+    """One train_repae.py step on the modules in r, by formula; st: the three AdamW states."""
+    vae, net, proj, disc = r["vae"], r["net"], r["proj"], r["disc"]
+    img = x.float() / 127.5 - 1.
+    B = img.shape[0]
+    # 1) VAE forward: DiagonalGaussianDistribution, sample, decode
+    mean, logvar = torch.chunk(vae.quant_conv(vae.encoder(img)), 2, dim=1)
+    logvar = torch.clamp(logvar, -30.0, 20.0)
+    std, var = torch.exp(0.5 * logvar), torch.exp(logvar)
+    z = mean + std * torch.randn(mean.shape)
+    recon = vae.decoder(vae.post_quant_conv(z))
+    # 2) generator loss + vae_align_proj_coeff * proj_loss, SiT in eval mode (bn running stats)
+    rec = F.l1_loss(img, recon, reduction="mean")
+    perc = _repae_lpips_ref(r["lpips_sd"], r["lins"], img, recon).mean()
+    kl = 0.5 * torch.sum(torch.pow(mean, 2) + var - 1.0 - logvar, dim=[1, 2, 3])
+    kl = torch.sum(kl) / kl.shape[0]
+    gan = -torch.mean(disc(recon))
+    t = torch.rand((B, 1, 1, 1))
+    noises = torch.randn(z.shape)
+    rm, rv = r["bn_mean"].view(1, -1, 1, 1), r["bn_var"].view(1, -1, 1, 1)
+    normalized = (z - rm) / torch.sqrt(rv + 1e-4)
+    hidden = net((1 - t) * normalized + t * noises, t.flatten(), y, depth)[1]
+    vae_align = _repae_align_ref(proj, hidden, target, r["gamma"])
+    vae_loss = rec + 1.0 * perc + 1e-6 * kl + 0.1 * 1.0 * gan + 1.5 * vae_align
+    params = list(vae.parameters())
+    _repae_adamw(params, torch.autograd.grad(vae_loss, params), st["vae"], lr)
+    # 3) discriminator: hinge on the detached reconstruction, real and fake in separate calls
+    logits_real, logits_fake = disc(img.detach()), disc(recon.detach())
+    d_loss = 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
+    params = list(disc.parameters())
+    _repae_adamw(params, torch.autograd.grad(d_loss, params), st["disc"], lr)
+    # 4) SiT in train mode: BatchNorm batch statistics on z.detach(), label dropout, same t, noise
+    zd = z.detach()
+    mu, var_b = zd.mean(dim=(0, 2, 3)), zd.var(dim=(0, 2, 3), unbiased=False)
+    normalized = (zd - mu.view(1, -1, 1, 1)) / torch.sqrt(var_b.view(1, -1, 1, 1) + 1e-4)
+    r["bn_mean"] = 0.9 * r["bn_mean"] + 0.1 * mu
+    r["bn_var"] = 0.9 * r["bn_var"] + 0.1 * zd.var(dim=(0, 2, 3), unbiased=True)
+    y = torch.where(torch.rand(B) < 0.1, 10, y)
+    out, hidden = net((1 - t) * normalized + t * noises, t.flatten(), y, depth)
+    denoise = torch.mean((out - (noises - normalized)) ** 2, dim=(1, 2, 3)).mean()
+    proj_loss = _repae_align_ref(proj, hidden, target, r["gamma"])
+    loss = denoise + r["coeff"] * proj_loss
+    params = [*net.parameters(), *proj.parameters()]  # pos_embed too: requires_grad(model, True)
+    for p in params:
+        p.requires_grad_(True)
+    _repae_adamw(params, torch.autograd.grad(loss, params), st["sit"], lr)
+    # 5) EMA of every SiT parameter and the BatchNorm's float buffers
+    with torch.no_grad():
+        for e, p in zip(r["ema"].parameters(), net.parameters()):
+            e.mul_(decay).add_(p, alpha=1 - decay)
+        r["ema_mean"] = r["ema_mean"] * decay + r["bn_mean"] * (1 - decay)
+        r["ema_var"] = r["ema_var"] * decay + r["bn_var"] * (1 - decay)
+    return dict(loss=loss, denoise=denoise, repa=proj_loss, vae_loss=vae_loss, rec=rec,
+                lpips=perc, kl=kl, gan=gan, vae_align=vae_align, d_loss=d_loss)
+
+
+def _repae_spy_grads(stage):
+    """Records, at each optimiser's step, the (clipped) gradient of each of its parameters."""
+    seen = {}
+    for key in ("opt", "opt_vae", "opt_disc"):
+        opt = getattr(stage, key)
+
+        def step(*a, _opt=opt, _step=opt.step, _key=key, **kw):
+            params = [p for group in _opt.param_groups for p in group["params"]]
+            seen.setdefault(_key, []).append([p.grad.clone() if p.grad is not None else None
+                                              for p in params])
+            return _step(*a, **kw)
+        opt.step = step
+    return seen
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_repae_two_steps_match_the_official_step_by_formula(conv):
+    lr = 1e-4
+    stage = _repae_stage(conv=conv, ema_decay=0.9)
+    grads = _repae_spy_grads(stage)
+    r = dict(vae=copy.deepcopy(stage.vae), net=copy.deepcopy(stage.net),
+             proj=copy.deepcopy(stage.proj), disc=copy.deepcopy(stage.disc),
+             ema=copy.deepcopy(stage.net), gamma=stage.gamma, coeff=stage.coeff,
+             lpips_sd={f"features.{k}": v for k, v in stage.lpips.features.state_dict().items()},
+             lins=[m.weight for m in stage.lpips.lins])
+    pos_embed = stage.net.pos_embed.detach().clone()
+    # init_bn: running mean = latents_bias, running var = 1 / latents_scale^2
+    r["bn_mean"] = torch.tensor([0.1, -0.2, 0.0, 0.3])
+    r["bn_var"] = 1 / torch.tensor([0.5, 1.0, 2.0, 0.8]) ** 2
+    r["ema_mean"], r["ema_var"] = r["bn_mean"].clone(), r["bn_var"].clone()
+    assert torch.allclose(stage.bn.running_mean, r["bn_mean"])
+    assert torch.allclose(stage.bn.running_var, r["bn_var"])
+    st = dict(vae={}, disc={}, sit={})
+    for s in range(2):
+        x, y, target = _repae_batch(s)
+        torch.manual_seed(10 + s)
+        got = stage.step(x, y, target)
+        torch.manual_seed(10 + s)
+        want = _repae_reference_step(r, x, y, target, st, lr)
+        for k, v in want.items():  # 1e-5 relative, absolute for losses under 1
+            assert abs(got[k].item() - v.item()) <= 1e-5 * max(abs(v.item()), 1), (s, k)
+        # parameters after each AdamW step. Adam divides by the gradient's size, so fp32 rounding
+        # in small gradient entries shows in their step: every entry within 5% of a step (lr),
+        # each tensor on average within 0.1%, but the attention key biases: their gradient is 0
+        # in exact arithmetic (softmax ignores a shift shared by a query's logits), rounding noise
+        for live, ref in ((stage.net, r["net"]), (stage.proj, r["proj"]), (stage.vae, r["vae"]),
+                          (stage.disc, r["disc"])):
+            for (k, a), b in zip(live.state_dict().items(), ref.state_dict().values()):
+                diff = (a.double() - b.double()).abs()
+                assert diff.max() <= 0.05 * lr, (s, k)
+                assert diff.mean() <= 1e-3 * lr or k.endswith("to_k.bias"), (s, k)
+    # the first step's gradients (clipped, as each optimiser stepped with them): the whole and each
+    # tensor within 1e-5 of the reference, relative to the whole gradient's norm (some tensors'
+    # gradients are nearly 0 by symmetry, e.g. the attention key biases: rounding noise)
+    for key, ref in (("opt_vae", "vae"), ("opt_disc", "disc"), ("opt", "sit")):
+        assert len(grads[key]) == len(st[ref]["grads"]) == 2
+        got_g, want_g = grads[key][0], st[ref]["grads"][0]
+        total = torch.cat([g.flatten() for g in want_g]).double().norm()
+        assert _repae_rel(torch.cat([g.flatten() for g in got_g]),
+                          torch.cat([g.flatten() for g in want_g])) < 1e-5, key
+        for a, b in zip(got_g, want_g):
+            assert (a.double() - b.double()).norm() <= 1e-5 * total, key
+    assert not torch.equal(stage.net.pos_embed, pos_embed)  # it trains, as in the official code
+    for a, b in ((stage.bn.running_mean, r["bn_mean"]), (stage.bn.running_var, r["bn_var"]),
+                 (stage.ema_bn.running_mean, r["ema_mean"]),
+                 (stage.ema_bn.running_var, r["ema_var"]),
+                 *zip(stage.ema_net.parameters(), r["ema"].parameters())):
+        assert _repae_rel(a, b) < 1e-5
+
+
+def test_repae_each_loss_reaches_only_its_own_networks():
+    stage = _repae_stage()
+    grads = _repae_spy_grads(stage)
+    torch.manual_seed(0)
+    stage.step(*_repae_batch(0))
+    owners = dict(opt=stage.opt, opt_vae=stage.opt_vae, opt_disc=stage.opt_disc)
+    for key, seen in grads.items():  # at each optimiser's step: its own gradients, no others
+        assert all(g is not None for g in seen[0]), key
+        mine = {id(p) for group in owners[key].param_groups for p in group["params"]}
+        for m in (stage.net, stage.proj, stage.vae, stage.disc):
+            for p in m.parameters():
+                assert id(p) in mine or p.grad is None, key  # checked after the step: all cleared
+    # the same at step time: the SiT's gradient is empty when the VAE steps, and the reverse
+    stage = _repae_stage()
+    seen = {}
+    for key, opt in (("vae", stage.opt_vae), ("sit", stage.opt)):
+        def step(*a, _step=opt.step, _key=key, **kw):
+            seen[_key] = dict(sit=[p.grad for p in stage.net.parameters()],
+                              proj=[p.grad for p in stage.proj.parameters()],
+                              vae=[p.grad for p in stage.vae.parameters()],
+                              disc=[p.grad for p in stage.disc.parameters()])
+            return _step(*a, **kw)
+        opt.step = step
+    torch.manual_seed(0)
+    stage.step(*_repae_batch(0))
+    assert all(g is not None for g in seen["vae"]["vae"])
+    assert all(g is None for k in ("sit", "proj", "disc") for g in seen["vae"][k])
+    assert all(g is not None for k in ("sit", "proj") for g in seen["sit"][k])  # pos_embed too
+    assert all(g is None for k in ("vae", "disc") for g in seen["sit"][k])
+
+
+def test_repae_resume_is_exact(tmp_path):
+    def run(stage, steps):
+        for s in steps:
+            torch.manual_seed(100 + s)  # as train.py: step s's noise from (seed, s)
+            stage.step(*_repae_batch(s))
+    whole = _repae_stage()
+    run(whole, range(4))
+    first = _repae_stage()
+    run(first, range(2))
+    data.save_checkpoint(dict(first.state_dict(), args={}, step=2), str(tmp_path / "c.pt"))
+    second = _repae_stage(seed=7)  # other weights: the checkpoint must replace every one
+    second.load_state_dict(data.load_checkpoint(str(tmp_path / "c.pt")))
+    run(second, range(2, 4))
+    a, b = whole.state_dict(), second.state_dict()
+    assert set(a) == {"model", "proj", "ema", "bn", "ema_bn", "vae", "discriminator", "opt",
+                      "opt_vae", "opt_disc"}
+
+    def flat(x, path=""):
+        if isinstance(x, dict):
+            return {k: v for key, val in x.items() for k, v in flat(val, f"{path}/{key}").items()}
+        return {path: x}
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys() and len(fa) > 100
+    for k in fa:
+        same = torch.equal(fa[k], fb[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fb[k]
+        assert same, k
+    assert a["bn"]["num_batches_tracked"] == 4 and not torch.equal(a["ema_bn"]["running_var"],
+                                                                   a["bn"]["running_var"])
+
+
+def test_repae_demo_reconstruction_and_alignment_improve():
+    # 30 steps on 8 generated shapes (32 px) with a random encoder, LPIPS and discriminator, from a
+    # random VAE whose posterior is narrow (as a pretrained one's): reconstruction and both
+    # alignment losses (SiT pass, VAE pass) go down
+    torch.manual_seed(0)
+    x, y = data.generated_images(8, 32, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = encoders.load_encoder("dinov2-vit-s", 32, weights="random")(x)  # (8, 4, 384)
+    vae = encoders.VAE(widths=(8, 16, 16, 16), layers=1, groups=4)
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] = -8.0  # posterior std exp(-4)
+    stage = repae.Stage(_tiny_sit(), align.ConvProjector(64, 384), vae,
+                        repae.LPIPS(widths=(4, 8, 8, 8, 8)), repae.PatchGAN(ndf=8), align_depth=2,
+                        gamma=0.6, coeff=1.0, lr=2e-3, vae_lr=5e-3, disc_lr=2e-4)
+    logs = []
+    for s in range(30):
+        torch.manual_seed(s)
+        logs.append({k: v.item() for k, v in stage.step(x, y, target).items()})
+    last = {k: sum(d[k] for d in logs[-5:]) / 5 for k in logs[0]}
+    assert last["rec"] < 0.75 * logs[0]["rec"], (logs[0], last)  # measured: 0.41 -> 0.23
+    assert last["repa"] < logs[0]["repa"] - 0.4 and last["vae_align"] < logs[0]["vae_align"] - 0.4
+    assert all(math.isfinite(v) for d in logs for v in d.values())
+
+
+def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
+    stage = _repae_stage(ema_decay=0.5)
+    torch.manual_seed(0)
+    stage.step(*_repae_batch(0))
+    run = tmp_path / "run"
+    data.save_checkpoint(dict(stage.state_dict(), args={}, step=1),
+                         str(run / "checkpoints" / "0000001.pt"))
+    out, stats = tmp_path / "e2e-vae.pt", tmp_path / "e2e-vae-latents-stats.pt"
+    monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(run), "--out", str(out)])
+    runpy.run_path(repae.__file__, run_name="__main__")
+    assert f"--vae-weights {out} --vae-stats {stats}" in capsys.readouterr().out
+    small = encoders.VAE
+    monkeypatch.setattr(encoders, "VAE", lambda: small(widths=(8, 16, 16, 16), layers=1, groups=4))
+    vae = encoders.load_vae(str(out), str(stats))  # train.py's and sample.py's loader, unchanged
+    want = stage.vae.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in vae.state_dict().items())
+    # official save_vae_weights.py: scale = rsqrt(EMA running var), bias = EMA running mean
+    assert torch.equal(vae.latent_scale.flatten(), stage.ema_bn.running_var.rsqrt())
+    assert torch.equal(vae.latent_shift.flatten(), stage.ema_bn.running_mean)
+    assert not torch.equal(stage.ema_bn.running_var, stage.bn.running_var)
+    z = torch.randn(2, 4, 4, 4)
+    live = stage.sampling_vae()
+    assert torch.equal(vae.decode(vae.unscale(z)), live.decode(live.unscale(z)))
+    data.save_checkpoint(dict(model={}, args={}, step=1), str(tmp_path / "plain.pt"))
+    monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(tmp_path / "plain.pt"),
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit):
+        runpy.run_path(repae.__file__, run_name="__main__")
+    assert "is not a REPA-E checkpoint" in capsys.readouterr().err
+
+
+def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
+    p = data.Parser("train.py")
+    repae.add_args(p)
+    args = p.parse_args(["--repae", "--repae-vgg", "random", "--repae-lpips", "random",
+                         "--lpips-fixed-input"])
+    assert (args.vae_lr, args.disc_lr, args.vae_align_coeff) == (1e-4, 1e-4, 1.5)
+    assert args.repae_disc is None
+    args.__dict__.update(vae_weights="vae.safetensors", encoder_depth=2, spnorm_gamma=0.6,
+                         proj_coeff=1.0, lr=1e-4, ema="0.9999,0.999")  # train.py's own flags
+    stage = _repae_stage()
+    with pytest.warns(UserWarning, match="RANDOM"):
+        built = repae.build(args, stage.net, stage.proj, stage.vae)
+    assert not built.lpips.official_input and built.decay == 0.9999 and built.vae_coeff == 1.5
+    assert built.vae.training and all(q.requires_grad for q in built.vae.parameters())
+    with pytest.raises(RuntimeError, match="pass --encoder"):
+        repae.build(args, stage.net, None, stage.vae)
+    stage.vae.encoder = None
+    with pytest.raises(RuntimeError, match="--vae-weights vae.safetensors is a decoder-only"):
+        repae.build(args, stage.net, stage.proj, stage.vae)
+
+
+def test_repae_bf16_autocast_step_stays_close_to_fp32():
+    # train.py passes its autocast: the VAE and SiT passes run in bf16, the losses in fp32
+    got = []
+    for amp in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
+        stage = _repae_stage(amp=amp)
+        torch.manual_seed(0)
+        got.append(stage.step(*_repae_batch(0)))
+    for k in ("loss", "vae_loss", "rec", "kl", "d_loss"):
+        assert abs(got[1][k] - got[0][k]) <= 0.02 * abs(got[0][k]), k

@@ -1,0 +1,349 @@
+"""
+REPA-E (Leng et al. 2025, arXiv 2504.10483): the SD-VAE trains end to end with the SiT.
+The diffusion loss alone would collapse the latents, so only the alignment loss (REPA or
+iREPA, through the frozen SiT) reaches the VAE, beside its reconstruction losses. A
+BatchNorm on the latents replaces the fixed scale and shift. One step, four phases:
+  1. VAE forward: posterior, sampled latents z, reconstruction;
+  2. VAE update: L1 + LPIPS + KL + GAN + alignment through the frozen SiT (via z);
+  3. discriminator update: hinge loss on the detached reconstruction;
+  4. SiT update: denoising + alignment on z.detach() through the latent BatchNorm.
+
+    python repae.py export --ckpt out/RUN --out e2e-vae.pt  # the tuned VAE, for train.py
+"""
+import contextlib
+import copy
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import align
+from data import Parser, readable_checkpoint
+
+# The official loss configuration (l1_lpips_kl_gan.yaml): L1 weight 1, the GAN on from
+# step 0 with a constant weight (no adaptive weight), no LeCam term.
+PERCEPTUAL_WEIGHT = 1.0
+KL_WEIGHT = 1e-6
+GAN_WEIGHT = 0.1
+
+
+def read_weights(path, what, flag):
+    """A local torch or safetensors file as a state dict: nothing is downloaded."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: weights file {path} not found (pass {flag} PATH)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+# -----------------------------------------------------------------------------
+# The VAE's loss networks: LPIPS on VGG16, the PatchGAN discriminator
+
+
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al. 2018): five VGG16 ReLU outputs, unit-normalised per position;
+    their squared differences weighted per channel (1x1 conv), averaged over positions,
+    summed. VGG16's names (features.N.*) as torchvision's and timm's: their files load.
+    official_input: REPA-E maps its [-1, 1] images with 2x - 1 (meant for [0, 1])."""
+
+    def __init__(self, widths=(64, 128, 256, 512, 512), official_input=True):
+        super().__init__()
+        self.official_input = official_input
+        layers, c = [], 3
+        for i, (w, convs) in enumerate(zip(widths, (2, 2, 3, 3, 3))):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2, 2))
+            for _ in range(convs):
+                layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True)]
+                c = w
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList([nn.Conv2d(w, 1, 1, bias=False) for w in widths])
+        # LPIPS's ScalingLayer: ImageNet's mean and std in [-1, 1] units
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.requires_grad_(False).eval()
+
+    def forward(self, a, b):
+        # a, b: images (B, 3, H, W) in [-1, 1] -> distances (B,)
+        if self.official_input:
+            a, b = 2 * a - 1, 2 * b - 1
+        h = (torch.cat([a, b]) - self.shift) / self.scale  # one VGG pass for both
+        taps = []
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):  # relu1_2 ... relu4_3
+                taps.append(h)
+            h = layer(h)
+        dist = 0
+        for f, lin in zip(taps + [h], self.lins):  # h: relu5_3
+            f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            fa, fb = f.chunk(2)                                  # (B, C, h, w) each
+            dist = dist + lin((fa - fb) ** 2).mean(dim=(2, 3))   # (B, 1)
+        return dist.flatten()
+
+
+def load_lpips(vgg, lin, official_input=True):
+    """LPIPS from a VGG16 file (timm's vgg16.tv_in1k, torchvision's vgg16-397923af.pth)
+    and LPIPS's vgg.pth (lin{k}.model.1.weight); "random" for either: tests only."""
+    lpips = LPIPS(official_input=official_input)
+    if "random" in (vgg, lin):
+        warnings.warn("REPA-E's LPIPS has RANDOM weights (tests only)")
+    if vgg != "random":
+        sd = read_weights(vgg, "LPIPS's VGG16", "--repae-vgg")
+        feats = {k[9:]: v for k, v in sd.items() if k.startswith("features.")}
+        lpips.features.load_state_dict(feats)
+    if lin != "random":
+        sd = read_weights(lin, "LPIPS's linear layers", "--repae-lpips")
+        lins = {f"{k}.weight": sd[f"lin{k}.model.1.weight"] for k in range(5)}
+        lpips.lins.load_state_dict(lins)
+    return lpips
+
+
+class PatchGAN(nn.Module):
+    """taming-transformers' NLayerDiscriminator (pix2pix's PatchGAN, BatchNorm): a logit
+    per overlapping patch, (B, 3, H, W) -> (B, 1, H/8 - 2, W/8 - 2). Official names."""
+
+    def __init__(self, ndf=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+        for n in range(1, n_layers + 1):  # widths x2 up to 8 ndf; the last: stride 1
+            w = ndf * min(2 ** n, 8)
+            conv = nn.Conv2d(c, w, 4, 2 if n < n_layers else 1, 1, bias=False)
+            layers += [conv, nn.BatchNorm2d(w), nn.LeakyReLU(0.2, True)]
+            c = w
+        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        for m in self.modules():  # the official init (conv biases keep PyTorch's)
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def load_discriminator(path=None):
+    """The official random init, or a file of main.N.* tensors (the official
+    sdvae-f8d4-discriminator-ckpt.pt, or a REPA-E checkpoint's "discriminator")."""
+    disc = PatchGAN()
+    if path:
+        sd = read_weights(path, "REPA-E's discriminator", "--repae-disc")
+        disc.load_state_dict(sd)
+    return disc
+
+# -----------------------------------------------------------------------------
+# The end-to-end step
+
+
+def sit_hidden(net, x, t, y, depth):
+    """SiT's tokens after block `depth` (B, T, D). The forward stops there, as the
+    official align_only pass: the VAE's alignment needs nothing after it."""
+    h = net.x_embedder(x) + net.pos_embed                # (B, T, D)
+    c = net.t_embedder(t) + net.y_embedder(y)            # (B, D)
+    for block in net.blocks[:depth]:
+        h = block(h, c)
+    return h
+
+
+def latent_stats(bn_state):
+    """A latent BatchNorm's statistics as a --vae-stats file, each (1, 4, 1, 1):
+    scale = 1 / sqrt(var) (no eps, as the official export), bias = mean."""
+    var, mean = bn_state["running_var"], bn_state["running_mean"]
+    return dict(latents_scale=var.rsqrt().view(1, -1, 1, 1),
+                latents_bias=mean.view(1, -1, 1, 1))
+
+
+class Stage:
+    """REPA-E's training state: SiT and projector, the SD-VAE (trained now), the latent
+    BatchNorm, LPIPS, the discriminator, three AdamW optimisers, the EMA of the SiT and
+    of its BatchNorm (for sampling and the export). step() trains; state_dict() saves."""
+
+    def __init__(self, net, proj, vae, lpips, disc, align_depth, gamma, coeff,
+                 vae_coeff=1.5, lr=1e-4, vae_lr=1e-4, disc_lr=1e-4, ema_decay=0.9999,
+                 amp=None):
+        self.net, self.proj, self.lpips, self.disc = net, proj, lpips, disc
+        self.vae = vae.requires_grad_(True).train()
+        self.depth, self.gamma, self.coeff, self.vae_coeff = align_depth, gamma, coeff, vae_coeff
+        self.decay, self.amp = ema_decay, amp or contextlib.nullcontext()
+        # the latent BatchNorm starts from the VAE's statistics (official init_bn)
+        self.bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+        self.bn.to(vae.latent_scale.device)
+        self.bn.running_mean.copy_(vae.latent_shift.flatten())
+        self.bn.running_var.copy_(vae.latent_scale.flatten() ** -2)
+        # the official trains the whole SiT, its sin-cos table too
+        net.pos_embed.requires_grad_(True)
+        self.ema_net = copy.deepcopy(net).requires_grad_(False)
+        self.ema_bn = copy.deepcopy(self.bn)
+        # AdamW for all three: betas (0.9, 0.999), no weight decay (official)
+        params = [*net.parameters(), *proj.parameters()]
+        self.opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
+        self.opt_vae = torch.optim.AdamW(vae.parameters(), vae_lr, weight_decay=0.0)
+        self.opt_disc = torch.optim.AdamW(disc.parameters(), disc_lr, weight_decay=0.0)
+
+    def update(self, opt, loss):
+        """Backward, clip opt's gradients, step; returns their norm before clipping."""
+        loss.backward()
+        params = [p for group in opt.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # official max_grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def step(self, x, y, target):
+        """x: uint8 images (B, 3, R, R), y: labels (B,), dropped here for the SiT pass
+        only, target: encoder tokens (B, T, Dz). Returns the losses, detached."""
+        img = x.float() / 127.5 - 1                          # (B, 3, R, R) in [-1, 1]
+        B = img.shape[0]
+
+        # 1. VAE forward: its output (before the VAE's update) feeds all three updates
+        with self.amp:
+            moments = self.vae.quant_conv(self.vae.encoder(img)).float()
+        mean, logvar = moments.chunk(2, dim=1)               # (B, 4, R/8, R/8) each
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        with self.amp:
+            recon = self.vae.decoder(self.vae.post_quant_conv(z)).float()
+
+        # 2. VAE update; SiT (eval: BatchNorm running stats) and discriminator frozen
+        for m in (self.net, self.proj, self.disc):
+            m.requires_grad_(False)
+        self.bn.eval()
+        t = torch.rand(B, device=z.device)  # phase 4 reuses t and noise
+        noise = torch.randn_like(z)
+        tt = t.view(-1, 1, 1, 1)
+        with self.amp:
+            xt = (1 - tt) * self.bn(z) + tt * noise
+            h = sit_hidden(self.net, xt, t, y, self.depth)
+            vae_align = align.alignment_loss(self.proj, h, target, self.gamma)
+        rec = (img - recon).abs().mean()                     # the losses in fp32
+        perceptual = self.lpips(img, recon).mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum() / B  # per image
+        gan = -self.disc(recon).mean()  # train mode: batch statistics
+        vae_loss = (rec + PERCEPTUAL_WEIGHT * perceptual + KL_WEIGHT * kl
+                    + GAN_WEIGHT * gan + self.vae_coeff * vae_align)
+        norm_vae = self.update(self.opt_vae, vae_loss)
+
+        # 3. Discriminator update, hinge loss; real and fake in separate calls, each with
+        # its own BatchNorm statistics (one joint batch would change the logits)
+        self.disc.requires_grad_(True)
+        real, fake = self.disc(img), self.disc(recon.detach())
+        d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        norm_disc = self.update(self.opt_disc, d_loss)
+
+        # 4. SiT update on detached latents (the diffusion loss never reaches the VAE);
+        # the BatchNorm uses batch statistics and updates its running ones
+        self.net.requires_grad_(True)
+        self.proj.requires_grad_(True)
+        self.bn.train()
+        zn = self.bn(z.detach())
+        drop = torch.rand(B, device=y.device) < 0.1  # label dropout for CFG
+        y = torch.where(drop, self.net.num_classes, y)
+        with self.amp:
+            out, h = self.net((1 - tt) * zn + tt * noise, t, y, self.depth)
+            rep = align.alignment_loss(self.proj, h, target, self.gamma)
+        denoise = ((out.float() - (noise - zn)) ** 2).mean(dim=(1, 2, 3)).mean()
+        loss = denoise + self.coeff * rep
+        norm = self.update(self.opt, loss)
+        self.update_ema()
+        logs = dict(loss=loss, denoise=denoise, repa=rep, grad_norm=norm,
+                    vae_loss=vae_loss, rec=rec, lpips=perceptual, kl=kl, gan=gan,
+                    vae_align=vae_align, grad_norm_vae=norm_vae, d_loss=d_loss,
+                    grad_norm_disc=norm_disc, real=real.mean(), fake=fake.mean())
+        return {k: v.detach() for k, v in logs.items()}
+
+    @torch.no_grad()
+    def update_ema(self):
+        # every SiT parameter and the BatchNorm's statistics (official update_ema)
+        bn, ema_bn = self.bn, self.ema_bn
+        live = [*self.net.parameters(), bn.running_mean, bn.running_var]
+        ema = [*self.ema_net.parameters(), ema_bn.running_mean, ema_bn.running_var]
+        torch._foreach_lerp_(ema, live, 1 - self.decay)
+        ema_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+
+    def parts(self):
+        # checkpoint key -> its object; model, ema, vae, discriminator, opt*: official
+        return dict(model=self.net, proj=self.proj, ema=self.ema_net, bn=self.bn,
+                    ema_bn=self.ema_bn, vae=self.vae, discriminator=self.disc,
+                    opt=self.opt, opt_vae=self.opt_vae, opt_disc=self.opt_disc)
+
+    def state_dict(self):
+        return {key: part.state_dict() for key, part in self.parts().items()}
+
+    def load_state_dict(self, state):
+        for key, part in self.parts().items():
+            part.load_state_dict(state[key])
+
+    def sampling_vae(self):
+        """The VAE with the EMA BatchNorm's scale and shift, for sample.generate."""
+        stats = latent_stats(self.ema_bn.state_dict())
+        self.vae.latent_scale.copy_(stats["latents_scale"])
+        self.vae.latent_shift.copy_(stats["latents_bias"])
+        return self.vae
+
+# -----------------------------------------------------------------------------
+# train.py's side (its flags, the stage from its pieces), and the export
+
+
+def add_args(p):
+    """REPA-E's flags, for train.py's parser."""
+    p.add_argument("--repae", action="store_true",
+                   help="REPA-E: tune the SD-VAE end to end (repae.py)")
+    p.add_argument("--repae-vgg", help="LPIPS's VGG16 file (timm's vgg16.tv_in1k or "
+                   "torchvision's vgg16-397923af.pth), or 'random' (tests)")
+    p.add_argument("--repae-lpips", help="LPIPS's linear layers (vgg.pth), or 'random'")
+    p.add_argument("--repae-disc", help="a pretrained discriminator (the official "
+                   "sdvae-f8d4-discriminator-ckpt.pt); default: random init")
+    p.add_argument("--lpips-fixed-input", action="store_true", help="LPIPS gets [-1, 1] "
+                   "images as they are (REPA-E maps them with 2x - 1 first)")
+    p.add_argument("--vae-lr", type=float, default=1e-4, help="REPA-E: the VAE's lr")
+    p.add_argument("--disc-lr", type=float, default=1e-4, help="REPA-E: discriminator's lr")
+    p.add_argument("--vae-align-coeff", type=float, default=1.5,
+                   help="REPA-E: weight of the alignment loss in the VAE's update")
+
+
+def build(args, net, projector, vae, amp=None):
+    """The stage from train.py's network, projector and VAE (on their device)."""
+    if projector is None:
+        raise RuntimeError("REPA-E aligns: pass --encoder")
+    if vae.encoder is None:
+        raise RuntimeError(f"REPA-E trains the VAE's encoder: --vae-weights "
+                           f"{args.vae_weights} is a decoder-only file")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("REPA-E runs in one process (no DDP): drop torchrun")
+    device = vae.latent_scale.device
+    lpips = load_lpips(args.repae_vgg, args.repae_lpips, not args.lpips_fixed_input)
+    disc = load_discriminator(args.repae_disc)
+    return Stage(net, projector, vae, lpips.to(device), disc.to(device),
+                 args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
+                 args.vae_align_coeff, args.lr, args.vae_lr, args.disc_lr,
+                 float(args.ema.split(",")[0]), amp)
+
+
+def export(ckpt, out):
+    """As the official save_vae_weights.py: the VAE -> `out` (diffusers' names, for
+    --vae-weights), the EMA BatchNorm's statistics beside it (--vae-stats); their path."""
+    path, ck = readable_checkpoint(ckpt)
+    if "vae" not in ck:
+        raise ValueError(f"{path} is not a REPA-E checkpoint (it holds no VAE)")
+    stats = os.path.splitext(out)[0] + "-latents-stats.pt"
+    torch.save(dict(ck["vae"]), out)
+    torch.save(latent_stats(ck["ema_bn"]), stats)
+    return stats
+
+
+if __name__ == "__main__":
+    p = Parser("REPA-E's tuned VAE, exported for --vae-weights and --vae-stats")
+    p.add_argument("command", choices=["export"])
+    p.add_argument("--ckpt", required=True, help="a REPA-E run folder or checkpoint")
+    p.add_argument("--out", required=True, help="the VAE file to write (e2e-vae.pt)")
+    a = p.parse_args()
+    try:
+        stats_file = export(a.ckpt, a.out)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    print(f"wrote {a.out}, {stats_file}: use --vae-weights {a.out} --vae-stats {stats_file}")
