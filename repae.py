@@ -163,7 +163,7 @@ class Stage:
     BatchNorm, LPIPS, the discriminator, three AdamW optimisers, the EMA of the SiT and
     of its BatchNorm (for sampling and the export). step() trains; state_dict() saves."""
 
-    def __init__(self, net, proj, vae, lpips, disc, align_depth, gamma, coeff,
+    def __init__(self, net, proj, vae, lpips, disc, *, align_depth, gamma, coeff,
                  vae_coeff=1.5, lr=1e-4, vae_lr=1e-4, disc_lr=1e-4, ema_decay=0.9999,
                  amp=None):
         self.net, self.proj, self.lpips, self.disc = net, proj, lpips, disc
@@ -319,9 +319,9 @@ def build(args, net, projector, vae, amp=None):
     lpips = load_lpips(args.repae_vgg, args.repae_lpips, not args.lpips_fixed_input)
     disc = load_discriminator(args.repae_disc)
     return Stage(net, projector, vae, lpips.to(device), disc.to(device),
-                 args.encoder_depth, args.spnorm_gamma, args.proj_coeff,
-                 args.vae_align_coeff, args.lr, args.vae_lr, args.disc_lr,
-                 float(args.ema.split(",")[0]), amp)
+                 align_depth=args.encoder_depth, gamma=args.spnorm_gamma,
+                 coeff=args.proj_coeff, vae_coeff=args.vae_align_coeff, lr=args.lr,
+                 vae_lr=args.vae_lr, disc_lr=args.disc_lr, ema_decay=args.ema[0], amp=amp)
 
 
 def export(ckpt, out):

@@ -2845,11 +2845,12 @@ def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
     assert (args.vae_lr, args.disc_lr, args.vae_align_coeff) == (1e-4, 1e-4, 1.5)
     assert args.repae_disc is None
     args.__dict__.update(vae_weights="vae.safetensors", encoder_depth=2, spnorm_gamma=0.6,
-                         proj_coeff=1.0, lr=1e-4, ema="0.9999,0.999")  # train.py's own flags
+                         proj_coeff=0.7, lr=1e-4, ema=(0.9999, 0.999))  # train.py's own flags
     stage = _repae_stage()
     with pytest.warns(UserWarning, match="RANDOM"):
         built = repae.build(args, stage.net, stage.proj, stage.vae)
     assert not built.lpips.official_input and built.decay == 0.9999 and built.vae_coeff == 1.5
+    assert (built.gamma, built.coeff, built.depth) == (0.6, 0.7, 2)  # each where its flag says
     assert built.vae.training and all(q.requires_grad for q in built.vae.parameters())
     with pytest.raises(RuntimeError, match="pass --encoder"):
         repae.build(args, stage.net, None, stage.vae)
