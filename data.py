@@ -1,18 +1,22 @@
 """Images, generated shapes, prepared data, checkpoints, sample shards and flags for the scripts
 (train.py, sample.py, metrics.py): nothing here is iREPA."""
 import argparse
+import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 
@@ -135,8 +139,10 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
     if vae is not None:
         latents = np.lib.format.open_memmap(at("latents.npy"), "w+", np.float32, (n, 8, r, r))
         posterior(vae, imgs[:n], latents, device).flush()
-    np.save(at("images.npy"), imgs[:n])  # without the skipped slots at the end
-    del imgs
+    kept = np.lib.format.open_memmap(at("images.npy"), "w+", np.uint8, (n, *shape[1:]))
+    for i in tqdm(range(0, n, 4096), "writing images.npy"):  # ImageNet: minutes of copying
+        kept[i:i + 4096] = imgs[i:i + 4096]  # without the skipped slots at the end
+    del imgs, kept
     os.remove(at("images.tmp.npy"))
     with open(at("meta.tmp.json"), "w") as f:
         json.dump({"source": os.path.abspath(data_path), "image_size": image_size,
@@ -223,24 +229,73 @@ def find_checkpoint(path):
     return found[-1]
 
 
-def load_checkpoint(path, mmap=False):
-    """A checkpoint as data (no code runs), with the official files' argparse.Namespace args."""
+def checksum(value, h=None):
+    """sha256 of a checkpoint in its order: keys and plain values by repr, each tensor's dtype,
+    shape and bytes (~1 GB/s: a file damaged on disk is found when it is loaded)."""
+    h = hashlib.sha256() if h is None else h
+    if isinstance(value, torch.Tensor):
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    elif isinstance(value, (dict, list, tuple)):
+        for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+            h.update(repr(k).encode())
+            checksum(v, h)
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def read_weights(path, flag, mmap=False):
+    """A weights file given by `flag`: .safetensors, or torch's read as data (no code runs), its
+    checksum verified where it has one (train.py's checkpoints); else a ValueError of one line."""
+    why = "damaged: its contents differ from their checksum"
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        mmap = mmap and zipfile.is_zipfile(path)  # files of torch < 1.6: read whole
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official files' args
+            w = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        saved = w.pop("checksum", None) if isinstance(w, dict) else None
+        if saved is None or saved == checksum(w):  # None: older runs and official files
+            return w
     except Exception as e:  # truncated, not a torch file, or a pickle that is more than data
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file would call on loading
-        cause = e.__context__ or e
-        why = (f"refused: it holds {code[1]}, which loading would run as code" if code else
-               f"not a readable checkpoint ({type(cause).__name__}: {cause})")
-        raise ValueError(f"{path}: {why}") from None
+        why = ("no such file" if not os.path.isfile(path) else
+               f"refused: it holds {code[1]}, which loading would run as code" if code else
+               "not a file torch can read as weights")
+    raise ValueError(f"{flag} {path}: {why}") from None
+
+
+MISFITS = {  # torch's many-line load_state_dict error -> the first key of each kind
+    r'Missing key\(s\) in state_dict: "(.*?)"': "missing key {}",
+    r'Unexpected key\(s\) in state_dict: "(.*?)"': "unexpected key {}",
+    r"size mismatch for (\S+): .*?(\[.*?\]).*?(\[.*?\])": "{} is {} in the file, {} expected",
+    r"^'(.*)'$": "missing key {}",  # a KeyError: a conversion (encoders.py) found no such key
+}
+
+
+@contextlib.contextmanager
+def fitting(path, flag):
+    """Loads weights of `path` (given by `flag`) strictly inside: a key or a shape that does not
+    fit becomes a ValueError of one line naming the flag and the file."""
+    try:
+        yield
+    except (KeyError, RuntimeError) as e:  # else: the error's first line
+        why = "; ".join(say.format(*m.groups()) for pattern, say in MISFITS.items()
+                        if (m := re.search(pattern, str(e))))
+        raise ValueError(f"{flag} {path} does not fit: {why or str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path, mmap=False, flag="--resume"):
+    """A checkpoint as data, with the official files' argparse.Namespace args (read_weights)."""
+    return read_weights(path, flag, mmap)
 
 
 def sampling_weights(path, ema=True):
     """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1',
     keys under 'net.'), without projectors and RoPE tables; 256 px, 1000 classes if unsaid."""
-    ckpt = load_checkpoint(path)
-    ckpt = ckpt if isinstance(ckpt, dict) else {}  # not a checkpoint: "does not fit", one line
+    ckpt = load_checkpoint(path, flag="--ckpt")
+    ckpt = ckpt if isinstance(ckpt, dict) else {}  # not a checkpoint: refused in one line
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     a = ckpt.get("args") or {}
     a = a if isinstance(a, dict) else vars(a)
@@ -271,9 +326,10 @@ def readable_checkpoint(path):
 
 
 def save_checkpoint(state, path):
-    """Atomic: a killed write leaves the previous checkpoint and no half file under its name."""
+    """Atomic, with a checksum: a killed write leaves the previous checkpoint and no half file
+    under its name; one damaged later is refused on loading."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path + ".tmp")
+    torch.save({**state, "checksum": checksum(state)}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 

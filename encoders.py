@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 import timm
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
+
+from data import fitting, read_weights
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -103,12 +104,6 @@ def _cached(who, flag, repo, files):
                        f"here, nor downloadable ({why}): pass `{flag} PATH` or `{flag} random`")
 
 
-def _read(path):
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _mocov3_state_dict(sd, grid):
     """Official MoCo v3 checkpoint (module.base_encoder.*) -> timm ViT keys."""
     # the official ViT-L file misnames four tensors of blocks 13 and 14
@@ -191,10 +186,9 @@ def load_encoder(name, resolution=256, weights=None):
     elif not arch.startswith("sam2"):  # Hiera takes any input size
         kw["img_size"] = size
     who, flag = f"encoder {name}:", "--encoder-weights"
+    given = weights not in (None, "random")  # a file named by the flag
     if weights == "random":
         warnings.warn(f"{who} RANDOM weights (tests and benchmarks only)")
-    elif weights is not None and not os.path.isfile(weights):
-        raise FileNotFoundError(f"{who} weights file not found: {weights}")
     elif weights is None and name.startswith("mocov3"):
         raise RuntimeError(f"{who} no download exists: pass `{flag} PATH` (the official MoCo v3 "
                            f"checkpoint, vit-{name[-1]}-300ep.pth.tar) or `{flag} random`")
@@ -206,11 +200,15 @@ def load_encoder(name, resolution=256, weights=None):
         files = ["model.safetensors", "pytorch_model.bin"] if cfg.hf_hub_id else [cfg.url]
         weights = _cached(who, flag, cfg.hf_hub_id, files)
     renamed = "." not in tid  # mocov3, webssl: a bare timm arch, the file renamed
-    model = timm.create_model(tid, pretrained=weights != "random" and not renamed,
-                              pretrained_cfg_overlay=dict(file=weights), **kw)
-    if renamed and weights != "random":
-        to_timm = _mocov3_state_dict if name.startswith("mocov3") else _webssl_state_dict
-        model.load_state_dict(to_timm(_read(weights), grid), strict=True)
+    if given and not renamed:  # timm reads it again: a file it cannot read is named here
+        read_weights(weights, flag, mmap=True)
+    sd = read_weights(weights, flag, mmap=True) if renamed and weights != "random" else None
+    with fitting(weights, flag):  # a file whose keys or shapes do not fit: one line
+        model = timm.create_model(tid, pretrained=weights != "random" and not renamed,
+                                  pretrained_cfg_overlay=dict(file=weights), **kw)
+        if sd is not None:
+            to_timm = _mocov3_state_dict if name.startswith("mocov3") else _webssl_state_dict
+            model.load_state_dict(to_timm(sd, grid))
     if "ref_feat_shape" in kw:  # official PE: the table resized bilinearly, no antialias
         pos = resample_abs_pos_embed(model.pos_embed, [grid, grid], interpolation="bilinear",
                                      num_prefix_tokens=model.num_prefix_tokens, antialias=False)
@@ -338,15 +336,17 @@ def load_vae(weights=None, stats=None):
     """Frozen SD-VAE. weights: None (the hub's sd-vae-ft-mse), PATH (diffusers, even decoder-only)
     or "random"; stats: None (scale 0.18215) or a latents_scale/latents_bias file."""
     repo, file = "stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"
+    vae = VAE()
     if weights == "random":
         warnings.warn("SD-VAE: RANDOM weights (tests and benchmarks only)")
-    elif weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"SD-VAE weights file not found: {weights}")
-    elif not weights:
-        weights = _cached("SD-VAE", "--vae-weights", repo, [file]) or hf_hub_download(repo, file)
-    vae = VAE() if weights == "random" else VAE().load_diffusers(_read(weights))
+    else:
+        weights = weights or _cached("SD-VAE", "--vae-weights", repo, [file])
+        weights = weights or hf_hub_download(repo, file)
+        with fitting(weights, "--vae-weights"):
+            vae.load_diffusers(read_weights(weights, "--vae-weights"))
     if stats:
-        s = torch.load(stats, map_location="cpu", weights_only=True)
-        vae.latent_scale.copy_(s["latents_scale"].reshape(1, 4, 1, 1))
-        vae.latent_shift.copy_(s["latents_bias"].reshape(1, 4, 1, 1))
+        with fitting(stats, "--vae-stats"):
+            s = read_weights(stats, "--vae-stats")
+            vae.latent_scale.copy_(s["latents_scale"].reshape(1, 4, 1, 1))
+            vae.latent_shift.copy_(s["latents_bias"].reshape(1, 4, 1, 1))
     return vae.requires_grad_(False).eval()

@@ -8,6 +8,7 @@
 import argparse
 import json
 import os
+import re
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -157,6 +158,13 @@ class FIDInception(nn.Module):
             return pool, spatial, pool @ self.fc.weight.T  # no fc bias, as in ADM
 
 
+MISFITS = {  # torch's many-line load_state_dict error -> the first key of each kind
+    r'Missing key\(s\) in state_dict: "(.*?)"': "missing key {}",
+    r'Unexpected key\(s\) in state_dict: "(.*?)"': "unexpected key {}",
+    r"size mismatch for (\S+): .*?(\[.*?\]).*?(\[.*?\])": "{} is {} in the file, {} expected",
+}
+
+
 def load_inception(path=None, download=False, device="cpu"):
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     if path is None:
@@ -165,13 +173,19 @@ def load_inception(path=None, download=False, device="cpu"):
         if download and not os.path.exists(path):
             os.makedirs(hub, exist_ok=True)
             torch.hub.download_url_to_file(WEIGHT_URL + WEIGHT_FILES[0], path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--inception {path}: no such file; put {' or '.join(WEIGHT_FILES)}"
-                                f" in {hub}, or use --download ({WEIGHT_URL})")
     model = FIDInception()
-    sd = torch.load(path, map_location="cpu", weights_only=True)  # older ones lack BN's counters
     counters = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" in k}
-    model.load_state_dict({**counters, **sd})
+    try:  # as data, never as code (torch's advice, weights_only=False, is not taken here)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict({**counters, **sd})  # older files lack BN's counters
+    except Exception as e:  # one line naming the file: missing, unreadable, or its misfits
+        why = "; ".join(say.format(*m.groups()) for pattern, say in MISFITS.items()
+                        if (m := re.search(pattern, str(e))))
+        why = f" does not fit: {why}" if why else ": not a file torch can read as weights"
+        if not os.path.isfile(path):
+            why = (f": no such file; put {' or '.join(WEIGHT_FILES)} in {hub}, or use --download "
+                   f"({WEIGHT_URL})")
+        raise ValueError(f"--inception {path}{why}") from None
     return model.eval().requires_grad_(False).to(device)
 
 

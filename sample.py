@@ -14,9 +14,10 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import kernels
-from data import (Parser, at_least, check_writable, find_checkpoint, sampling_weights,
+from data import (Parser, at_least, check_writable, find_checkpoint, fitting, sampling_weights,
                   setup_device, write_shards)
 from model import build_model, in_latent_space, noise_std
 
@@ -33,14 +34,19 @@ def guided(model, x, t, y, cfg_scale, on, dtype):
     return uncond + cfg_scale * (cond - uncond)
 
 
+def steps(ts, progress):
+    """A time grid's (t, t_next) pairs; progress: a bar that goes away when they are done."""
+    return tqdm(list(zip(ts, ts[1:])), "sampling steps", leave=False, disable=not progress)
+
+
 @torch.no_grad()
 def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
-                  guidance_high=1.0):
+                  guidance_high=1.0, progress=False):
     """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun on all but the last step;
     guided where guidance_low <= t <= guidance_high (the step's t, for both Heun calls)."""
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+    for i, (t, t_next) in enumerate(steps(ts, progress)):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
         if heun and i < num_steps - 1:
@@ -52,12 +58,12 @@ def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guid
 
 @torch.no_grad()
 def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0,
-                           guidance_high=1.0, generator=None):
+                           guidance_high=1.0, generator=None, progress=False):
     """SiT SDE, diffusion w(t) = 2t, on linspace(1, 0.04, N), then a drift-only step to t=0 (N
     evaluations); the score s = -(x + (1-t) v) / t makes the drift v - w s / 2 = (2 - t) v + x."""
     ts = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+    for i, (t, t_next) in enumerate(steps(ts, progress)):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
         x = x + ((2 - t) * v + x) * (t_next - t)
@@ -69,7 +75,7 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
 
 @torch.no_grad()
 def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0),
-                t_eps=0.05):
+                t_eps=0.05, progress=False):
     """JiT ODE on a float32 linspace(0, 1, N+1), Heun but the last step (heun=False: Euler);
     v = (x - z) / max(1 - t, t_eps). CFG where low < t < high (low 0: no bound), as official."""
     ts = torch.linspace(0, 1, num_steps + 1)  # 0-d float32 entries: the official arithmetic
@@ -81,7 +87,7 @@ def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interva
         return (x - z) / (1.0 - t).clamp_min(t_eps)
 
     z = noise
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+    for i, (t, t_next) in enumerate(steps(ts, progress)):
         v = velocity(z, t)
         if heun and i < num_steps - 1:
             v = 0.5 * (v + velocity(z + (t_next - t) * v, t_next))
@@ -90,39 +96,40 @@ def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interva
 
 
 @torch.no_grad()
-def mean_flow_sampler(model, noise, y, num_steps=1):
+def mean_flow_sampler(model, noise, y, num_steps=1, progress=False):
     """MeanFlow (SiT time): z_r = z_t - (t - r) u(z_t, r, t) on a float32 linspace(1, 0, N+1);
     one step is z_0 = z_1 - u(z_1, 0, 1). Guidance was trained in (train.py --mf-omega)."""
     ts, x = torch.linspace(1, 0, num_steps + 1, device=noise.device), noise
-    for t, r in zip(ts, ts[1:]):
+    for t, r in steps(ts, progress):
         u = model(x, t.expand(len(x)), y, h=(t - r).expand(len(x)))[0].float()
         x = x - (t - r) * u
     return x
 
 
 def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0,
-                   generator=None):
-    """SiT latents (float64) or JiT pixels for labels y (B,)."""
+                   generator=None, progress=False):
+    """SiT latents (float64) or JiT pixels for labels y (B,); progress: a bar of the steps."""
     shape = (len(y), model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=generator, device=y.device)
     if family == "jit":
         return jit_sampler(model, noise_scale * noise, y, num_steps, mode == "heun", cfg_scale,
-                           interval)
+                           interval, progress=progress)
     if mode == "meanflow":
-        return mean_flow_sampler(model, noise, y, num_steps)
+        return mean_flow_sampler(model, noise, y, num_steps, progress)
     if mode == "sde":
         return euler_maruyama_sampler(model, noise, y, num_steps, cfg_scale, *interval,
-                                      generator=generator)
-    return euler_sampler(model, noise, y, num_steps, mode == "heun", cfg_scale, *interval)
+                                      generator, progress)
+    heun = mode == "heun"
+    return euler_sampler(model, noise, y, num_steps, heun, cfg_scale, *interval, progress)
 
 
 @torch.no_grad()
 def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.0,
-             interval=(0.0, 1.0), noise_scale=1.0, generator=None):
+             interval=(0.0, 1.0), noise_scale=1.0, generator=None, progress=False):
     """Images for labels y (B,) from an eval-mode model -> uint8 (B, H, W, 3) on the CPU.
     mode: sde | ode | heun | meanflow. vae: decodes latents (SiT), None for pixel models."""
     x = sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale,
-                       generator)
+                       generator, progress)
     x = vae.decode(vae.unscale(x.float())) if vae is not None else x
     x = (x.float() + 1) / 2 * 255
     x = x.round() if family == "jit" else x  # official conversions: JiT rounds, SiT truncates
@@ -154,7 +161,8 @@ def sample_to_file(model, vae, args, rank=0, world_size=1):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             images = generate(model, y.to(device), family, vae, args.mode, args.num_steps,
                               args.cfg_scale, (args.guidance_low, args.guidance_high),
-                              args.noise_scale, torch.Generator(device).manual_seed(seed))
+                              args.noise_scale, torch.Generator(device).manual_seed(seed),
+                              progress=rank == 0)
         return images, y
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "grid", "compile")}
@@ -196,8 +204,10 @@ def main(argv=None):
     try:  # the file, not the run, goes into the shards' settings
         args.ckpt = os.path.abspath(find_checkpoint(args.ckpt))
         weights, saved = sampling_weights(args.ckpt, args.ema)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
         parser.error(f"--ckpt {e}")
+    except ValueError as e:  # not a checkpoint, or damaged: the message names --ckpt
+        parser.error(str(e))
     mean_flow = saved.pop("objective") == "meanflow"
     vae_from = [f"--{k.replace('_', '-')} {saved[k]}" for k in ("vae_weights", "vae_stats")
                 if saved[k] is not None and getattr(args, k) is None]
@@ -216,9 +226,10 @@ def main(argv=None):
         parser.error(f"{made[0]} exists already: pass another --out (or move it away)")
     try:
         model = build_model(args.model, args.image_size, args.num_classes, mean_flow)
-        model.load_state_dict(weights)
-    except (ValueError, RuntimeError) as e:
-        parser.error(f"--ckpt {args.ckpt} does not fit --model {args.model}: {str(e)[:1500]}")
+        with fitting(args.ckpt, "--ckpt"):
+            model.load_state_dict(weights)
+    except ValueError as e:  # an unknown --model, or weights that do not fit it
+        parser.error(f"{e} (--model {args.model})")
     family = args.model.split("-")[0].lower()
     fill(args, PROTOCOLS["meanflow" if mean_flow else family])
     fill(args, dict(cfg_scale=JIT_CFG.get(args.model[4], 1.0),
@@ -235,7 +246,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank
         try:
             vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
-        except (RuntimeError, OSError) as e:  # not cached, or no such file
+        except (RuntimeError, ValueError) as e:  # not cached, or a file that does not load
             where = f" (the checkpoint's {' '.join(vae_from)}: a flag overrides it)"
             parser.error(f"{e}{where if vae_from else ''}")
 

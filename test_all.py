@@ -626,6 +626,7 @@ def test_train_resume_says_file_step_and_each_changed_setting(tmp_path, capsys):
     assert not (run / "checkpoints" / "0000006.pt").exists()
     ck = _state(run / "checkpoints" / "0000004.pt")  # a run from before --objective existed: it was a flow run
     ck["args"] = {k: v for k, v in ck["args"].items() if not k.startswith(("objective", "mf_"))}
+    del ck["checksum"]  # nor had its checkpoints a checksum (those without one still load)
     torch.save(ck, run / "checkpoints" / "0000004.pt")
     train.main(["--resume", str(run), "--steps", "5", "--objective", "flow"])
     assert (run / "checkpoints" / "0000005.pt").exists()
@@ -646,7 +647,7 @@ def test_train_missing_weights_is_one_line_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s", "--encoder-weights", str(tmp_path / "no.pth"),
                     "--out-dir", str(tmp_path / "run")])
-    assert str(e.value) == f"encoder dinov2-vit-s: weights file not found: {tmp_path / 'no.pth'}"
+    assert str(e.value) == f"--encoder-weights {tmp_path / 'no.pth'}: no such file"
     assert not (tmp_path / "run").exists()
 
 
@@ -1134,7 +1135,7 @@ def test_encoders_missing_weights_fail_fast_naming_the_flags(monkeypatch, tmp_pa
         encoders.load_encoder("siglip-vit-b")
     with pytest.raises(RuntimeError, match="--encoder-weights PATH"):  # no hub weights at all
         encoders.load_encoder("mocov3-vit-b")
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(ValueError, match="--encoder-weights .*nope.pth: no such file"):
         encoders.load_encoder("dino-vit-s", weights=str(tmp_path / "nope.pth"))
     with pytest.warns(UserWarning, match="RANDOM"), torch.device("meta"):
         encoders.load_encoder("dino-vit-s", weights="random")
@@ -1610,7 +1611,7 @@ def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):
 
 def test_sample_bad_input_is_named(tmp_path, capsys):
     ckpt = _sample_ckpt(tmp_path)
-    for argv, msg in [(["--num-classes", "20"], "does not fit --model JiT-demo/16"),
+    for argv, msg in [(["--num-classes", "20"], "[11, 128] in the file, [21, 128] expected (--model JiT-demo/16)"),
                       (["--out", str(tmp_path / "no" / "x.npz")], "not writable"),
                       (["--out", str(tmp_path / "x.jpg")], "must end in .npz or .png"),
                       (["--mode", "sde"], "does not fit this checkpoint: use --mode heun or ode"),
@@ -1626,7 +1627,7 @@ def test_sample_bad_input_is_named(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"PK not a checkpoint")
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "junk.pt")])
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert f"--ckpt {tmp_path / 'junk.pt'}: not a file torch can read as weights" in capsys.readouterr().err
 
 
 def test_sample_run_folder_resumes_only_with_the_same_checkpoint(tmp_path, monkeypatch, cpu_only):
@@ -1668,7 +1669,7 @@ def test_sample_never_overwrites_a_finished_output(tmp_path, capsys, cpu_only):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "list.pt"), "--out", str(tmp_path / "u.png")])
     err = capsys.readouterr().err
-    assert "does not fit" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "unknown model None" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 class _sample_FakeVAE(nn.Module):
@@ -1711,7 +1712,7 @@ def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_o
     assert out["arr_1"][4] == y.item() and np.array_equal(out["arr_0"][4], want[0].permute(1, 2, 0).byte().numpy())
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--image-size", "64"])
-    assert "does not fit --model SiT-B/2: " in capsys.readouterr().err
+    assert "does not fit: pos_embed is [1, 4, 64] in the file, [1, 16, 64] expected (--model SiT-B/2)" in capsys.readouterr().err
 
 
 def _error_line(err):
@@ -1778,7 +1779,7 @@ def test_sample_missing_vae_weights_is_one_line(tmp_path, monkeypatch, capsys):
     torch.save({"ema": tiny(32, 10).state_dict(), "args": args}, tmp_path / "o.pt")
     flags = ["--ckpt", str(tmp_path / "o.pt"), "--num-samples", "1", "--out", str(tmp_path / "s.png")]
     for argv, want in [(["--vae-weights", "/nonexistent/file.safetensors"],
-                        "SD-VAE weights file not found: /nonexistent/file.safetensors"),
+                        "--vae-weights /nonexistent/file.safetensors: no such file"),
                        ([], "sd-vae-ft-mse/diffusion_pytorch_model.safetensors are not cached here")]:
         with pytest.raises(SystemExit) as e:
             sample.main(flags + argv)
@@ -2322,7 +2323,7 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     with pytest.raises(ValueError, match="--ref .*badref.npz: no arr_0"):  # nor mu and sigma
         fid.evaluate(None, str(tmp_path / "unit.npz"), str(tmp_path / "badref.npz"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
+    with pytest.raises(ValueError, match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
         fid.load_inception()
     (tmp_path / "deep").mkdir()  # a 16-bit file anywhere in a folder: refused when it is read
     for i in range(3):
@@ -2868,3 +2869,101 @@ def test_repae_bf16_autocast_step_stays_close_to_fp32():
         got.append(stage.step(*_repae_batch(0)))
     for k in ("loss", "vae_loss", "rec", "kl", "d_loss"):
         assert abs(got[1][k] - got[0][k]) <= 0.02 * abs(got[0][k]), k
+# =============================================================================
+# weights files, checkpoint checksums and progress bars (issue 33: what a new user trips on)
+
+import struct  # noqa: E402
+import zipfile  # noqa: E402
+
+
+def _weights_files(tmp_path, shapes, key):
+    # (junk, wrong keys, key's shape wrong) weights files; shapes: the module's state-dict shapes
+    tmp_path.mkdir()
+    (tmp_path / "junk.pth").write_text("not weights")
+    torch.save({"nope": torch.zeros(3)}, tmp_path / "keys.pth")
+    fake = {k: torch.zeros(()).expand(s) for k, s in shapes.items()}  # stride 0: a tiny file
+    torch.save({**fake, key: torch.zeros(5, 3)}, tmp_path / "shape.pth")
+    return [(tmp_path / "junk.pth", "junk.pth: not a file torch can read as weights"),
+            (tmp_path / "keys.pth", "keys.pth does not fit: missing key "),
+            (tmp_path / "shape.pth", f"shape.pth does not fit: {key} is [5, 3] in the file, "
+                                     f"{list(shapes[key])} expected")]
+
+
+def _one_line(text, flag, want):
+    # a careless file as users see it: one line naming the flag and the file, never torch's advice
+    assert "Traceback" not in text and "weights_only" not in text, text
+    assert len(text.strip().splitlines()) == 1 and f"{flag} " in text and want in text, text
+
+
+def test_weights_file_unreadable_or_unfit_is_one_line_naming_flag_and_file(tmp_path, capsys, cpu_only):
+    with warnings.catch_warnings(), torch.device("meta"):  # the shapes only
+        warnings.simplefilter("ignore")
+        enc = encoders.load_encoder("dinov2-vit-s", 32, "random").model.state_dict()
+        vae = encoders.VAE().state_dict()
+        inception = fid.FIDInception().state_dict()
+    qkv = "blocks.0.attn.qkv.weight"
+    for path, want in _weights_files(tmp_path / "enc", {k: v.shape for k, v in enc.items()}, qkv):
+        with pytest.raises(SystemExit) as e:
+            train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s", "--encoder-weights", str(path),
+                        "--out-dir", str(tmp_path / "run")])
+        _one_line(str(e.value), "--encoder-weights", want)
+        with pytest.raises(SystemExit):
+            metrics.main(["--encoder", "dinov2-vit-s", "--encoder-weights", str(path), "--num-images", "2"])
+        _one_line(capsys.readouterr().err, "--encoder-weights", want)
+    conv = "decoder.conv_in.weight"
+    for path, want in _weights_files(tmp_path / "vae", {k: v.shape for k, v in vae.items()}, conv):
+        with pytest.raises(SystemExit) as e:
+            train.main([*_TINY, "--steps", "1", "--model", "SiT-S/2", "--vae-weights", str(path),
+                        "--out-dir", str(tmp_path / "run")])
+        _one_line(str(e.value), "--vae-weights", want)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    for path, want in _weights_files(tmp_path / "inc", {k: v.shape for k, v in inception.items()}, "fc.weight"):
+        with pytest.raises(SystemExit), pytest.warns(UserWarning, match="4 images"):
+            fid.main([str(tmp_path / "s.npz"), "--inception", str(path)])
+        _one_line(capsys.readouterr().err, "--inception", want)
+    assert not (tmp_path / "run").exists()
+
+
+def _flip_inside_largest_tensor(path):
+    # 64 bytes inverted in the middle of the largest tensor's data: the zip and the pickle still read
+    with zipfile.ZipFile(path) as z:
+        record = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset)
+        start = record.header_offset + 30 + sum(struct.unpack("<HH", f.read(30)[26:30]))
+        f.seek(start + record.file_size // 2)
+        flipped = bytes(b ^ 0xFF for b in f.read(64))
+        f.seek(start + record.file_size // 2)
+        f.write(flipped)
+
+
+def test_checkpoint_damaged_inside_is_refused_and_the_newest_good_one_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*_TINY, "--steps", "4", "--ckpt-every", "2", "--out-dir", str(run)])
+    newest, good = run / "checkpoints" / "0000004.pt", run / "checkpoints" / "0000002.pt"
+    _flip_inside_largest_tensor(newest)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run), "--steps", "6"])
+    err = capsys.readouterr().err
+    assert f"{newest} is not a readable" in err and f"the newest good one is {good}: resume from it" in err
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(newest), "--out", str(tmp_path / "s.png")])
+    _one_line(capsys.readouterr().err, "--ckpt", f"{newest}: damaged: its contents differ from their checksum")
+
+
+def test_progress_moves_each_sampling_step_and_while_preparing(tmp_path, monkeypatch, capsys, cpu_only):
+    sample.main(["--ckpt", _sample_ckpt(tmp_path), "--num-steps", "3", "--num-samples", "2",
+                 "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err  # a bar of the steps under the bar of the shards, gone when done
+    assert "sampling steps:   0%| " in err and "| 0/3 [" in err
+    real = train.generate  # the training grid: the same bar, over 2 steps here (50 in a run)
+    monkeypatch.setattr(train, "generate", lambda *a, **k: real(*a, **{**k, "num_steps": 2}))
+    train.main([*_TINY, "--steps", "1", "--sample-every", "1", "--out-dir", str(tmp_path / "run")])
+    assert "sampling steps:   0%| " in capsys.readouterr().err
+    for i in range(3):
+        os.makedirs(tmp_path / "data" / f"c{i}")
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / "data" / f"c{i}" / "a.png")
+    data.prepare(str(tmp_path / "data"), str(tmp_path / "prep"), 32, None, None, "cpu")
+    assert "writing images.npy" in capsys.readouterr().err
+    assert np.load(tmp_path / "prep" / "images.npy").shape == (3, 3, 32, 32)

@@ -336,7 +336,7 @@ def build(args, device):
                                              args.proj == "conv").to(device)
         if in_latent_space(args.model):
             vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
-    except (RuntimeError, FileNotFoundError) as e:
+    except (RuntimeError, ValueError) as e:
         raise SystemExit(str(e)) from None
     if device.type == "cuda":  # the fast paths (kernels.py): same functions and parameters
         net = kernels.enable(net)
@@ -455,7 +455,8 @@ def sample_grid(ema, vae, args, step, device):
     tqdm.write(f"sampling {len(y)} images from the EMA for {path} ({steps} steps)")
     gen = torch.Generator(device).manual_seed(args.seed)
     images = generate(ema.eval(), y, family, vae, mode=mode, num_steps=steps,
-                      noise_scale=noise_std(family, args.image_size), generator=gen)
+                      noise_scale=noise_std(family, args.image_size), generator=gen,
+                      progress=True)
     save_grid(images, path)
 
 # -----------------------------------------------------------------------------
