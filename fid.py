@@ -175,16 +175,15 @@ def load_inception(path=None, download=False, device="cpu"):
             torch.hub.download_url_to_file(WEIGHT_URL + WEIGHT_FILES[0], path)
     model = FIDInception()
     counters = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" in k}
-    try:  # as data, never as code (torch's advice, weights_only=False, is not taken here)
+    try:  # as data, never as code
         sd = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({**counters, **sd})  # older files lack BN's counters
-    except Exception as e:  # one line naming the file: missing, unreadable, or its misfits
+    except Exception as e:  # one line: missing, unreadable, or its misfits
         why = "; ".join(say.format(*m.groups()) for pattern, say in MISFITS.items()
                         if (m := re.search(pattern, str(e))))
         why = f" does not fit: {why}" if why else ": not a file torch can read as weights"
         if not os.path.isfile(path):
-            why = (f": no such file; put {' or '.join(WEIGHT_FILES)} in {hub}, or use --download "
-                   f"({WEIGHT_URL})")
+            why = f": no such file; put {' or '.join(WEIGHT_FILES)} in {hub} or use --download"
         raise ValueError(f"--inception {path}{why}") from None
     return model.eval().requires_grad_(False).to(device)
 
@@ -274,7 +273,6 @@ def _open_npz(path):
 
 
 def read_png(path):
-    """An 8-bit image file as uint8 (H, W, 3); 16-bit or float pixels are refused, naming it."""
     im = Image.open(path)
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip them white
         raise ValueError(f"{path} is {im.mode}: need 8-bit PNGs")
@@ -371,13 +369,9 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
     return metrics, stats
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage text
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.error = lambda message: p.exit(2, f"{p.prog}: {message} (see --help)\n")  # one line
     p.add_argument("samples", help=".npz with arr_0 uint8 [N,H,W,3], or a folder of PNGs")
     p.add_argument("--ref", help=".npz with arr_0 images and/or mu, sigma (mu_s, sigma_s)")
     p.add_argument("--json", help="also write the metrics to this file")

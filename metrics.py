@@ -117,19 +117,16 @@ def load_folder(images, masks=None, n=None, size=256):
     return x, torch.from_numpy(np.stack(m)) if masks else None
 
 
-def patch_masks(masks, grid):
-    """Pixel masks (B, R, R) -> token masks (B, H*W): any foreground pixel counts."""
-    return F.adaptive_max_pool2d(masks[:, None].float(), grid).flatten(1) > 0
-
-
 @torch.no_grad()
 def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, device):
     """Means {row: {metric: mean}} of raw and spatially normalised tokens; image 0's tokens."""
     scores, first = {}, None
     for i in tqdm(range(0, len(images), batch_size), desc=name):
         z = encoder(images[i:i + batch_size].to(device))  # (B, T, D)
-        hw = token_grid(z.shape[1], grid)
-        m = None if masks is None else patch_masks(masks[i:i + len(z)].to(device), hw)
+        m = None  # token masks (B, T): any foreground pixel of a patch counts
+        if masks is not None:
+            m = masks[i:i + len(z), None].to(device).float()  # (B, 1, R, R)
+            m = F.adaptive_max_pool2d(m, token_grid(z.shape[1], grid)).flatten(1) > 0
         rows = {name: z}
         if gamma is not None:
             rows[f"{name} +spnorm({gamma})"] = spatial_norm(z, gamma)
