@@ -123,9 +123,9 @@ def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, 
     scores, first = {}, None
     for i in tqdm(range(0, len(images), batch_size), desc=name):
         z = encoder(images[i:i + batch_size].to(device))  # (B, T, D)
-        m = None  # token masks (B, T): any foreground pixel of a patch counts
+        m = None  # (B, T): any foreground pixel counts
         if masks is not None:
-            m = masks[i:i + len(z), None].to(device).float()  # (B, 1, R, R)
+            m = masks[i:i + len(z), None].to(device).float()
             m = F.adaptive_max_pool2d(m, token_grid(z.shape[1], grid)).flatten(1) > 0
         rows = {name: z}
         if gamma is not None:
