@@ -1,16 +1,11 @@
-"""
-Measurement on generated data and random weights; nothing is written to disk.
+"""Measurement on generated data and random weights, nothing written to disk. train times
+train.py's step after 5 warm-up steps (1,024 generated 256-px images, iREPA on a random DINOv2-B,
+a random SD-VAE, unless flags say otherwise).
 
     python bench.py train --model SiT-B/2 --batch-size 256      # any train.py flag may follow
-    python bench.py train --model JiT-B/16 --batch-size 128
-    python bench.py train --model SiT-B/2 --batch-size 256 --objective meanflow
     python bench.py sample --model SiT-B/2 --batch-size 256 [--compile] [--num-steps N]
     python bench.py metrics --num-images 1000
     torchrun --nproc_per_node=8 bench.py train --model SiT-B/2 --batch-size 2048
-
-train times train.py's own step after 5 warm-up steps (1,024 generated 256-px images, iREPA on
-a random DINOv2-B, a random SD-VAE, unless flags say otherwise). GPU checks: an eager torchrun
-run of train.py resumed halfway logs the uninterrupted losses; sample.py, fid.py likewise agree.
 """
 import argparse
 import os
@@ -28,7 +23,7 @@ from data import Parser, at_least, setup_device
 from model import build_model, models, noise_std
 
 PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (dense datasheet: 989e12)
-RANDOM_DINO = ["--encoder", "dinov2-vit-b", "--encoder-weights", "random"]  # before flags given:
+RANDOM_DINO = ["--encoder", "dinov2-vit-b", "--encoder-weights", "random"]  # before the flags:
 TRAIN = [*RANDOM_DINO, "--irepa", "--vae-weights", "random", "--num-generated", "1024",
          "--image-size", "256"]  # argparse keeps a flag's last value
 
@@ -37,18 +32,6 @@ def clock(device):  # the time once the GPU's queued work is done
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.time()
-
-
-def count_flops(objective, encoder, vae, batch, device, bf16):
-    """Training FLOPs per image: the network's forward and backward, the encoder's forward."""
-    x, y, lat = (t[:2].to(device) if t is not None else None for t in batch)
-    inp = vae.scale(lat.chunk(2, dim=1)[0]) if vae is not None else x.float() / 127.5 - 1
-    with FlopCounterMode(display=False) as counter:
-        target = encoder(x) if encoder is not None else None  # fp32: bf16's fused GELU is missed
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            objective(inp, y, target)[0].backward()
-    objective.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
 
 
 def bench_train(argv):
@@ -62,20 +45,26 @@ def bench_train(argv):
     train.check_run(args, world)
     objective, encoder, vae, emas, opt = train.build(args, device)
     loader = train.load_data(args, vae, device, rank, world, 0)
-    flops = count_flops(objective, encoder, vae, loader.dataset[0], device,
-                        args.precision == "bf16")  # before make_step turns on --recompute
+    # FLOPs per image (network forward and backward, encoder forward), before --recompute is on
+    x, y, lat = (t[:2].to(device) if t is not None else None for t in loader.dataset[0])
+    inp = vae.scale(lat.chunk(2, dim=1)[0]) if vae is not None else x.float() / 127.5 - 1
+    with FlopCounterMode(display=False) as counter:
+        target = encoder(x) if encoder is not None else None  # fp32: bf16's fused GELU is missed
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            objective(inp, y, target)[0].backward()
+    objective.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() / 2
     train_step = train.make_step(args, objective, encoder, vae, emas, opt, device, world)
     profiler, marks = torch.profiler.profile(), []
     for i, batch in enumerate(loader):
-        if i in (5, 5 + b.bench_steps):
-            marks.append(clock(device))
         if i == 5 + b.bench_steps and rank == 0:  # then --profile's 3 steps
             profiler.start()
         train_step(*batch)
-    marks.append(clock(device))
+        if i in (4, 4 + b.bench_steps):  # before step 5 and after the timed steps
+            marks.append(clock(device))
     cuda, nan = device.type == "cuda", float("nan")
     ips = b.bench_steps * args.batch_size / (marks[1] - marks[0]) / world
-    mfu = ips * flops / PEAK_FLOPS if cuda else nan  # useful FLOPs: no recomputation
+    mfu = ips * flops / PEAK_FLOPS if cuda else nan
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else nan
     if b.profile and rank == 0:
         profiler.stop()

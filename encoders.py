@@ -186,7 +186,6 @@ def load_encoder(name, resolution=256, weights=None):
     elif not arch.startswith("sam2"):  # Hiera takes any input size
         kw["img_size"] = size
     who, flag = f"encoder {name}:", "--encoder-weights"
-    given = weights not in (None, "random")  # a file named by the flag
     if weights == "random":
         warnings.warn(f"{who} RANDOM weights (tests and benchmarks only)")
     elif weights is None and name.startswith("mocov3"):
@@ -200,13 +199,12 @@ def load_encoder(name, resolution=256, weights=None):
         files = ["model.safetensors", "pytorch_model.bin"] if cfg.hf_hub_id else [cfg.url]
         weights = _cached(who, flag, cfg.hf_hub_id, files)
     renamed = "." not in tid  # mocov3, webssl: a bare timm arch, the file renamed
-    if given and not renamed:  # timm reads it again: a file it cannot read is named here
-        read_weights(weights, flag, mmap=True)
-    sd = read_weights(weights, flag, mmap=True) if renamed and weights != "random" else None
+    # read here too (timm reads it again): an unreadable file is one line
+    sd = read_weights(weights, flag, mmap=True) if weights not in (None, "random") else None
     with fitting(weights, flag):  # a file whose keys or shapes do not fit: one line
         model = timm.create_model(tid, pretrained=weights != "random" and not renamed,
                                   pretrained_cfg_overlay=dict(file=weights), **kw)
-        if sd is not None:
+        if renamed and sd is not None:
             to_timm = _mocov3_state_dict if name.startswith("mocov3") else _webssl_state_dict
             model.load_state_dict(to_timm(sd, grid))
     if "ref_feat_shape" in kw:  # official PE: the table resized bilinearly, no antialias

@@ -1,9 +1,7 @@
 """GPU fast paths, each a subclass of a plain module (torch, timm, model.py) computing the same
 function faster (only the GELU epilogue rounds once where bf16 autocast rounds twice); the tests
-compare each with its plain twin, docs/PERFORMANCE.md gives the gains. An iREPA reader can skip it.
-
-    kernels.enable(module)   # in place, on a GPU: train.py, sample.py and bench.py call it
-"""
+compare each with its plain twin. kernels.enable(module) swaps them in, in place (train.py,
+sample.py, bench.py: on a GPU). An iREPA reader can skip it."""
 from contextlib import nullcontext
 
 import torch
@@ -20,10 +18,9 @@ except ImportError:  # e.g. macOS wheels: JiT keeps its PyTorch q/k path
     triton = None
 
 
-# Patch embeddings: cuDNN ran these convs far below the matrix rate, and their channel-major
-# output made the (B, T, D) token stream a strided view that torch.compile carried everywhere.
 class PatchConv(nn.Conv2d):
-    """A conv with stride = kernel (a patch embedding) as one matrix product, output token-major."""
+    """A patch embedding (stride = kernel) as one matrix product, output token-major: cuDNN ran
+    these convs far below the matrix rate, and its (B, T, D) tokens were a strided view."""
     def forward(self, x):
         B, C, H, W = x.shape
         ph, pw = self.kernel_size
@@ -47,8 +44,8 @@ class LinearGELU(nn.Linear):
         return h.unflatten(0, x.shape[:-1])
 
 
-# JiT's q/k RMSNorm + RoPE, model.py's apply_rope(RMSNorm(x)): a program loads 32 whole rows,
-# swaps pairs in registers (PyTorch gathers); the backward rotates back, recomputes the norm.
+# JiT's q/k RMSNorm + RoPE, model.py's apply_rope(RMSNorm(x)): a program loads whole rows,
+# swaps pairs in registers (PyTorch gathers); the backward recomputes the norm.
 if triton is not None:
     @triton.jit
     def _qk_rows(X, W, COS, SIN, sb, st, sh, H, T, N, eps,
@@ -68,8 +65,7 @@ if triton is not None:
         return out, ok, x, r, w, cos, sin
 
     @triton.jit
-    def _swap_pairs(x, ROWS: tl.constexpr, P: tl.constexpr):
-        # (x1, x2, x3, x4, ...) -> (x2, x1, x4, x3, ...): apply_rope's flip
+    def _swap_pairs(x, ROWS: tl.constexpr, P: tl.constexpr):  # (x1, x2, ...) -> (x2, x1, ...)
         a, b = tl.split(tl.reshape(x, (ROWS, P // 2, 2)))
         return tl.reshape(tl.join(b, a), (ROWS, P))
 
@@ -90,26 +86,25 @@ if triton is not None:
         n, dn = x * r, dy * w
         dx = r * (dn - n * (tl.sum(dn * n, 1) / HD)[:, None])  # RMSNorm's backward
         tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=ok)
-        # this program's share of the weight's gradient, summed over the programs afterwards
+        # this program's share of dw, summed over the programs afterwards
         cols = tl.arange(0, P)
         tl.store(DW + tl.program_id(0) * HD + cols, tl.sum(dy * n, 0), mask=cols < HD)
 
     _ROWS = 32  # rows per program: 4 KB of bf16 in and out at head dim 64
 
-    def _qk_launch(kernel, x, *args):  # args: the kernel's tensors after X, then eps
+    def _qk_launch(kernel, x, w, cos, sin, *rest):  # rest: tensors after SIN, then eps
         B, T, H, hd = x.shape
-        assert x.stride(-1) == 1, "the head dim must be contiguous"
         grid = (triton.cdiv(B * T * H, _ROWS),)
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton: current GPU
-            kernel[grid](x, *args, *x.stride()[:3], H, T, B * T * H,
-                         HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
+            kernel[grid](x, w, cos.contiguous(), sin.contiguous(), *rest, *x.stride()[:3], H, T,
+                         B * T * H, HD=hd, P=triton.next_power_of_2(hd), ROWS=_ROWS)
 
     @torch.library.custom_op("irepa::qk_norm_rope", mutates_args=())
     def qk_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      eps: float) -> torch.Tensor:
         """apply_rope(RMSNorm(x)) of x (B, T, heads, hd) in x's dtype; cos, sin (T, 1, hd)."""
         y = x.new_empty(x.shape)  # contiguous
-        _qk_launch(_qk_norm_rope_fwd, x, w, cos.contiguous(), sin.contiguous(), y, eps)
+        _qk_launch(_qk_norm_rope_fwd, x, w, cos, sin, y, eps)
         return y
 
     @torch.library.custom_op("irepa::qk_norm_rope_backward", mutates_args=())
@@ -119,11 +114,9 @@ if triton is not None:
         dx = x.new_empty(x.shape)
         programs = triton.cdiv(x.shape[:3].numel(), _ROWS)
         dw = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
-        g = g.contiguous()
-        _qk_launch(_qk_norm_rope_bwd, x, w, cos.contiguous(), sin.contiguous(), g, dx, dw, eps)
+        _qk_launch(_qk_norm_rope_bwd, x, w, cos, sin, g.contiguous(), dx, dw, eps)
         return dx, dw.sum(0).to(w.dtype)
 
-    # output shapes, for torch.compile
     qk_norm_rope.register_fake(lambda x, w, cos, sin, eps: x.new_empty(x.shape))
     _qk_norm_rope_backward.register_fake(
         lambda g, x, w, cos, sin, eps: (x.new_empty(x.shape), torch.empty_like(w)))
@@ -139,7 +132,6 @@ if triton is not None:
 
 
 class JiTAttentionQK(model.Attention):
-    """JiT attention whose q/k norm + RoPE runs as the Triton op above on a GPU."""
     def qk_norm_rope(self, q, k, cos, sin):
         if not q.is_cuda:
             return super().qk_norm_rope(q, k, cos, sin)

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# Layers. SiT's are DiT's; JiT ("Just image Transformers") swaps in a bottleneck patch embedding,
-# SwiGLU, RMSNorm, and q/k-norm + 2D RoPE in the attention; both condition by adaLN
-def modulate(x, shift, scale):
-    # x (B, T, D), shift/scale (B, D): adaLN
+# Layers: SiT's are DiT's; JiT's add a bottleneck patch embedding, SwiGLU, RMSNorm, q/k-norm, RoPE
+def modulate(x, shift, scale):  # x (B, T, D), shift/scale (B, D): adaLN
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -33,11 +31,8 @@ def sincos_pos_embed(dim, grid):
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     pos = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-
-    def emb1d(pos):
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-    return torch.cat([emb1d(cols), emb1d(rows)], dim=1).float()
+    out = torch.stack([cols.flatten(), rows.flatten()], 1)[..., None] * omega  # (T, 2, dim/4)
+    return torch.cat([out.sin(), out.cos()], dim=2).flatten(1).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -54,8 +49,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
 
 
-class LabelEmbedder(nn.Module):
-    """num_classes + 1 rows: the last is the null class of classifier-free guidance."""
+class LabelEmbedder(nn.Module):  # num_classes + 1 rows: the last is CFG's null class
     def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
@@ -64,8 +58,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-def unpatchify(x, p, c):
-    # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
+def unpatchify(x, p, c):  # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
     B, g = x.shape[0], math.isqrt(x.shape[1])  # g: token grid side
     x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(B, c, g * p, g * p)
@@ -180,10 +173,8 @@ class Attention(nn.Module):
         return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
-# The two networks: the same adaLN-Zero block, holding SiT's or JiT's layers
 class Block(nn.Module):
-    """c (B, D) shifts, scales and gates both residual branches (adaLN-Zero: gates start at 0).
-    SiT: LayerNorm, attention, GELU MLP. JiT: RMSNorm, attention with q/k-norm + RoPE, SwiGLU."""
+    """c (B, D) shifts, scales and gates both residual branches (adaLN-Zero: gates start at 0)."""
     def __init__(self, dim, num_heads, mlp_ratio, jit):
         super().__init__()
         Norm = RMSNorm if jit else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
@@ -237,12 +228,11 @@ class SiT(nn.Module):
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         self.hidden_size = hidden_size
         self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
-        self.grid = self.input_size // patch_size    # token grid side: 16 for SiT-*/2 at 256 px
-        self.recompute = 0      # the first N blocks recompute activations in backward (train.py)
+        self.grid = self.input_size // patch_size    # token grid side
+        self.recompute = 0      # blocks recomputed in backward (train.py)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # MeanFlow's second time input, the interval h = t - r (train.py --objective meanflow)
-        self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
+        self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None  # MeanFlow's t - r
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         # frozen, but a Parameter (not a buffer): the official checkpoints' "pos_embed" key
         pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
@@ -290,7 +280,6 @@ class JiT(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         # the class tokens: label embedding + a learned position each, prepended at in_context_start
         self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
-        # RoPE tables with identity rows for the class tokens (not in the official state dict)
         cos, sin = rope_tables(hidden_size // num_heads, self.grid, prefix=in_context_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -336,11 +325,10 @@ models = {f"SiT-{size}/{p}": partial(SiT, patch_size=p, **cfg)
           for size, cfg in SIT_SIZES.items() for p in (2, 4, 8)}
 models.update({f"JiT-{size}/{p}": partial(JiT, patch_size=p, **cfg)
                for size, cfg in JIT_SIZES.items() for p in (16, 32)})
-# Small JiT for the offline CPU demo and tests (not in the paper)
+# Small models for the offline CPU demos and tests (not in the paper)
 models["JiT-demo/16"] = partial(
     JiT, image_size=64, patch_size=16, num_classes=10, depth=6, hidden_size=128, num_heads=4,
     bottleneck=32, in_context_len=4, in_context_start=2)
-# Small pixel-space SiT (no VAE) for MeanFlow's offline demo (train.py --objective meanflow)
 models["SiT-demo/4"] = partial(
     SiT, image_size=32, patch_size=4, num_classes=10, depth=4, hidden_size=128, num_heads=4,
     in_channels=3, vae_factor=1)
@@ -366,6 +354,6 @@ def build_model(name, image_size=256, num_classes=1000, mean_flow=False):
 if __name__ == "__main__":
     for name in models:
         with torch.device("meta"):
-            m = models[name]()  # each at its own default size (JiT-demo/16: 64 px, 10 classes)
+            m = models[name]()  # each at its default size
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         print(f"{name:12s} trainable {n:>13,d}   grid {m.grid}x{m.grid}")
