@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -573,13 +574,13 @@ def main(argv=None):
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
             if world > 1:
                 dist.barrier()
-        if last:  # a Ctrl-C during this step's grid or checkpoint: the next step is the last
+        if last:  # not `stop`: a Ctrl-C during a grid or checkpoint makes the next step the last
             break
     bar.close()
     signal.signal(signal.SIGINT, handler)
     if stop and step < args.steps:
         raise SystemExit(f"stopped at step {step}, checkpointed; to go on: "
-                         f"python train.py --resume {args.out_dir}")
+                         f"python train.py --resume {shlex.quote(args.out_dir)}")
     if world > 1:  # every replica must hold the same weights: per-tensor sums across ranks
         sums = torch.stack([p.detach().double().sum() for p in objective.parameters()])
         lo, hi = sums.clone(), sums.clone()
