@@ -55,6 +55,28 @@ def save_grid(images, path):
     Image.fromarray(grid.numpy()).save(path)
 
 
+def save_curves(log, path, keys, width=640, height=160):
+    """A log.jsonl's keys over the steps as one PNG: a panel each, with its own y range."""
+    recs = [json.loads(line) for line in open(log) if line.endswith("\n")]
+    steps = np.array([r["step"] for r in recs])
+    im = Image.new("RGB", (width, height * len(keys)), "white")
+    draw = ImageDraw.Draw(im)
+    left, right = 70, width - 10  # room for the y labels on the left
+    for i, key in enumerate(keys):
+        top, bottom = i * height + 20, (i + 1) * height - 20  # the panel's plot area
+        ys = np.array([r[key] for r in recs])
+        lo, hi = ys.min(), ys.max()
+        xs = left + (right - left) * (steps - steps[0]) / max(steps[-1] - steps[0], 1)
+        ys = bottom - (bottom - top) * (ys - lo) / ((hi - lo) or 1)
+        draw.rectangle((left, top, right, bottom), outline="gray")
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill="blue", width=2)
+        draw.text((left, top - 15), key, fill="black")
+        draw.text((4, top), f"{hi:.4g}", fill="black")
+        draw.text((4, bottom - 12), f"{lo:.4g}", fill="black")
+        draw.text((right - 120, bottom + 4), f"steps {steps[0]}-{steps[-1]}", fill="black")
+    im.save(path)
+
+
 NUM_GENERATED_CLASSES = 10  # class k: its own shape and colour; place, size, background vary
 _SHAPES = ["circle", "square", "triangle", "diamond", "ring",
            "cross", "hbar", "vbar", "star", "half"]

@@ -259,4 +259,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # each shard is written whole: what is done stays done
+        raise SystemExit("interrupted: the finished shards are kept; the same command goes on "
+                         "from them") from None

@@ -696,6 +696,7 @@ def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, m
     (["--objective", "meanflow", "--mf-interval", "0.8", "0.2"], "--mf-interval: LOW is above HIGH"),
     (["--objective", "meanflow", "--mf-weight", "1", "-0.1"], "--mf-weight: must be at least 0.0"),
     (["--resume", "out/x", "--step", "4"], "unrecognized arguments: --step"),  # an abbreviation would be overridden
+    (["--resume", "out/x", "--start-over"], "argument --start-over: not allowed with argument --resume"),
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as err:  # argparse errors print to stderr
@@ -712,6 +713,100 @@ def test_train_sample_grid_written(tmp_path, capsys):
     import sample  # sample.py takes the run directory and picks its newest checkpoint
     sample.main(["--ckpt", str(tmp_path), "--num-samples", "4", "--num-steps", "2", "--out", str(tmp_path / "g.png")])
     assert Image.open(tmp_path / "g.png").size == (2 * 32, 2 * 32)
+
+
+def test_train_ctrl_c_checkpoints_the_step_reached_and_names_the_resume_command(tmp_path):
+    run, full = tmp_path / "run", tmp_path / "full"
+    proc = subprocess.Popen(_train_cmd("--steps", "100000", "--out-dir", str(run)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_CPU)
+    deadline = time.time() + 120
+    while not ((run / "log.jsonl").exists() and (run / "log.jsonl").stat().st_size) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and proc.returncode == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stopped at step ") and line.endswith(f"to go on: python train.py --resume {run}")
+    step = int(line.split()[3].rstrip(","))
+    assert os.listdir(run / "checkpoints") == [f"{step:07d}.pt"]  # --ckpt-every is 50,000: the Ctrl-C's own
+    assert (run / "curves.png").exists() and json.load(open(run / "args.json"))["steps"] == 100000
+    # the command it names goes on from there as if never stopped
+    subprocess.run(_train_cmd("--resume", str(run), "--steps", str(step + 2)), check=True, capture_output=True, env=_CPU)
+    subprocess.run(_train_cmd("--steps", str(step + 2), "--out-dir", str(full)), check=True, capture_output=True, env=_CPU)
+    a, b = (_state(d / "checkpoints" / f"{step + 2:07d}.pt") for d in (full, run))
+    for key in ("model", "ema", "ema2"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_train_paper_run_without_data_is_refused_and_the_demos_go(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/imagenet/train here
+    for argv in (["--model", "SiT-B/2"], ["--encoder", "dinov2-vit-b", "--irepa"],
+                 ["--objective", "meanflow", "--encoder", "dinov3-vit-b16", "--irepa"],
+                 ["--model", "JiT-demo/16", "--encoder", "dinov2-vit-s"]):  # a pretrained encoder: the paper's
+        with pytest.raises(SystemExit, match="no data for the paper's .*: pass --data-path .* "
+                                             "the offline demo is: python train.py$"):
+            train.main([*argv, "--steps", "1"])
+    assert not os.listdir(tmp_path)  # refused before any work
+    for argv in ([], ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"],  # the README's
+                 ["--objective", "meanflow"], ["--model", "SiT-B/2", "--num-generated", "64"]):  # shapes, asked for
+        train.check_run(train.get_args(argv), 1)
+
+
+def test_train_console_says_what_runs_in_a_few_lines_and_args_json_holds_every_setting(tmp_path, capsys, cpu_only):
+    run = tmp_path / "run"
+    irepa = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        train.main([*_TINY, *irepa, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("model: JiT-demo/16 (flow), ") and out[0].endswith(" trainable parameters")
+    assert out[2] == "method: iREPA to dinov2-vit-s after block 4: conv projector, coeff 0.5, spatial norm gamma 0.8"
+    assert out[3] == f"run: {run}, 2 steps of batch 8, 1 x cpu" and len(out) == 4
+    saved = json.load(open(run / "args.json"))
+    assert saved == json.loads(json.dumps(_state(run / "checkpoints" / "0000002.pt")["args"], default=str))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        train.main(["--resume", str(run), "--steps", "4"])
+    assert f"resuming from {run / 'checkpoints' / '0000002.pt'} at step 2" in capsys.readouterr().out
+    assert json.load(open(run / "args.json"))["steps"] == 4
+
+
+def test_train_curves_png_with_each_grid_and_meanflow_shows_its_error(tmp_path, monkeypatch, capsys, cpu_only):
+    from PIL import Image
+    drawn, real = [], train.save_curves
+    monkeypatch.setattr(train, "sample_grid", lambda *a: None)  # the grids' times, without their sampling
+    monkeypatch.setattr(train, "save_curves", lambda log, path, keys: drawn.append(
+        (len(open(log).readlines()), keys)) or real(log, path, keys))
+    train.main([*_TINY, "--steps", "4", "--sample-every", "2", "--ckpt-every", "4", "--out-dir", str(tmp_path / "a")])
+    assert drawn == [(1, ("loss", "denoise")), (2, ("loss", "denoise"))]  # at each grid, the log so far
+    assert Image.open(tmp_path / "a" / "curves.png").size == (640, 2 * 160)
+    capsys.readouterr()
+    drawn.clear()
+    train.main([*_MF_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path / "mf")])
+    assert drawn == [(1, ("denoise",))]  # MeanFlow's unweighted error: its weighted loss stays near 1
+    err = capsys.readouterr().err
+    assert "error=" in err and "loss=" not in err
+
+
+def test_train_wandb_logs_the_records_and_is_refused_without_the_package(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+    calls = []
+
+    class Run:
+        def log(self, rec, step):
+            calls.append((step, rec))
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "run"
+    train.main([*_TINY, "--steps", "4", "--ckpt-every", "4", "--wandb", "proj", "--out-dir", str(run)])
+    init, *logged = calls
+    assert init["project"] == "proj" and init["config"]["steps"] == 4
+    assert logged == [(r["step"], r) for r in map(json.loads, open(run / "log.jsonl"))] and len(logged) == 2
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as when it is not installed
+    with pytest.raises(SystemExit, match="^--wandb needs: pip install wandb$"):
+        train.main([*_TINY, "--steps", "1", "--wandb", "proj", "--out-dir", str(tmp_path / "r2")])
+    assert not (tmp_path / "r2").exists()
 
 # =============================================================================
 # train.py --objective meanflow (MeanFlow, with its sampler in sample.py)
@@ -1587,6 +1682,22 @@ def _sample_ckpt(tmp_path, official=False):
     path = tmp_path / ("official.pth" if official else "ours.pt")
     torch.save(ckpt, path)
     return str(path)
+
+
+def test_sample_ctrl_c_keeps_the_shards_and_says_the_same_command_goes_on(tmp_path):
+    out = tmp_path / "s.npz"
+    cmd = [sys.executable, os.path.join(_ROOT, "sample.py"), "--ckpt", _sample_ckpt(tmp_path), "--num-samples", "40",
+           "--batch-size", "1", "--num-steps", "50", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_CPU)
+    deadline = time.time() + 120
+    while not (tmp_path / "s.npz.shards" / "000000.npz").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and proc.returncode == 1 and not out.exists()
+    assert err.strip().splitlines()[-1] == "interrupted: the finished shards are kept; the same command goes on from them"
+    subprocess.run(cmd, check=True, capture_output=True, env=_CPU)
+    assert np.load(out)["arr_0"].shape == (40, 32, 32, 3)
 
 
 def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):

@@ -8,16 +8,20 @@ Train SiT (SD-VAE latents) or JiT (pixels) with REPA or iREPA, from a CPU demo t
     python train.py --resume out/JiT-demo-16-none    # continue exactly where it stopped
     python train.py --objective meanflow             # MeanFlow's offline demo (pixel SiT)
 
-Without --model and a data path the offline demo runs, else the family's paper recipe (RECIPES);
-given flags win. Step s's noise is seeded by (seed, s, rank), the data order by (seed, epoch): a
-resumed run repeats the uninterrupted one (bit for bit when eager).
+Without --model, a data path or a pretrained --encoder the offline demo runs, else the family's
+paper recipe (RECIPES), which needs data; given flags win. Step s's noise is seeded by (seed, s,
+rank), the data order by (seed, epoch): a resumed run repeats the uninterrupted one (bit for bit
+when eager). Ctrl-C checkpoints the step reached and prints the --resume command.
 """
 import argparse
 import copy
 import glob
+import importlib.util
 import json
 import math
 import os
+import shlex
+import signal
 import time
 from dataclasses import dataclass
 
@@ -33,7 +37,8 @@ import encoders
 import kernels
 from data import (NUM_GENERATED_CLASSES, Batches, Parser, at_least, generated_images,
                   load_checkpoint, posterior, prepared_arrays, prepared_folder,
-                  readable_checkpoint, save_checkpoint, save_grid, setup_device, trim_log)
+                  readable_checkpoint, save_checkpoint, save_curves, save_grid, setup_device,
+                  trim_log)
 from model import build_model, in_latent_space, models, noise_std
 from sample import generate
 
@@ -174,16 +179,19 @@ def fresh_defaults(args):
             and args.num_generated is None and os.path.isdir(IMAGENET)):
         data_path = IMAGENET
     mf = args.objective == "meanflow"
-    if args.model is None and data_path is None:  # the offline demo: JiT, or MeanFlow's SiT
+    # a paper model or a pretrained encoder means the paper's run: shapes only when asked for
+    pretrained = args.encoder != "none" and args.encoder_weights != "random"
+    if args.model is None and data_path is None and not pretrained:  # the offline demo
         recipe = RECIPES["meanflow-demo" if mf else "demo"]
     else:  # the paper's recipe (without --model: SiT's)
         recipe = RECIPES["MeanFlow" if mf else (args.model or "SiT")[:3]]
     model = args.model or recipe["model"]
     method = (align.IREPA if args.irepa else align.REPA)[model[:3]]
+    shapes = 2000 if "demo" in model and not pretrained else None  # None: check_run refuses
     tag = "" if args.encoder == "none" else "-irepa" if args.irepa else "-repa"
     lr = recipe["lr"] or 5e-5 * (args.batch_size or recipe["batch_size"]) / 256
     flags = {k: v for k, v in recipe.items() if k not in ("betas", "clip", "flip")}
-    return dict(flags, data_path=data_path, num_generated=2000, lr=lr, proj=method["proj"],
+    return dict(flags, data_path=data_path, num_generated=shapes, lr=lr, proj=method["proj"],
                 spnorm_gamma=method["gamma"], proj_coeff=method["coeff"],
                 encoder_depth=align.encoder_depth_default(model),
                 num_classes=1000 if data_path else NUM_GENERATED_CLASSES, out_dir=os.path.join(
@@ -244,10 +252,10 @@ def get_args(argv=None):
     add("--proj-coeff", type=float, help="weight of the alignment loss (default: align.py's)")
     add("--encoder-depth", type=at_least(1), help="align after block N (default: 4 S/B, else 8)")
     add("--data-path", help=f"class folders (default: {IMAGENET} if it exists and --model or "
-        "--encoder is given, else generated shapes)")
+        "--encoder is given; the demos: generated shapes)")
     add("--prepared-dir", help="prepared arrays (default: beside the run folder)")
     add("--num-classes", type=at_least(1), help="default: 1000 with --data-path, else 10")
-    add("--num-generated", type=at_least(1), help="generated images (default: 2000)")
+    add("--num-generated", type=at_least(1), help="generated images (default: 2000 in the demos)")
     add("--batch-size", type=at_least(1), help="global batch size, split over ranks")
     add("--lr", type=float, help="learning rate (JiT's default: 5e-5 * batch / 256)")
     add("--warmup-steps", type=at_least(0), help="linear warm-up (JiT's default: 5 epochs)")
@@ -257,8 +265,11 @@ def get_args(argv=None):
     add("--ckpt-every", type=at_least(1), default=50_000, help="checkpoint every N steps")
     add("--sample-every", type=at_least(0), default=10_000, help="sample grid every N (0: never)")
     add("--out-dir", help="run folder (default: out/<model>-<encoder>[-<method>][-meanflow])")
-    add("--start-over", action="store_true", help="move a run in --out-dir aside first")
-    add("--resume", help="a run folder (its newest checkpoint) or a checkpoint file")
+    new_or_old = p.add_mutually_exclusive_group()  # one line, not two runs' settings mixed
+    new_or_old.add_argument("--start-over", action="store_true",
+                            help="move a run in --out-dir aside first")
+    new_or_old.add_argument("--resume", help="a run folder (its newest checkpoint) or a checkpoint")
+    add("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     cuda = torch.cuda.is_available()
     add("--compile", action=argparse.BooleanOptionalAction, default=cuda,
         help="torch.compile the step and the encoder (default: on a GPU)")
@@ -311,6 +322,10 @@ def check_run(args, world):
         (mf and args.recompute, "--objective meanflow: --recompute cannot replay jvp tangents"),
         (mf and not 0 <= args.mf_ratio <= 1, "--mf-ratio: give a fraction in [0, 1]"),
         (mf and args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
+        (not args.data_path and args.num_generated is None, f"no data for the paper's "
+         f"{args.model} run with encoder {args.encoder}: pass --data-path (class folders; "
+         f"default {IMAGENET}) or --num-generated N; the offline demo is: python train.py"),
+        (args.wandb and not importlib.util.find_spec("wandb"), "--wandb needs: pip install wandb"),
     ]:
         if bad:
             raise SystemExit(message)
@@ -428,19 +443,31 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
 
 
 def open_run(args, num_params, step, world, device):
-    """Says what runs, then readies the run folder: --start-over moves an old run aside."""
-    print(json.dumps(vars(args), indent=1, default=str))
-    print(f"{args.model}: {num_params:,} trainable parameters, {world} rank(s), {device}")
-    print(f"resuming from {args.resume} at step {step}" if args.resume else
-          f"a new run in {args.out_dir}")
+    """Says what runs in a few lines, readies the run folder (--start-over moves an old run
+    aside) and writes every setting into its args.json."""
+    method, gamma = "none", args.spnorm_gamma
+    if args.encoder != "none":
+        method = (f"{'iREPA' if args.irepa else 'REPA'} to {args.encoder} after block "
+                  f"{args.encoder_depth}: {args.proj} projector, coeff {args.proj_coeff}, "
+                  f"spatial norm {'off' if gamma is None else f'gamma {gamma}'}")
+    print(f"model: {args.model} ({args.objective}), {num_params:,} trainable parameters")
     print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
           f"data: {args.num_generated} generated shapes, the offline demo's data (no "
           f"--data-path, no {IMAGENET}); for the paper's run pass --data-path /imagenet/train")
-    if args.start_over and not args.resume and os.path.exists(args.out_dir):
+    print(f"method: {method}")
+    print(f"run: {args.out_dir}, {args.steps:,} steps of batch {args.batch_size}, "
+          f"{world} x {device}")
+    if args.resume:
+        print(f"resuming from {args.resume} at step {step}")
+    if args.start_over and os.path.exists(args.out_dir):
         aside = f"{os.path.normpath(args.out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(args.out_dir, aside)
         print(f"--start-over: moved the old run in {args.out_dir} to {aside}")
     os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "args.json")
+    with open(path + ".tmp", "w") as f:  # whole or absent, as the checkpoints
+        json.dump(vars(args), f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def sample_grid(ema, vae, args, step, device):
@@ -469,6 +496,7 @@ def main(argv=None):
     check_run(args, world)
     objective, encoder, vae, emas, opt = build(args, device)
     net, projector, step = objective.net, objective.proj, 0
+    log = os.path.join(args.out_dir, "log.jsonl")
     if args.resume:  # the run's weights and optimiser; its log cut back to the checkpoint
         ck = load_checkpoint(args.resume)
         net.load_state_dict(ck["model"])
@@ -478,8 +506,8 @@ def main(argv=None):
             projector.load_state_dict(ck["proj"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-        if rank == 0 and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
-            trim_log(os.path.join(args.out_dir, "log.jsonl"), step)
+        if rank == 0 and os.path.exists(log):
+            trim_log(log, step)
     loader = load_data(args, vae, device, rank, world, step)
     train_step = make_step(args, objective, encoder, vae, emas, opt, device, world)
     warmup = args.warmup_steps
@@ -487,6 +515,21 @@ def main(argv=None):
         warmup = 5 * (loader.dataset.n // args.batch_size)
     if rank == 0:  # the one process that writes log, samples and checkpoints
         open_run(args, sum(p.numel() for p in opt.param_groups[0]["params"]), step, world, device)
+    board = None  # --wandb: the log's records go to Weights & Biases too
+    if rank == 0 and args.wandb:
+        import wandb  # optional; check_run refused --wandb without it
+        board = wandb.init(project=args.wandb, dir=args.out_dir, config=vars(args),
+                           name=os.path.basename(os.path.abspath(args.out_dir)))
+    mf = args.objective == "meanflow"  # its loss is weighted to ~1: its error tells progress
+    curves = ("denoise",) if mf else ("loss", "denoise")
+    curves += ("repa",) if args.encoder != "none" else ()
+    stop, handler = [], signal.getsignal(signal.SIGINT)
+
+    def interrupted(signum, frame):  # Ctrl-C: end this step, checkpoint it, stop
+        stop.append(signum)
+        signal.signal(signal.SIGINT, handler)  # a second Ctrl-C stops at once
+    if world == 1:  # torchrun stops its ranks itself, maybe at different steps: its way stays
+        signal.signal(signal.SIGINT, interrupted)
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the log
     t0, last_log = time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
@@ -498,7 +541,8 @@ def main(argv=None):
         step += 1
         bar.update(1)
         end = step == args.steps
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or end:
+        last = end or bool(stop)  # after Ctrl-C: logged and checkpointed, not sampled
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
             if world > 1:  # logged before any checkpoint, so that a NaN is never saved
                 dist.all_reduce(acc)
             loss, denoise, repa, gnorm = (acc / world / (step - last_log)).tolist()
@@ -507,17 +551,23 @@ def main(argv=None):
                 raise SystemExit(f"loss is {loss} around step {step}: stopping; last good "
                                  f"checkpoint: {(good or ['none'])[-1]}")
             ips = (step - last_log) * args.batch_size / (time.time() - t0) / world
-            bar.set_postfix(loss=f"{loss:.4f}", repa=f"{repa:.3f}", ips=f"{ips:.0f}")
+            bar.set_postfix({"error" if mf else "loss": f"{denoise if mf else loss:.4f}",
+                             "repa": f"{repa:.3f}", "ips": f"{ips:.0f}"})
             rec = dict(step=step, loss=loss, denoise=denoise, repa=repa, grad_norm=gnorm,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
             if rank == 0:
-                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                with open(log, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+            if board:
+                board.log(rec, step=step)
             acc.zero_()
             t0, last_log = time.time(), step
-        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or end):
+        grid = rank == 0 and args.sample_every and (step % args.sample_every == 0 or end)
+        if grid:
             sample_grid(emas[0], vae, args, step, device)
-        if step % args.ckpt_every == 0 or end:
+        if rank == 0 and (grid or last) and os.path.exists(log):
+            save_curves(log, os.path.join(args.out_dir, "curves.png"), curves)
+        if step % args.ckpt_every == 0 or last:
             if rank == 0:
                 state = dict(model=net.state_dict(), opt=opt.state_dict(), args=vars(args),
                              step=step, proj=None if projector is None else projector.state_dict())
@@ -525,7 +575,13 @@ def main(argv=None):
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
             if world > 1:
                 dist.barrier()
+        if last:  # not `stop`: a Ctrl-C during a grid or checkpoint makes the next step the last
+            break
     bar.close()
+    signal.signal(signal.SIGINT, handler)
+    if stop and step < args.steps:
+        raise SystemExit(f"stopped at step {step}, checkpointed; to go on: "
+                         f"python train.py --resume {shlex.quote(args.out_dir)}")
     if world > 1:  # every replica must hold the same weights: per-tensor sums across ranks
         sums = torch.stack([p.detach().double().sum() for p in objective.parameters()])
         lo, hi = sums.clone(), sums.clone()
