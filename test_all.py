@@ -228,6 +228,16 @@ def test_align_projector_sizes():
     assert sum(p.numel() for p in align.make_projector(768, 768, conv=False).parameters()) == 7_344_896
 
 
+def test_align_mlp_projector_is_linear_silu_linear_silu_linear():
+    torch.manual_seed(0)
+    p = align.make_projector(16, 8, conv=False)
+    h = torch.randn(2, 5, 16)
+    (w1, b1), (w2, b2), (w3, b3) = [(m.weight, m.bias) for m in p.modules()
+                                    if isinstance(m, torch.nn.Linear)]
+    want = F.linear(F.silu(F.linear(F.silu(F.linear(h, w1, b1)), w2, b2)), w3, b3)
+    assert torch.allclose(p(h), want, atol=1e-6)
+
+
 def test_align_conv_projector_keeps_grid_and_is_local():
     torch.manual_seed(0)
     p = align.make_projector(8, 5, conv=True)
@@ -344,6 +354,7 @@ def test_align_model_and_projector_learn_tiny_batch(family, conv):
 
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -363,6 +374,12 @@ _CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 def _train_cmd(*extra):
     return [sys.executable, os.path.join(_ROOT, "train.py"), *_TINY, *extra]
+
+
+def _free_port():  # so that two suites can run side by side
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _state(path):
@@ -389,6 +406,14 @@ def test_train_center_crop_is_adm():
     ref = np.asarray(ref.resize((round(175 * 64 / 75), 64), Image.BICUBIC))
     x0 = (ref.shape[1] - 64) // 2
     assert np.array_equal(out, ref[:, x0:x0 + 64])
+
+
+def test_train_center_crop_rounds_the_resized_side():
+    from PIL import Image
+    # 234 x 100 -> bicubic to short side 64: the long side is 149.76, 150 rounded (149 truncated)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 234, 3), np.uint8))
+    ref = np.asarray(img.resize((150, 64), Image.BICUBIC))
+    assert np.array_equal(data.center_crop(img, 64), ref[:, 43:107])
 
 
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
@@ -496,7 +521,8 @@ def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_p
 @pytest.mark.parametrize("objective", [[], ["--objective", "meanflow", "--model", "SiT-demo/4"]])
 def test_train_ddp_gloo_two_processes(tmp_path, objective):
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}",
                         os.path.join(_ROOT, "train.py"), *_TINY, *objective, "--steps", "6", "--ckpt-every", "6",
                         "--out-dir", str(out)], capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -506,7 +532,8 @@ def test_train_ddp_gloo_two_processes(tmp_path, objective):
 
 
 def test_train_ddp_batch_not_divisible(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}",
                         os.path.join(_ROOT, "train.py"), *_TINY, "--batch-size", "7", "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
@@ -712,6 +739,134 @@ def test_train_sample_grid_written(tmp_path, capsys):
     sample.main(["--ckpt", str(tmp_path), "--num-samples", "4", "--num-steps", "2", "--out", str(tmp_path / "g.png")])
     assert Image.open(tmp_path / "g.png").size == (2 * 32, 2 * 32)
 
+
+# The exact network for Gaussian data x ~ N(mu_y, SD^2) per pixel: the best denoiser is known in
+# closed form, so each objective's minimum and each sampler's output are too (here and below).
+_MU, _SD = 1.5, 0.5
+
+
+class _ExactGaussian(nn.Module):
+    """The true network for class means mus (the null class's last), on SiT's path (x_t = (1-t) x
+    + t eps, velocity), JiT's (z = t x + (1-t) s eps, x-prediction) or MeanFlow's average
+    velocity u(z_t, r, t) of the exact ODE's flow (h = t - r), all in float64."""
+
+    def __init__(self, family, mus, sd=_SD, noise_scale=1.0):
+        super().__init__()
+        self.family, self.sd, self.s = family, sd, noise_scale
+        self.register_buffer("mus", torch.tensor(mus, dtype=torch.float64))  # (classes + 1,)
+        self.num_classes, self.input_size, self.in_channels = len(mus) - 1, 2, 1
+
+    def sit_mean_std(self, t):  # of x_t on the SiT path
+        return (1 - t), ((1 - t) ** 2 * self.sd ** 2 + t ** 2).sqrt()
+
+    def forward(self, x, t, y, align_depth=None, h=None):
+        mu = self.mus[y].view(-1, 1, 1, 1)
+        x, t = x.double(), t.double().view(-1, 1, 1, 1)
+        if self.family == "jit":  # E[x | z_t]
+            var = t ** 2 * self.sd ** 2 + (1 - t) ** 2 * self.s ** 2
+            return (mu + t * self.sd ** 2 / var * (x - t * mu)), None
+        a, b = self.sit_mean_std(t)
+        if h is None:  # E[eps - x | x_t]
+            k = (t - (1 - t) * self.sd ** 2) / b ** 2
+            return (-mu + k * (x - a * mu)), None
+        r = t - h.double().view(-1, 1, 1, 1)  # the ODE maps standardised x_t to standardised x_r
+        ar, br = self.sit_mean_std(r)
+        x_r = ar * mu + br / b * (x - a * mu)
+        return (x - x_r) / (t - r).clamp_min(1e-12), None
+
+
+def _sit_minimum():  # E_t Var(eps - x | x_t), t ~ U(0, 1), for x_t = (1 - t) x + t eps
+    from scipy import integrate
+
+    def var(t):
+        b2 = (1 - t) ** 2 * _SD ** 2 + t ** 2
+        return 1 + _SD ** 2 - (t - (1 - t) * _SD ** 2) ** 2 / b2
+    return integrate.quad(var, 0, 1)[0]
+
+
+def _jit_minimum(s):  # E_t Var(x | z_t) / max(1 - t, 0.05)^2, t = sigmoid(N(-0.8, 0.8))
+    from scipy import integrate, special, stats
+
+    def term(n):
+        t = special.expit(0.8 * n - 0.8)
+        var = _SD ** 2 - t ** 2 * _SD ** 4 / (t ** 2 * _SD ** 2 + (1 - t) ** 2 * s ** 2)
+        return stats.norm.pdf(n) * var / max(1 - t, 0.05) ** 2
+    return integrate.quad(term, -10, 10, limit=200)[0]
+
+
+@pytest.mark.parametrize("family,scale", [("SiT", 1.0), ("JiT", 1.0), ("JiT", 2.0)])
+def test_train_the_exact_model_reaches_the_objectives_minimum(family, scale):
+    torch.manual_seed(0)
+    net = _ExactGaussian(family.lower(), [_MU, 0.0], noise_scale=scale)
+    obj = train.Objective(net, None, family=family, align_depth=None, gamma=None, coeff=0.0,
+                          noise_scale=scale)
+    x = _MU + _SD * torch.randn(50_000, 1, 2, 2, dtype=torch.float64)
+    loss, denoise, rep = obj(x, torch.zeros(len(x), dtype=torch.long), None)
+    want = _sit_minimum() if family == "SiT" else _jit_minimum(scale)
+    assert loss.item() == pytest.approx(want, rel=0.03) and rep == 0
+
+
+def _built(tmp_path, *flags):
+    args = train.get_args(["--out-dir", str(tmp_path / "run"), "--no-compile",
+                           "--precision", "fp32", *flags])
+    torch.manual_seed(0)
+    return args, *train.build(args, torch.device("cpu"))
+
+
+def test_train_step_updates_the_ema_by_its_formula_and_drops_labels_to_the_null_class(tmp_path):
+    args, objective, encoder, vae, emas, opt = _built(
+        tmp_path, "--ema", "0.9", "--image-size", "16", "--batch-size", "512",
+        "--num-generated", "512", "--steps", "2")
+    loader = train.load_data(args, vae, torch.device("cpu"), 0, 1, 0)
+    net, ema, seen = objective.net, emas[0], []
+
+    def forward(x, y, target):  # records the inputs; a cheap loss that moves every parameter
+        seen.append((x, y))
+        loss = sum((p ** 2).sum() for p in net.parameters() if p.requires_grad)
+        return loss, loss, loss * 0
+    objective.forward = forward
+    step = train.make_step(args, objective, encoder, vae, emas, opt, torch.device("cpu"), 1)
+    images, labels = [], []
+    for x, y, lat in loader:
+        before = [e.detach().clone() for e in ema.parameters()]
+        step(x, y, lat)
+        images.append(x)
+        labels.append(y)
+    for b, e, p in zip(before, ema.parameters(), net.parameters()):
+        want = 0.9 * b + 0.1 * p.detach() if p.requires_grad else b  # frozen: not averaged
+        assert torch.allclose(e, want, atol=1e-7)
+    given, used = torch.cat(labels), torch.cat([y for _, y in seen])
+    dropped = used != given
+    assert (used[dropped] == args.num_classes).all()  # the null class, the embedder's last row
+    assert 0.07 < dropped.float().mean() < 0.13  # 10% of 1024 labels
+    pixels = torch.cat([x for x, _ in seen])  # JiT: uint8 0..255 -> [-1, 1]
+    assert torch.allclose(pixels, torch.cat(images).float() / 255 * 2 - 1)
+
+
+def test_train_builds_the_objective_with_gamma_and_coeff_where_the_flags_say(tmp_path):
+    args, objective, *_ = _built(tmp_path, "--encoder", "dinov2-vit-s", "--encoder-weights",
+                                 "random", "--irepa", "--spnorm-gamma", "0.3",
+                                 "--proj-coeff", "2.5", "--encoder-depth", "2")
+    assert (objective.gamma, objective.coeff, objective.align_depth) == (0.3, 2.5, 2)
+
+
+def test_train_loss_is_denoise_plus_coeff_times_the_alignment_term():
+    torch.manual_seed(0)
+    net = _randomize(_tiny_sit())
+    proj = align.make_projector(64, 8, conv=True)
+    obj = train.Objective(net, proj, family="SiT", align_depth=2, gamma=0.3, coeff=2.5)
+    x, y, z = torch.randn(3, 4, 4, 4), torch.tensor([1, 2, 3]), torch.randn(3, 4, 8)
+    torch.manual_seed(1)
+    loss, denoise, rep = obj(x, y, z)
+    torch.manual_seed(1)  # the objective's draws: t, then eps
+    t, eps = torch.rand(3), torch.randn_like(x)
+    out, hidden = net((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps, t, y, 2)
+    zn = (z - 0.3 * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
+    want = -F.cosine_similarity(proj(hidden), zn, dim=-1).mean()
+    assert torch.allclose(rep, want, atol=1e-6)
+    assert torch.allclose(denoise, ((out - (eps - x)) ** 2).mean(), atol=1e-6)
+    assert torch.allclose(loss, denoise + 2.5 * rep)
+
 # =============================================================================
 # train.py --objective meanflow (MeanFlow, with its sampler in sample.py)
 
@@ -771,6 +926,15 @@ def test_meanflow_sampler_matches_the_official_jax_code():
     for steps, key in ((1, "one_step"), (2, "two_step")):
         want = torch.from_numpy(f[key])
         assert (sample.mean_flow_sampler(net, z, y, steps) - want).norm() / want.norm() < 1e-6
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_meanflow_sampler_of_the_exact_model_is_exact(steps):
+    # the exact average velocity moves noise n onto the data point _MU + _SD n in any number of steps
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    net = _ExactGaussian("sit", [_MU, 0.0])
+    x = sample.mean_flow_sampler(net, noise, torch.zeros(4000, dtype=torch.long), steps)
+    assert torch.allclose(x.double(), _MU + _SD * noise.double(), atol=1e-5)
 
 
 def _mf_tiny_sit():
@@ -1495,6 +1659,20 @@ def test_sample_guidance_interval_switches_as_official():
     assert sorted(round(t, 6) for t, b in net.calls if b == 6) == [0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6]
 
 
+@pytest.mark.parametrize("name,grid,want", [
+    ("euler", torch.linspace(1, 0, 5, dtype=torch.float64), [0, 1, 1, 1]),
+    ("sde", torch.linspace(1, 0.04, 5, dtype=torch.float64), [0, 1, 1, 1, 0]),
+    ("jit-euler", torch.linspace(0, 1, 5), [0, 0, 1, 0])])
+def test_sample_guidance_interval_ends_on_grid_times(name, grid, want):
+    # the interval's ends are grid times exactly (linspace(1, 0, 11) never lands on 0.3): SiT
+    # guides at both ends, JiT at neither, as official
+    noise, y = _sample_inputs()
+    net = _sample_Toy()
+    low, high = sorted(grid[[1, 3]].tolist())
+    _sample_run(name, net, noise, y, len(want), 2.0, low, high)
+    assert [int(b == 6) for _, b in net.calls] == want
+
+
 def test_sample_ode_exact_for_point_mass():
     # data = one point mu: v(x, t) = (x - mu) / t is exact, and Euler / Heun on the straight paths land on mu
     mu = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -1509,6 +1687,45 @@ def test_sample_ode_exact_for_point_mass():
     for heun in (False, True):
         out = sample.euler_sampler(Ideal(), noise, torch.tensor([1, 2]), 8, heun)
         assert torch.allclose(out, mu.double(), atol=1e-6)
+
+
+def _sample_exact(family, kind, steps, cfg=1.0, mus=(_MU, 0.0), scale=1.0):
+    # the exact model (train.py's section) on 4000 images of 2x2 pixels; the noise it starts from
+    net = _ExactGaussian(family, list(mus), noise_scale=scale)
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4000, dtype=torch.long)
+    if family == "jit":
+        return sample.jit_sampler(net, scale * noise, y, steps, True, cfg), noise.double()
+    return sample.euler_sampler(net, noise, y, steps, kind == "heun", cfg), noise.double()
+
+
+# (family, sampler, steps, max error): the ODE maps noise n to _MU + _SD n, up to its step error
+_SAMPLE_ODES = [("sit", "euler", 200, 0.03), ("sit", "heun", 20, 0.015), ("jit", "heun", 20, 0.05)]
+
+
+@pytest.mark.parametrize("family,kind,steps,tol", _SAMPLE_ODES)
+def test_sample_ode_of_the_exact_model_maps_noise_onto_the_data(family, kind, steps, tol):
+    scale = 2.0 if family == "jit" else 1.0  # JiT's initial noise std (512 px)
+    x, noise = _sample_exact(family, kind, steps, scale=scale)
+    assert (x.double() - (_MU + _SD * noise)).abs().max() < tol
+
+
+@pytest.mark.parametrize("family,kind,steps,tol", _SAMPLE_ODES[1:])
+def test_sample_guidance_of_the_exact_model_moves_the_mean_by_the_cfg_formula(family, kind, steps,
+                                                                              tol):
+    # velocities and x-predictions are affine in the class mean: scale s gives the data
+    # N(mu_null + s (mu_y - mu_null), _SD^2) exactly
+    x, noise = _sample_exact(family, kind, steps, cfg=2.0, mus=(_MU, -0.5))
+    assert (x.double() - (-0.5 + 2.0 * (_MU + 0.5) + _SD * noise)).abs().max() < tol
+
+
+def test_sample_sde_of_the_exact_model_reproduces_the_data():
+    net = _ExactGaussian("sit", [_MU, 0.0])
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    y = torch.zeros(4000, dtype=torch.long)
+    x = sample.euler_maruyama_sampler(net, noise, y, 250, generator=g).double()
+    assert abs(x.mean().item() - _MU) < 0.02 and abs(x.std().item() - _SD) < 0.015
 
 
 def test_sample_save_grid_layout(tmp_path):
@@ -1858,6 +2075,18 @@ def test_metrics_identical_tokens_have_zero_rmsc():
     z = (torch.randn(3, 1, 32) + 2).expand(3, 256, 32)
     assert metrics.spatial_metrics(z)["rmsc"].abs().max() < 1e-6  # the sqrt would turn fp32 cancellation noise into ~1e-4
     assert metrics.spatial_metrics(_metrics_smooth())["rmsc"].min() > 0.1
+
+
+def test_metrics_rmsc_matches_a_bruteforce_loop_far_from_zero_and_one():
+    torch.manual_seed(0)
+    z = torch.randn(3, 16, 8) + torch.tensor([2.0] + [0.0] * 7)  # rmsc ~0.6 to 0.7
+    want = []
+    for img in z.double():
+        u = img / img.norm(dim=-1, keepdim=True)
+        want.append(((u - u.mean(0)) ** 2).sum(-1).mean().sqrt())
+    want = torch.stack(want)
+    assert 0.3 < want.min() and want.max() < 0.9
+    assert torch.allclose(metrics.spatial_metrics(z)["rmsc"].double(), want, atol=1e-5)
 
 
 def test_metrics_global_vector_hides_structure_until_spatial_norm():
@@ -2268,6 +2497,18 @@ def test_fid_inception_outputs_spatial_order_and_batch_invariance():
     torch.testing.assert_close(spatial1, spatial[1:], rtol=1e-5, atol=1e-5 * spatial.abs().max().item())
 
 
+def test_fid_inception_sees_the_tf_graphs_input_scaling():
+    torch.manual_seed(0)
+    m = fid.FIDInception().eval()
+    seen = []
+    m.Conv2d_1a_3x3.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
+    x = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        m(x)
+    resized = fid.tf1_resize(x.permute(0, 3, 1, 2).float())
+    assert torch.equal(seen[0], (resized - 128) / 128)  # the TF graph's Sub 128, Mul 1/128
+
+
 def test_fid_npz_streaming_equals_np_load(tmp_path):
     imgs = np.random.default_rng(6).integers(0, 256, (11, 5, 6, 3), dtype=np.uint8)
     for save in (np.savez, np.savez_compressed):
@@ -2395,6 +2636,28 @@ def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     assert np.isclose(metrics["sFID"], fd_stub(st["mu_s"], st["sigma_s"], sr.mean(0), np.cov(sr, rowvar=False)))
     assert np.isclose(metrics["Inception Score"], fid.inception_score(ps @ sd["fc.weight"].numpy().T), rtol=1e-6)
     assert (metrics["Precision"], metrics["Recall"]) == fid.precision_recall(torch.from_numpy(pr), torch.from_numpy(ps))
+
+
+def test_fid_both_sides_statistics_are_numpys_mean_and_unbiased_covariance(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
+    m = fid.FIDInception()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", arr_0=a)
+    np.savez(tmp_path / "b.npz", arr_0=b)
+    seen = []  # what FID and sFID are computed from: (mu, sigma) of the samples, then the ref's
+    monkeypatch.setattr(fid, "frechet_distance", lambda *args: seen.append(args) or 0.0)
+    fid.evaluate(m, str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
+    with torch.no_grad():
+        pool = [m(torch.from_numpy(x))[0].double().numpy() for x in (a, b)]
+        spatial = [m(torch.from_numpy(x))[1].double().numpy() for x in (a, b)]
+    for feats, args in zip((pool, spatial), seen):
+        for f, mu, sigma in zip(feats, args[::2], args[1::2]):
+            centred = f - f.mean(0)
+            assert np.allclose(mu, f.mean(0), rtol=1e-5, atol=1e-6)
+            assert np.allclose(sigma, centred.T @ centred / (len(f) - 1), rtol=1e-4, atol=1e-8)
 
 
 def _fid_ddp_worker(rank, world, port, path, out):
