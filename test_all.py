@@ -416,6 +416,29 @@ def test_train_center_crop_rounds_the_resized_side():
     assert np.array_equal(data.center_crop(img, 64), ref[:, 43:107])
 
 
+def test_train_batches_split_each_global_batch_over_the_ranks():
+    # 24 images (1x2 pixels, telling index and flip apart) in batches of 8: on 2 ranks the parts of
+    # step s hold 1 rank's batch s; an epoch sees each image once, the next reshuffles
+    n, B = 24, 8
+    images, labels = np.arange(2 * n).reshape(n, 1, 1, 2), np.arange(n)
+    one = data.Batches(images, labels, labels * 10.0, B, 0, 1, seed=3, flip=True)
+    two = [data.Batches(images, labels, labels * 10.0, B, r, 2, seed=3, flip=True) for r in (0, 1)]
+    seen, flips = [], 0
+    for step in range(2 * n // B):  # two epochs
+        x, y, lat = one[step]
+        assert torch.equal(x.amin((1, 2, 3)) // 2, y) and torch.equal(lat, y * 10.0)
+        parts = [b[step] for b in two]
+        for px, py, plat in parts:  # each image with its label and latent, flipped or not
+            assert torch.equal(px.amin((1, 2, 3)) // 2, py) and torch.equal(plat, py * 10.0)
+        assert sorted(torch.cat([p[1] for p in parts]).tolist()) == sorted(y.tolist())
+        seen.append(y)
+        flips += (x[..., 0] > x[..., 1]).sum().item()
+    assert sorted(torch.cat(seen[:3]).tolist()) == list(range(n))
+    assert sorted(torch.cat(seen[3:]).tolist()) == list(range(n))
+    assert not torch.equal(torch.cat(seen[:3]), torch.cat(seen[3:]))
+    assert 12 <= flips <= 36  # random flips, p 0.5, of 48 images
+
+
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(full)), check=True,
@@ -848,6 +871,25 @@ def test_train_builds_the_objective_with_gamma_and_coeff_where_the_flags_say(tmp
                                  "random", "--irepa", "--spnorm-gamma", "0.3",
                                  "--proj-coeff", "2.5", "--encoder-depth", "2")
     assert (objective.gamma, objective.coeff, objective.align_depth) == (0.3, 2.5, 2)
+
+
+def test_train_jit_loss_is_the_velocity_error_clamped_near_t_one(monkeypatch):
+    # t = sigmoid(0.8 n - 0.8) for chosen n: 1 - t is 0.057 for n 4.5, under 0.05 for n 6 and 8
+    torch.manual_seed(0)
+    net = _randomize(_tiny_jit())
+    obj = train.Objective(net, None, family="JiT", align_depth=None, gamma=None, coeff=0.0,
+                          noise_scale=2.0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    n, randn = torch.tensor([-1.0, 4.5, 6.0, 8.0]), torch.randn  # the objective's draw of (B,)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: n.clone() if a == (4,) else randn(*a, **k))
+    torch.manual_seed(1)
+    loss, denoise, _ = obj(x, y, None)
+    torch.manual_seed(1)
+    t = torch.sigmoid(0.8 * n - 0.8).view(-1, 1, 1, 1)
+    z = t * x + (1 - t) * 2.0 * torch.randn_like(x)
+    w = 1 / torch.maximum(1 - t, torch.tensor(0.05))  # v = (x - z) / max(1 - t, 0.05)
+    want = (((x - net(z, t.flatten(), y)[0]) * w) ** 2).mean()
+    assert torch.allclose(loss, want, rtol=1e-5) and torch.equal(loss, denoise)
 
 
 def test_train_loss_is_denoise_plus_coeff_times_the_alignment_term():
@@ -1726,6 +1768,10 @@ def test_sample_sde_of_the_exact_model_reproduces_the_data():
     y = torch.zeros(4000, dtype=torch.long)
     x = sample.euler_maruyama_sampler(net, noise, y, 250, generator=g).double()
     assert abs(x.mean().item() - _MU) < 0.02 and abs(x.std().item() - _SD) < 0.015
+    ref = torch.Generator().manual_seed(1)  # noise in every step but the last, drift-only, one
+    for _ in range(249):
+        torch.randn(noise.shape, generator=ref, dtype=torch.float64)
+    assert torch.equal(g.get_state(), ref.get_state())
 
 
 def test_sample_save_grid_layout(tmp_path):
