@@ -290,6 +290,16 @@ def test_align_spatial_norm_keeps_part_of_the_mean():
     assert torch.allclose(out.mean(1, keepdim=True) * std, (1 - gamma) * z.mean(1, keepdim=True), atol=1e-4)
 
 
+def test_align_gamma_zero_still_divides_by_the_std_and_none_is_repa():
+    torch.manual_seed(0)
+    z, h = torch.randn(2, 16, 8) * torch.rand(8) * 3 + 1, torch.randn(2, 16, 8)
+    scaled = z / (z.std(1, keepdim=True) + 1e-6)  # per channel: not a cosine-invariant scale
+    loss = align.alignment_loss(nn.Identity(), h, z, 0.0)
+    assert torch.allclose(loss, align.repa_loss(h, scaled), atol=1e-6)
+    assert not torch.allclose(loss, align.repa_loss(h, z), atol=1e-3)
+    assert torch.equal(align.alignment_loss(nn.Identity(), h, z, None), align.repa_loss(h, z))
+
+
 def test_align_spatial_norm_is_fp32():
     z = torch.randn(2, 16, 4).bfloat16()
     assert align.spatial_norm(z, 0.8).dtype == torch.float32
@@ -437,6 +447,13 @@ def test_train_batches_split_each_global_batch_over_the_ranks():
     assert sorted(torch.cat(seen[3:]).tolist()) == list(range(n))
     assert not torch.equal(torch.cat(seen[:3]), torch.cat(seen[3:]))
     assert 12 <= flips <= 36  # random flips, p 0.5, of 48 images
+
+
+def test_train_lr_warms_up_linearly_from_its_first_step(tmp_path):
+    train.main([*_TINY, "--steps", "3", "--log-every", "1", "--ckpt-every", "3",
+                "--out-dir", str(tmp_path)])
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # step s of 2 warm-up steps: lr min(1, s / 2)
 
 
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
@@ -972,7 +989,7 @@ def test_meanflow_sampler_matches_the_official_jax_code():
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_meanflow_sampler_of_the_exact_model_is_exact(steps):
-    # the exact average velocity moves noise n onto the data point _MU + _SD n in any number of steps
+    # the exact average velocity moves noise n onto _MU + _SD n in any number of steps
     noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     net = _ExactGaussian("sit", [_MU, 0.0])
     x = sample.mean_flow_sampler(net, noise, torch.zeros(4000, dtype=torch.long), steps)
@@ -1002,6 +1019,25 @@ def test_meanflow_jvp_equals_finite_differences():
     with torch.no_grad():
         fd = (u(d) - u(-d)) / (2 * d)
     assert (du_dt - fd).norm() / fd.norm() < 2e-3
+
+
+def test_meanflow_gradient_stops_at_the_target_and_the_weight():
+    # MeanFlow's loss is sg-weighted ||u - sg(target)||^2: its gradient is that of a regression
+    # on the target, as a constant, with the weight 1 / (err + c) a constant too
+    net = _mf_tiny_sit()
+    obj = _mf_objective(net, omega=1.0, kappa=0.0)
+    g = torch.Generator().manual_seed(3)
+    x, e = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0]), torch.tensor([0, 1, 2, 0])
+    loss, _, _, target = obj.mean_flow_loss(x, y, t, r, e)
+    params = [p for p in net.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    tt = t.view(-1, 1, 1, 1)
+    u = net((1 - tt) * x + tt * e, t, y, h=t - r)[0]
+    err = ((u - target.detach()) ** 2).sum((1, 2, 3))
+    want = torch.autograd.grad((err / (err.detach() + 1e-3)).mean(), params, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
 
 
 def test_meanflow_sit_keeps_the_ordinary_keys_and_h_zero_is_the_velocity():
