@@ -1028,7 +1028,8 @@ def test_meanflow_gradient_stops_at_the_target_and_the_weight():
     obj = _mf_objective(net, omega=1.0, kappa=0.0)
     g = torch.Generator().manual_seed(3)
     x, e = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
-    t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0]), torch.tensor([0, 1, 2, 0])
+    t, r = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0])
+    y = torch.tensor([0, 1, 2, 0])
     loss, _, _, target = obj.mean_flow_loss(x, y, t, r, e)
     params = [p for p in net.parameters() if p.requires_grad]
     got = torch.autograd.grad(loss, params, allow_unused=True)
