@@ -228,6 +228,16 @@ def test_align_projector_sizes():
     assert sum(p.numel() for p in align.make_projector(768, 768, conv=False).parameters()) == 7_344_896
 
 
+def test_align_mlp_projector_is_linear_silu_linear_silu_linear():
+    torch.manual_seed(0)
+    p = align.make_projector(16, 8, conv=False)
+    h = torch.randn(2, 5, 16)
+    (w1, b1), (w2, b2), (w3, b3) = [(m.weight, m.bias) for m in p.modules()
+                                    if isinstance(m, torch.nn.Linear)]
+    want = F.linear(F.silu(F.linear(F.silu(F.linear(h, w1, b1)), w2, b2)), w3, b3)
+    assert torch.allclose(p(h), want, atol=1e-6)
+
+
 def test_align_conv_projector_keeps_grid_and_is_local():
     torch.manual_seed(0)
     p = align.make_projector(8, 5, conv=True)
@@ -278,6 +288,16 @@ def test_align_spatial_norm_keeps_part_of_the_mean():
     out = align.spatial_norm(z, gamma)
     std = z.std(1, keepdim=True) + 1e-6
     assert torch.allclose(out.mean(1, keepdim=True) * std, (1 - gamma) * z.mean(1, keepdim=True), atol=1e-4)
+
+
+def test_align_gamma_zero_still_divides_by_the_std_and_none_is_repa():
+    torch.manual_seed(0)
+    z, h = torch.randn(2, 16, 8) * torch.rand(8) * 3 + 1, torch.randn(2, 16, 8)
+    scaled = z / (z.std(1, keepdim=True) + 1e-6)  # per channel: not a cosine-invariant scale
+    loss = align.alignment_loss(nn.Identity(), h, z, 0.0)
+    assert torch.allclose(loss, align.repa_loss(h, scaled), atol=1e-6)
+    assert not torch.allclose(loss, align.repa_loss(h, z), atol=1e-3)
+    assert torch.equal(align.alignment_loss(nn.Identity(), h, z, None), align.repa_loss(h, z))
 
 
 def test_align_spatial_norm_is_fp32():
@@ -344,6 +364,7 @@ def test_align_model_and_projector_learn_tiny_batch(family, conv):
 
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -363,6 +384,12 @@ _CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 def _train_cmd(*extra):
     return [sys.executable, os.path.join(_ROOT, "train.py"), *_TINY, *extra]
+
+
+def _free_port():  # so that two suites can run side by side
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _state(path):
@@ -389,6 +416,44 @@ def test_train_center_crop_is_adm():
     ref = np.asarray(ref.resize((round(175 * 64 / 75), 64), Image.BICUBIC))
     x0 = (ref.shape[1] - 64) // 2
     assert np.array_equal(out, ref[:, x0:x0 + 64])
+
+
+def test_train_center_crop_rounds_the_resized_side():
+    from PIL import Image
+    # 234 x 100 -> bicubic to short side 64: the long side is 149.76, 150 rounded (149 truncated)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 234, 3), np.uint8))
+    ref = np.asarray(img.resize((150, 64), Image.BICUBIC))
+    assert np.array_equal(data.center_crop(img, 64), ref[:, 43:107])
+
+
+def test_train_batches_split_each_global_batch_over_the_ranks():
+    # 24 images (1x2 pixels, telling index and flip apart) in batches of 8: on 2 ranks the parts of
+    # step s hold 1 rank's batch s; an epoch sees each image once, the next reshuffles
+    n, B = 24, 8
+    images, labels = np.arange(2 * n).reshape(n, 1, 1, 2), np.arange(n)
+    one = data.Batches(images, labels, labels * 10.0, B, 0, 1, seed=3, flip=True)
+    two = [data.Batches(images, labels, labels * 10.0, B, r, 2, seed=3, flip=True) for r in (0, 1)]
+    seen, flips = [], 0
+    for step in range(2 * n // B):  # two epochs
+        x, y, lat = one[step]
+        assert torch.equal(x.amin((1, 2, 3)) // 2, y) and torch.equal(lat, y * 10.0)
+        parts = [b[step] for b in two]
+        for px, py, plat in parts:  # each image with its label and latent, flipped or not
+            assert torch.equal(px.amin((1, 2, 3)) // 2, py) and torch.equal(plat, py * 10.0)
+        assert sorted(torch.cat([p[1] for p in parts]).tolist()) == sorted(y.tolist())
+        seen.append(y)
+        flips += (x[..., 0] > x[..., 1]).sum().item()
+    assert sorted(torch.cat(seen[:3]).tolist()) == list(range(n))
+    assert sorted(torch.cat(seen[3:]).tolist()) == list(range(n))
+    assert not torch.equal(torch.cat(seen[:3]), torch.cat(seen[3:]))
+    assert 12 <= flips <= 36  # random flips, p 0.5, of 48 images
+
+
+def test_train_lr_warms_up_linearly_from_its_first_step(tmp_path):
+    train.main([*_TINY, "--steps", "3", "--log-every", "1", "--ckpt-every", "3",
+                "--out-dir", str(tmp_path)])
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # step s of 2 warm-up steps: lr min(1, s / 2)
 
 
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
@@ -496,7 +561,8 @@ def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_p
 @pytest.mark.parametrize("objective", [[], ["--objective", "meanflow", "--model", "SiT-demo/4"]])
 def test_train_ddp_gloo_two_processes(tmp_path, objective):
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}",
                         os.path.join(_ROOT, "train.py"), *_TINY, *objective, "--steps", "6", "--ckpt-every", "6",
                         "--out-dir", str(out)], capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -506,7 +572,8 @@ def test_train_ddp_gloo_two_processes(tmp_path, objective):
 
 
 def test_train_ddp_batch_not_divisible(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}",
                         os.path.join(_ROOT, "train.py"), *_TINY, "--batch-size", "7", "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
@@ -808,6 +875,153 @@ def test_train_wandb_logs_the_records_and_is_refused_without_the_package(tmp_pat
         train.main([*_TINY, "--steps", "1", "--wandb", "proj", "--out-dir", str(tmp_path / "r2")])
     assert not (tmp_path / "r2").exists()
 
+
+# The exact network for Gaussian data x ~ N(mu_y, SD^2) per pixel: the best denoiser is known in
+# closed form, so each objective's minimum and each sampler's output are too (here and below).
+_MU, _SD = 1.5, 0.5
+
+
+class _ExactGaussian(nn.Module):
+    """The true network for class means mus (the null class's last), on SiT's path (x_t = (1-t) x
+    + t eps, velocity), JiT's (z = t x + (1-t) s eps, x-prediction) or MeanFlow's average
+    velocity u(z_t, r, t) of the exact ODE's flow (h = t - r), all in float64."""
+
+    def __init__(self, family, mus, sd=_SD, noise_scale=1.0):
+        super().__init__()
+        self.family, self.sd, self.s = family, sd, noise_scale
+        self.register_buffer("mus", torch.tensor(mus, dtype=torch.float64))  # (classes + 1,)
+        self.num_classes, self.input_size, self.in_channels = len(mus) - 1, 2, 1
+
+    def sit_mean_std(self, t):  # of x_t on the SiT path
+        return (1 - t), ((1 - t) ** 2 * self.sd ** 2 + t ** 2).sqrt()
+
+    def forward(self, x, t, y, align_depth=None, h=None):
+        mu = self.mus[y].view(-1, 1, 1, 1)
+        x, t = x.double(), t.double().view(-1, 1, 1, 1)
+        if self.family == "jit":  # E[x | z_t]
+            var = t ** 2 * self.sd ** 2 + (1 - t) ** 2 * self.s ** 2
+            return (mu + t * self.sd ** 2 / var * (x - t * mu)), None
+        a, b = self.sit_mean_std(t)
+        if h is None:  # E[eps - x | x_t]
+            k = (t - (1 - t) * self.sd ** 2) / b ** 2
+            return (-mu + k * (x - a * mu)), None
+        r = t - h.double().view(-1, 1, 1, 1)  # the ODE maps standardised x_t to standardised x_r
+        ar, br = self.sit_mean_std(r)
+        x_r = ar * mu + br / b * (x - a * mu)
+        return (x - x_r) / (t - r).clamp_min(1e-12), None
+
+
+def _sit_minimum():  # E_t Var(eps - x | x_t), t ~ U(0, 1), for x_t = (1 - t) x + t eps
+    from scipy import integrate
+
+    def var(t):
+        b2 = (1 - t) ** 2 * _SD ** 2 + t ** 2
+        return 1 + _SD ** 2 - (t - (1 - t) * _SD ** 2) ** 2 / b2
+    return integrate.quad(var, 0, 1)[0]
+
+
+def _jit_minimum(s):  # E_t Var(x | z_t) / max(1 - t, 0.05)^2, t = sigmoid(N(-0.8, 0.8))
+    from scipy import integrate, special, stats
+
+    def term(n):
+        t = special.expit(0.8 * n - 0.8)
+        var = _SD ** 2 - t ** 2 * _SD ** 4 / (t ** 2 * _SD ** 2 + (1 - t) ** 2 * s ** 2)
+        return stats.norm.pdf(n) * var / max(1 - t, 0.05) ** 2
+    return integrate.quad(term, -10, 10, limit=200)[0]
+
+
+@pytest.mark.parametrize("family,scale", [("SiT", 1.0), ("JiT", 1.0), ("JiT", 2.0)])
+def test_train_the_exact_model_reaches_the_objectives_minimum(family, scale):
+    torch.manual_seed(0)
+    net = _ExactGaussian(family.lower(), [_MU, 0.0], noise_scale=scale)
+    obj = train.Objective(net, None, family=family, align_depth=None, gamma=None, coeff=0.0,
+                          noise_scale=scale)
+    x = _MU + _SD * torch.randn(50_000, 1, 2, 2, dtype=torch.float64)
+    loss, denoise, rep = obj(x, torch.zeros(len(x), dtype=torch.long), None)
+    want = _sit_minimum() if family == "SiT" else _jit_minimum(scale)
+    assert loss.item() == pytest.approx(want, rel=0.03) and rep == 0
+
+
+def _built(tmp_path, *flags):
+    args = train.get_args(["--out-dir", str(tmp_path / "run"), "--no-compile",
+                           "--precision", "fp32", *flags])
+    torch.manual_seed(0)
+    return args, *train.build(args, torch.device("cpu"))
+
+
+def test_train_step_updates_the_ema_by_its_formula_and_drops_labels_to_the_null_class(tmp_path):
+    args, objective, encoder, vae, emas, opt = _built(
+        tmp_path, "--ema", "0.9", "--image-size", "16", "--batch-size", "512",
+        "--num-generated", "512", "--steps", "2")
+    loader = train.load_data(args, vae, torch.device("cpu"), 0, 1, 0)
+    net, ema, seen = objective.net, emas[0], []
+
+    def forward(x, y, target):  # records the inputs; a cheap loss that moves every parameter
+        seen.append((x, y))
+        loss = sum((p ** 2).sum() for p in net.parameters() if p.requires_grad)
+        return loss, loss, loss * 0
+    objective.forward = forward
+    step = train.make_step(args, objective, encoder, vae, emas, opt, torch.device("cpu"), 1)
+    images, labels = [], []
+    for x, y, lat in loader:
+        before = [e.detach().clone() for e in ema.parameters()]
+        step(x, y, lat)
+        images.append(x)
+        labels.append(y)
+    for b, e, p in zip(before, ema.parameters(), net.parameters()):
+        want = 0.9 * b + 0.1 * p.detach() if p.requires_grad else b  # frozen: not averaged
+        assert torch.allclose(e, want, atol=1e-7)
+    given, used = torch.cat(labels), torch.cat([y for _, y in seen])
+    dropped = used != given
+    assert (used[dropped] == args.num_classes).all()  # the null class, the embedder's last row
+    assert 0.07 < dropped.float().mean() < 0.13  # 10% of 1024 labels
+    pixels = torch.cat([x for x, _ in seen])  # JiT: uint8 0..255 -> [-1, 1]
+    assert torch.allclose(pixels, torch.cat(images).float() / 255 * 2 - 1)
+
+
+def test_train_builds_the_objective_with_gamma_and_coeff_where_the_flags_say(tmp_path):
+    args, objective, *_ = _built(tmp_path, "--encoder", "dinov2-vit-s", "--encoder-weights",
+                                 "random", "--irepa", "--spnorm-gamma", "0.3",
+                                 "--proj-coeff", "2.5", "--encoder-depth", "2")
+    assert (objective.gamma, objective.coeff, objective.align_depth) == (0.3, 2.5, 2)
+
+
+def test_train_jit_loss_is_the_velocity_error_clamped_near_t_one(monkeypatch):
+    # t = sigmoid(0.8 n - 0.8) for chosen n: 1 - t is 0.057 for n 4.5, under 0.05 for n 6 and 8
+    torch.manual_seed(0)
+    net = _randomize(_tiny_jit())
+    obj = train.Objective(net, None, family="JiT", align_depth=None, gamma=None, coeff=0.0,
+                          noise_scale=2.0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    n, randn = torch.tensor([-1.0, 4.5, 6.0, 8.0]), torch.randn  # the objective's draw of (B,)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: n.clone() if a == (4,) else randn(*a, **k))
+    torch.manual_seed(1)
+    loss, denoise, _ = obj(x, y, None)
+    torch.manual_seed(1)
+    t = torch.sigmoid(0.8 * n - 0.8).view(-1, 1, 1, 1)
+    z = t * x + (1 - t) * 2.0 * torch.randn_like(x)
+    w = 1 / torch.maximum(1 - t, torch.tensor(0.05))  # v = (x - z) / max(1 - t, 0.05)
+    want = (((x - net(z, t.flatten(), y)[0]) * w) ** 2).mean()
+    assert torch.allclose(loss, want, rtol=1e-5) and torch.equal(loss, denoise)
+
+
+def test_train_loss_is_denoise_plus_coeff_times_the_alignment_term():
+    torch.manual_seed(0)
+    net = _randomize(_tiny_sit())
+    proj = align.make_projector(64, 8, conv=True)
+    obj = train.Objective(net, proj, family="SiT", align_depth=2, gamma=0.3, coeff=2.5)
+    x, y, z = torch.randn(3, 4, 4, 4), torch.tensor([1, 2, 3]), torch.randn(3, 4, 8)
+    torch.manual_seed(1)
+    loss, denoise, rep = obj(x, y, z)
+    torch.manual_seed(1)  # the objective's draws: t, then eps
+    t, eps = torch.rand(3), torch.randn_like(x)
+    out, hidden = net((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps, t, y, 2)
+    zn = (z - 0.3 * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
+    want = -F.cosine_similarity(proj(hidden), zn, dim=-1).mean()
+    assert torch.allclose(rep, want, atol=1e-6)
+    assert torch.allclose(denoise, ((out - (eps - x)) ** 2).mean(), atol=1e-6)
+    assert torch.allclose(loss, denoise + 2.5 * rep)
+
 # =============================================================================
 # train.py --objective meanflow (MeanFlow, with its sampler in sample.py)
 
@@ -869,6 +1083,15 @@ def test_meanflow_sampler_matches_the_official_jax_code():
         assert (sample.mean_flow_sampler(net, z, y, steps) - want).norm() / want.norm() < 1e-6
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_meanflow_sampler_of_the_exact_model_is_exact(steps):
+    # the exact average velocity moves noise n onto _MU + _SD n in any number of steps
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    net = _ExactGaussian("sit", [_MU, 0.0])
+    x = sample.mean_flow_sampler(net, noise, torch.zeros(4000, dtype=torch.long), steps)
+    assert torch.allclose(x.double(), _MU + _SD * noise.double(), atol=1e-5)
+
+
 def _mf_tiny_sit():
     torch.manual_seed(0)
     net = model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=3,
@@ -892,6 +1115,26 @@ def test_meanflow_jvp_equals_finite_differences():
     with torch.no_grad():
         fd = (u(d) - u(-d)) / (2 * d)
     assert (du_dt - fd).norm() / fd.norm() < 2e-3
+
+
+def test_meanflow_gradient_stops_at_the_target_and_the_weight():
+    # MeanFlow's loss is sg-weighted ||u - sg(target)||^2: its gradient is that of a regression
+    # on the target, as a constant, with the weight 1 / (err + c) a constant too
+    net = _mf_tiny_sit()
+    obj = _mf_objective(net, omega=1.0, kappa=0.0)
+    g = torch.Generator().manual_seed(3)
+    x, e = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    t, r = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0])
+    y = torch.tensor([0, 1, 2, 0])
+    loss, _, _, target = obj.mean_flow_loss(x, y, t, r, e)
+    params = [p for p in net.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    tt = t.view(-1, 1, 1, 1)
+    u = net((1 - tt) * x + tt * e, t, y, h=t - r)[0]
+    err = ((u - target.detach()) ** 2).sum((1, 2, 3))
+    want = torch.autograd.grad((err / (err.detach() + 1e-3)).mean(), params, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
 
 
 def test_meanflow_sit_keeps_the_ordinary_keys_and_h_zero_is_the_velocity():
@@ -1592,6 +1835,20 @@ def test_sample_guidance_interval_switches_as_official():
     assert sorted(round(t, 6) for t, b in net.calls if b == 6) == [0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6]
 
 
+@pytest.mark.parametrize("name,grid,want", [
+    ("euler", torch.linspace(1, 0, 5, dtype=torch.float64), [0, 1, 1, 1]),
+    ("sde", torch.linspace(1, 0.04, 5, dtype=torch.float64), [0, 1, 1, 1, 0]),
+    ("jit-euler", torch.linspace(0, 1, 5), [0, 0, 1, 0])])
+def test_sample_guidance_interval_ends_on_grid_times(name, grid, want):
+    # the interval's ends are grid times exactly (linspace(1, 0, 11) never lands on 0.3): SiT
+    # guides at both ends, JiT at neither, as official
+    noise, y = _sample_inputs()
+    net = _sample_Toy()
+    low, high = sorted(grid[[1, 3]].tolist())
+    _sample_run(name, net, noise, y, len(want), 2.0, low, high)
+    assert [int(b == 6) for _, b in net.calls] == want
+
+
 def test_sample_ode_exact_for_point_mass():
     # data = one point mu: v(x, t) = (x - mu) / t is exact, and Euler / Heun on the straight paths land on mu
     mu = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -1606,6 +1863,49 @@ def test_sample_ode_exact_for_point_mass():
     for heun in (False, True):
         out = sample.euler_sampler(Ideal(), noise, torch.tensor([1, 2]), 8, heun)
         assert torch.allclose(out, mu.double(), atol=1e-6)
+
+
+def _sample_exact(family, kind, steps, cfg=1.0, mus=(_MU, 0.0), scale=1.0):
+    # the exact model (train.py's section) on 4000 images of 2x2 pixels; the noise it starts from
+    net = _ExactGaussian(family, list(mus), noise_scale=scale)
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4000, dtype=torch.long)
+    if family == "jit":
+        return sample.jit_sampler(net, scale * noise, y, steps, True, cfg), noise.double()
+    return sample.euler_sampler(net, noise, y, steps, kind == "heun", cfg), noise.double()
+
+
+# (family, sampler, steps, max error): the ODE maps noise n to _MU + _SD n, up to its step error
+_SAMPLE_ODES = [("sit", "euler", 200, 0.03), ("sit", "heun", 20, 0.015), ("jit", "heun", 20, 0.05)]
+
+
+@pytest.mark.parametrize("family,kind,steps,tol", _SAMPLE_ODES)
+def test_sample_ode_of_the_exact_model_maps_noise_onto_the_data(family, kind, steps, tol):
+    scale = 2.0 if family == "jit" else 1.0  # JiT's initial noise std (512 px)
+    x, noise = _sample_exact(family, kind, steps, scale=scale)
+    assert (x.double() - (_MU + _SD * noise)).abs().max() < tol
+
+
+@pytest.mark.parametrize("family,kind,steps,tol", _SAMPLE_ODES[1:])
+def test_sample_guidance_of_the_exact_model_moves_the_mean_by_the_cfg_formula(family, kind, steps,
+                                                                              tol):
+    # velocities and x-predictions are affine in the class mean: scale s gives the data
+    # N(mu_null + s (mu_y - mu_null), _SD^2) exactly
+    x, noise = _sample_exact(family, kind, steps, cfg=2.0, mus=(_MU, -0.5))
+    assert (x.double() - (-0.5 + 2.0 * (_MU + 0.5) + _SD * noise)).abs().max() < tol
+
+
+def test_sample_sde_of_the_exact_model_reproduces_the_data():
+    net = _ExactGaussian("sit", [_MU, 0.0])
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    y = torch.zeros(4000, dtype=torch.long)
+    x = sample.euler_maruyama_sampler(net, noise, y, 250, generator=g).double()
+    assert abs(x.mean().item() - _MU) < 0.02 and abs(x.std().item() - _SD) < 0.015
+    ref = torch.Generator().manual_seed(1)  # noise in every step but the last, drift-only, one
+    for _ in range(249):
+        torch.randn(noise.shape, generator=ref, dtype=torch.float64)
+    assert torch.equal(g.get_state(), ref.get_state())
 
 
 def test_sample_save_grid_layout(tmp_path):
@@ -1971,6 +2271,18 @@ def test_metrics_identical_tokens_have_zero_rmsc():
     z = (torch.randn(3, 1, 32) + 2).expand(3, 256, 32)
     assert metrics.spatial_metrics(z)["rmsc"].abs().max() < 1e-6  # the sqrt would turn fp32 cancellation noise into ~1e-4
     assert metrics.spatial_metrics(_metrics_smooth())["rmsc"].min() > 0.1
+
+
+def test_metrics_rmsc_matches_a_bruteforce_loop_far_from_zero_and_one():
+    torch.manual_seed(0)
+    z = torch.randn(3, 16, 8) + torch.tensor([2.0] + [0.0] * 7)  # rmsc ~0.6 to 0.7
+    want = []
+    for img in z.double():
+        u = img / img.norm(dim=-1, keepdim=True)
+        want.append(((u - u.mean(0)) ** 2).sum(-1).mean().sqrt())
+    want = torch.stack(want)
+    assert 0.3 < want.min() and want.max() < 0.9
+    assert torch.allclose(metrics.spatial_metrics(z)["rmsc"].double(), want, atol=1e-5)
 
 
 def test_metrics_global_vector_hides_structure_until_spatial_norm():
@@ -2381,6 +2693,18 @@ def test_fid_inception_outputs_spatial_order_and_batch_invariance():
     torch.testing.assert_close(spatial1, spatial[1:], rtol=1e-5, atol=1e-5 * spatial.abs().max().item())
 
 
+def test_fid_inception_sees_the_tf_graphs_input_scaling():
+    torch.manual_seed(0)
+    m = fid.FIDInception().eval()
+    seen = []
+    m.Conv2d_1a_3x3.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
+    x = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        m(x)
+    resized = fid.tf1_resize(x.permute(0, 3, 1, 2).float())
+    assert torch.equal(seen[0], (resized - 128) / 128)  # the TF graph's Sub 128, Mul 1/128
+
+
 def test_fid_npz_streaming_equals_np_load(tmp_path):
     imgs = np.random.default_rng(6).integers(0, 256, (11, 5, 6, 3), dtype=np.uint8)
     for save in (np.savez, np.savez_compressed):
@@ -2508,6 +2832,28 @@ def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     assert np.isclose(metrics["sFID"], fd_stub(st["mu_s"], st["sigma_s"], sr.mean(0), np.cov(sr, rowvar=False)))
     assert np.isclose(metrics["Inception Score"], fid.inception_score(ps @ sd["fc.weight"].numpy().T), rtol=1e-6)
     assert (metrics["Precision"], metrics["Recall"]) == fid.precision_recall(torch.from_numpy(pr), torch.from_numpy(ps))
+
+
+def test_fid_both_sides_statistics_are_numpys_mean_and_unbiased_covariance(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
+    m = fid.FIDInception()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", arr_0=a)
+    np.savez(tmp_path / "b.npz", arr_0=b)
+    seen = []  # what FID and sFID are computed from: (mu, sigma) of the samples, then the ref's
+    monkeypatch.setattr(fid, "frechet_distance", lambda *args: seen.append(args) or 0.0)
+    fid.evaluate(m, str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
+    with torch.no_grad():
+        pool = [m(torch.from_numpy(x))[0].double().numpy() for x in (a, b)]
+        spatial = [m(torch.from_numpy(x))[1].double().numpy() for x in (a, b)]
+    for feats, args in zip((pool, spatial), seen):
+        for f, mu, sigma in zip(feats, args[::2], args[1::2]):
+            centred = f - f.mean(0)
+            assert np.allclose(mu, f.mean(0), rtol=1e-5, atol=1e-6)
+            assert np.allclose(sigma, centred.T @ centred / (len(f) - 1), rtol=1e-4, atol=1e-8)
 
 
 def _fid_ddp_worker(rank, world, port, path, out):
