@@ -163,7 +163,7 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
         posterior(vae, imgs[:n], latents, device).flush()
     kept = np.lib.format.open_memmap(at("images.npy"), "w+", np.uint8, (n, *shape[1:]))
     for i in tqdm(range(0, n, 4096), "writing images.npy"):  # ImageNet: minutes of copying
-        kept[i:i + 4096] = imgs[i:i + 4096]  # without the skipped slots at the end
+        kept[i:i + 4096] = imgs[i:min(i + 4096, n)]  # without the skipped slots at the end
     del imgs, kept
     os.remove(at("images.tmp.npy"))
     with open(at("meta.tmp.json"), "w") as f:
