@@ -308,15 +308,10 @@ def fitting(path, flag):
         raise ValueError(f"{flag} {path} does not fit: {why or str(e).splitlines()[0]}") from None
 
 
-def load_checkpoint(path, mmap=False, flag="--resume"):
-    """A checkpoint as data, with the official files' argparse.Namespace args (read_weights)."""
-    return read_weights(path, flag, mmap)
-
-
 def sampling_weights(path, ema=True):
     """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1',
     keys under 'net.'), without projectors and RoPE tables; 256 px, 1000 classes if unsaid."""
-    ckpt = load_checkpoint(path, flag="--ckpt")
+    ckpt = read_weights(path, "--ckpt")
     ckpt = ckpt if isinstance(ckpt, dict) else {}  # not a checkpoint: refused in one line
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     a = ckpt.get("args") or {}
@@ -336,7 +331,7 @@ def readable_checkpoint(path):
     damaged = f"{path} is not a readable train.py checkpoint (damaged?)"
     for f in [path, *reversed(older)]:  # older ones only where the newest is damaged
         try:
-            ck = load_checkpoint(f, mmap=True)
+            ck = read_weights(f, "--resume", mmap=True)
         except ValueError:
             continue
         if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck):

@@ -3220,7 +3220,7 @@ def test_repae_resume_is_exact(tmp_path):
     run(first, range(2))
     data.save_checkpoint(dict(first.state_dict(), args={}, step=2), str(tmp_path / "c.pt"))
     second = _repae_stage(seed=7)  # other weights: the checkpoint must replace every one
-    second.load_state_dict(data.load_checkpoint(str(tmp_path / "c.pt")))
+    second.load_state_dict(data.read_weights(str(tmp_path / "c.pt"), "--resume"))
     run(second, range(2, 4))
     a, b = whole.state_dict(), second.state_dict()
     assert set(a) == {"model", "proj", "ema", "bn", "ema_bn", "vae", "discriminator", "opt",

@@ -36,7 +36,7 @@ import align
 import encoders
 import kernels
 from data import (NUM_GENERATED_CLASSES, Batches, Parser, at_least, generated_images,
-                  load_checkpoint, posterior, prepared_arrays, prepared_folder,
+                  posterior, prepared_arrays, prepared_folder, read_weights,
                   readable_checkpoint, save_checkpoint, save_curves, save_grid, setup_device,
                   trim_log)
 from model import build_model, in_latent_space, models, noise_std
@@ -498,7 +498,7 @@ def main(argv=None):
     net, projector, step = objective.net, objective.proj, 0
     log = os.path.join(args.out_dir, "log.jsonl")
     if args.resume:  # the run's weights and optimiser; its log cut back to the checkpoint
-        ck = load_checkpoint(args.resume)
+        ck = read_weights(args.resume, "--resume")
         net.load_state_dict(ck["model"])
         for ema, key in zip(emas, ("ema", "ema2")):
             ema.load_state_dict(ck[key])
