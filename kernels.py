@@ -152,3 +152,42 @@ def enable(module):
         elif type(m) is model.Attention and hasattr(m, "q_norm") and triton is not None:
             m.__class__ = JiTAttentionQK
     return module
+
+
+class GraphedStep:
+    """A training step replayed from one CUDA graph: at a small batch per GPU the GPU outruns
+    Python's kernel launches. The first `warmup` calls run the step as it is, on a side stream
+    (compilation, the optimizer's lazy state); the next records it (recording runs
+    nothing) and replays it, as does every later call. The inputs go through fixed buffers, and
+    so does the learning rate: the recorded AdamW reads it from one. The random draws follow the
+    seed set before each call, as in the plain step. The output is overwritten by the next call."""
+
+    def __init__(self, step, opt, warmup=3):
+        self.step, self.opt, self.warmup, self.calls = step, opt, warmup, 0
+        self.graph = self.inputs = self.out = None
+        self.lr = torch.zeros((), device="cuda")  # the one param group's lr
+
+    def __call__(self, *inputs):  # CPU or GPU tensors, or None
+        if self.inputs is None:
+            self.inputs = [t if t is None else torch.empty_like(t, device="cuda") for t in inputs]
+        for buffer, t in zip(self.inputs, inputs):
+            if t is not None:
+                buffer.copy_(t, non_blocking=True)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        group = self.opt.param_groups[0]
+        self.lr.fill_(group["lr"])
+        if self.graph is None:  # capture checks capturable; fused AdamW's state is on the GPU
+            lr, self.graph = group["lr"], torch.cuda.CUDAGraph()
+            group.update(capturable=True, lr=self.lr)
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(*self.inputs)
+            group.update(capturable=False, lr=lr)
+        self.graph.replay()
+        return self.out

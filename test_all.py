@@ -1749,6 +1749,39 @@ def test_kernels_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(mon
     assert err(got16, ref32) < 1.2 * err(ref16, ref32) + 1e-3, (err(got16, ref32), err(ref16, ref32))
 
 
+
+def _steps_of(tmp_path, *flags, device="cpu"):
+    """8 training steps of a tiny run: (the step, its outputs, the parameters after)."""
+    args = train.get_args(["--out-dir", str(tmp_path / "run"), "--num-generated", "64",
+                           "--batch-size", "8", "--steps", "8", *flags])
+    device = torch.device(device)
+    objective, encoder, vae, emas, opt = train.build(args, device)
+    step = train.make_step(args, objective, encoder, vae, emas, opt, device, 1)
+    outs = []
+    for s, (x, y, lat) in enumerate(train.load_data(args, vae, device, 0, 1, 0)):
+        torch.manual_seed(s)
+        opt.param_groups[0]["lr"] = 1e-3 * (s + 1) / 8  # a warm-up: the graph reads each lr
+        outs.append(step(x, y, lat).cpu())
+    return step, outs, [p.detach().cpu() for p in [*objective.parameters(), *emas[0].parameters()]]
+
+
+def test_cuda_graphs_are_not_asked_of_the_cpu(tmp_path):
+    step, outs, _ = _steps_of(tmp_path, "--cuda-graphs", "--no-compile", "--precision", "fp32",
+                              "--image-size", "32")
+    assert not isinstance(step, kernels.GraphedStep) and all(o.isfinite().all() for o in outs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_step_repeats_the_plain_step_bit_for_bit_on_gpu(tmp_path):
+    """Same kernels, same seeds, the lr read from its buffer: the replays equal the plain step."""
+    irepa = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"]
+    plain = _steps_of(tmp_path / "plain", *irepa, "--no-cuda-graphs", device="cuda")
+    graphed = _steps_of(tmp_path / "graphed", *irepa, "--cuda-graphs", device="cuda")
+    assert isinstance(graphed[0], kernels.GraphedStep) and graphed[0].graph is not None
+    for a, b in zip(plain[1] + plain[2], graphed[1] + graphed[2]):
+        assert torch.equal(a, b)
+
+
 # =============================================================================
 # sample.py
 
