@@ -16,7 +16,6 @@ when eager). Ctrl-C checkpoints the step reached and prints the --resume command
 import argparse
 import copy
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -36,10 +35,10 @@ import align
 import encoders
 import kernels
 from data import (NUM_GENERATED_CLASSES, Batches, Parser, at_least, generated_images,
-                  posterior, prepared_arrays, prepared_folder, read_weights,
-                  readable_checkpoint, save_checkpoint, save_curves, save_grid, setup_device,
-                  trim_log)
+                  posterior, prepared_arrays, read_weights, save_checkpoint, save_curves,
+                  save_grid, setup_device, trim_log)
 from model import build_model, in_latent_space, models, noise_std
+from runs import IMAGENET, catch_interrupt, check_run, open_run, resumed, vae_name
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -148,12 +147,6 @@ RECIPES["demo"] = dict(RECIPES["JiT"], **SHORT, model="JiT-demo/16", image_size=
                        batch_size=64, lr=1e-3)
 RECIPES["meanflow-demo"] = dict(RECIPES["MeanFlow"], **SHORT, model="SiT-demo/4",
                                 image_size=32, batch_size=32, lr=2e-3)
-IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout
-# a resume continues a run as it was: these define its model, method and data order
-FIXED_ON_RESUME = ("model", "objective", "image_size", "num_classes", "encoder", "irepa", "proj",
-                   "encoder_depth", "vae_stats", "ema", "batch_size", "seed", "num_generated")
-
-
 def recipe_of(args):
     """The recipe a run trains with: MeanFlow's, else its family's."""
     return RECIPES["MeanFlow" if args.objective == "meanflow" else args.model[:3]]
@@ -196,33 +189,6 @@ def fresh_defaults(args):
                 encoder_depth=align.encoder_depth_default(model),
                 num_classes=1000 if data_path else NUM_GENERATED_CLASSES, out_dir=os.path.join(
                     "out", f"{model.replace('/', '-')}-{args.encoder}{tag}{'-meanflow' * mf}"))
-
-
-def resumed(p, argv, path):
-    """The run's saved settings, then the flags given now: each change said, or refused where it
-    is FIXED_ON_RESUME. The run goes on in the folder its checkpoint is in."""
-    try:
-        path, ck = readable_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(f"--resume: {e}")
-    flags = vars(p.parse_args([]))  # the saved settings that are flags today
-    p.set_defaults(**{k: v for k, v in ck["args"].items() if k in flags})
-    if os.path.basename(os.path.dirname(path)) == "checkpoints":
-        p.set_defaults(out_dir=os.path.dirname(os.path.dirname(path)))
-    run, args = p.parse_args([]), p.parse_args(argv)
-    for k in vars(args):
-        old, new, flag = getattr(run, k), getattr(args, k), "--" + k.replace("_", "-")
-        if old == new or k in ("resume", "start_over"):
-            continue
-        if k in FIXED_ON_RESUME:
-            p.error(f"--resume continues a run as it was, but {flag} {new} differs from the "
-                    f"run's {old}: drop the flag, or start a new run")
-        if os.environ.get("RANK", "0") == "0":
-            print(f"resume changes {flag}: {old} -> {new}")
-    if ck["step"] >= args.steps:
-        p.error(f"--resume {path} is at step {ck['step']} already: pass --steps above it to go on")
-    args.resume = path
-    return args
 
 
 def get_args(argv=None):
@@ -289,54 +255,6 @@ def get_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Set-up, in the order main() calls it
-
-
-def vae_name(args):
-    """The VAE of SiT's prepared latents: a file (absolute path), "random" or the hub's."""
-    vae = args.vae_weights or "stabilityai/sd-vae-ft-mse" if in_latent_space(args.model) else None
-    return os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
-
-
-def check_run(args, world):
-    """The refusals that need no built module: a run that cannot go stops before any work."""
-    token_px = int(args.model.split("/")[-1]) * (8 if in_latent_space(args.model) else 1)
-    grid, want, align_to = args.image_size // token_px, args.image_size // 16, args.encoder
-    with torch.device("meta"):  # the network's depth, without its weights
-        blocks = len(build_model(args.model).blocks)
-    run = [f for f in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
-    mf = args.objective == "meanflow"
-    eager_bf16 = args.precision == "bf16" and not args.compile and torch.cuda.is_available()
-    for bad, message in [
-        (args.batch_size % world,
-         f"--batch-size {args.batch_size} is not divisible by the world size {world}"),
-        (args.data_path and not os.path.isdir(args.data_path), f"no --data-path {args.data_path}"),
-        (args.image_size % token_px, f"--image-size {args.image_size}: {args.model} needs a "
-         f"multiple of {token_px}"),
-        (align_to != "none" and grid != want, f"{args.model} has a {grid}x{grid} token grid, "
-         f"{align_to} {want}x{want}: use SiT-*/2, JiT-*/16 or --encoder none"),
-        (align_to != "none" and args.encoder_depth > blocks,
-         f"--encoder-depth {args.encoder_depth}: {args.model} has {blocks} blocks"),
-        (run and not args.resume and not args.start_over, f"--out-dir {args.out_dir} holds a "
-         f"run: --resume {args.out_dir}, another --out-dir, or --start-over to move it aside"),
-        (mf and args.model[:3] != "SiT", f"--objective meanflow trains SiT, not {args.model}"),
-        (mf and eager_bf16, "--objective meanflow: eager bf16 attention fails under jvp on a GPU: "
-         "keep --compile or pass --precision fp32"),
-        (mf and args.recompute, "--objective meanflow: --recompute cannot replay jvp tangents"),
-        (mf and not 0 <= args.mf_ratio <= 1, "--mf-ratio: give a fraction in [0, 1]"),
-        (mf and args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
-        (not args.data_path and args.num_generated is None, f"no data for the paper's "
-         f"{args.model} run with encoder {args.encoder}: pass --data-path (class folders; "
-         f"default {IMAGENET}) or --num-generated N; the offline demo is: python train.py"),
-        (args.wandb and not importlib.util.find_spec("wandb"), "--wandb needs: pip install wandb"),
-    ]:
-        if bad:
-            raise SystemExit(message)
-    if args.data_path:  # its prepared arrays must hold this data, size and VAE's latents
-        try:
-            args.prepared_dir = prepared_folder(args.data_path, args.image_size, vae_name(args),
-                                                args.out_dir, args.prepared_dir)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
 
 
 def build(args, device):
@@ -447,34 +365,6 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     return kernels.GraphedStep(train_step, opt) if graphs and world == 1 else train_step
 
 
-def open_run(args, num_params, step, world, device):
-    """Says what runs in a few lines, readies the run folder (--start-over moves an old run
-    aside) and writes every setting into its args.json."""
-    method, gamma = "none", args.spnorm_gamma
-    if args.encoder != "none":
-        method = (f"{'iREPA' if args.irepa else 'REPA'} to {args.encoder} after block "
-                  f"{args.encoder_depth}: {args.proj} projector, coeff {args.proj_coeff}, "
-                  f"spatial norm {'off' if gamma is None else f'gamma {gamma}'}")
-    print(f"model: {args.model} ({args.objective}), {num_params:,} trainable parameters")
-    print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
-          f"data: {args.num_generated} generated shapes, the offline demo's data (no "
-          f"--data-path, no {IMAGENET}); for the paper's run pass --data-path /imagenet/train")
-    print(f"method: {method}")
-    print(f"run: {args.out_dir}, {args.steps:,} steps of batch {args.batch_size}, "
-          f"{world} x {device}")
-    if args.resume:
-        print(f"resuming from {args.resume} at step {step}")
-    if args.start_over and os.path.exists(args.out_dir):
-        aside = f"{os.path.normpath(args.out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(args.out_dir, aside)
-        print(f"--start-over: moved the old run in {args.out_dir} to {aside}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "args.json")
-    with open(path + ".tmp", "w") as f:  # whole or absent, as the checkpoints
-        json.dump(vars(args), f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-
-
 def sample_grid(ema, vae, args, step, device):
     """A grid from the EMA network in eval mode: a row of each class (at most 8 x 8)."""
     y = torch.arange(min(args.num_classes, 8), device=device).repeat_interleave(8)
@@ -528,13 +418,7 @@ def main(argv=None):
     mf = args.objective == "meanflow"  # its loss is weighted to ~1: its error tells progress
     curves = ("denoise",) if mf else ("loss", "denoise")
     curves += ("repa",) if args.encoder != "none" else ()
-    stop, handler = [], signal.getsignal(signal.SIGINT)
-
-    def interrupted(signum, frame):  # Ctrl-C: end this step, checkpoint it, stop
-        stop.append(signum)
-        signal.signal(signal.SIGINT, handler)  # a second Ctrl-C stops at once
-    if world == 1:  # torchrun stops its ranks itself, maybe at different steps: its way stays
-        signal.signal(signal.SIGINT, interrupted)
+    stop, handler = catch_interrupt(world)  # Ctrl-C: this step is the last, checkpointed
     acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the log
     t0, last_log = time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
