@@ -13,6 +13,7 @@ No projector lives here: align.py owns it, so the same networks train with or wi
     python model.py     # prints the parameter count of every configuration
 """
 import math
+from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -36,7 +37,6 @@ def sincos_pos_embed(dim, grid):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar t -> 256-d sinusoid [cos | sin] (max period 1e4) -> Linear-SiLU-Linear."""
     def __init__(self, hidden_size):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(),
@@ -49,13 +49,8 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
 
 
-class LabelEmbedder(nn.Module):  # num_classes + 1 rows: the last is CFG's null class
-    def __init__(self, num_classes, hidden_size):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-
-    def forward(self, y):
-        return self.embedding_table(y)
+def named(**layers):  # a Sequential whose names are the official checkpoints' keys
+    return nn.Sequential(OrderedDict(layers))
 
 
 def unpatchify(x, p, c):  # (B, T, p*p*c) -> (B, c, H, W), tokens in row-major order
@@ -76,24 +71,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-
+class PatchEmbed(nn.Sequential):
+    """(B, C, H, W) -> (B, T, D) row-major tokens by convs of stride = kernel: SiT's one, JiT's a
+    low-rank bottleneck (no bias) then a 1x1 (a small embedding at p=16/32)."""
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D), row-major
-
-
-class BottleneckPatchEmbed(nn.Module):
-    """p x p patch -> low-rank bottleneck (no bias) -> hidden: a small embedding at p=16/32."""
-    def __init__(self, patch_size, in_channels, bottleneck, hidden_size):
-        super().__init__()
-        self.proj1 = nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size, bias=False)
-        self.proj2 = nn.Conv2d(bottleneck, hidden_size, 1)
-
-    def forward(self, x):
-        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
+        return super().forward(x).flatten(2).transpose(1, 2)
 
 
 class Mlp(nn.Module):
@@ -120,9 +102,9 @@ class SwiGLU(nn.Module):
 
 class RMSNorm(nn.Module):
     """LLaMA RMSNorm, computed in fp32 whatever the input dtype (as the official)."""
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim):
         super().__init__()
-        self.eps = eps
+        self.eps = 1e-6
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
@@ -205,20 +187,17 @@ def init_dit_weights(model):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    time_embedders = [model.t_embedder, getattr(model, "h_embedder", None)]  # h: MeanFlow's
-    for emb in filter(None, time_embedders):
+    for emb in filter(None, [model.t_embedder, getattr(model, "h_embedder", None)]):
         nn.init.normal_(emb.mlp[0].weight, std=0.02)
         nn.init.normal_(emb.mlp[2].weight, std=0.02)
-    final = model.final_layer
-    zeroed = [b.adaLN_modulation[-1] for b in model.blocks]
-    for layer in zeroed + [final.adaLN_modulation[-1], final.linear]:
+    zeroed = [b.adaLN_modulation[-1] for b in [*model.blocks, model.final_layer]]
+    for layer in zeroed + [model.final_layer.linear]:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
-    for m in model.x_embedder.modules():  # patch convs initialised as Linears
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    for conv in model.x_embedder:  # patch convs initialised as Linears
+        nn.init.xavier_uniform_(conv.weight.flatten(1))
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
 
 
 class SiT(nn.Module):
@@ -230,10 +209,11 @@ class SiT(nn.Module):
         self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
         self.grid = self.input_size // patch_size    # token grid side
         self.recompute = 0      # blocks recomputed in backward (train.py)
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(OrderedDict(
+            proj=nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)))
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.h_embedder = TimestepEmbedder(hidden_size) if mean_flow else None  # MeanFlow's t - r
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.y_embedder = named(embedding_table=nn.Embedding(num_classes + 1, hidden_size))
         # frozen, but a Parameter (not a buffer): the official checkpoints' "pos_embed" key
         pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
@@ -274,8 +254,10 @@ class JiT(nn.Module):
         self.recompute = 0
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck, hidden_size)
+        self.y_embedder = named(embedding_table=nn.Embedding(num_classes + 1, hidden_size))
+        self.x_embedder = PatchEmbed(OrderedDict(
+            proj1=nn.Conv2d(in_channels, bottleneck, patch_size, stride=patch_size, bias=False),
+            proj2=nn.Conv2d(bottleneck, hidden_size, 1)))
         pos = sincos_pos_embed(hidden_size, self.grid)[None]  # (1, T, D)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         # the class tokens: label embedding + a learned position each, prepended at in_context_start
@@ -295,7 +277,7 @@ class JiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed       # (B, T, D)
         n_ctx, hidden = 0, None
         for i, block in enumerate(self.blocks):
-            if i == self.in_context_start and self.in_context_len > 0:
+            if i == self.in_context_start:
                 ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, in_context_len, D)
                 x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
             rope = (self.rope_cos[-x.shape[1]:], self.rope_sin[-x.shape[1]:])  # (T, 1, hd) each
@@ -335,13 +317,12 @@ models["SiT-demo/4"] = partial(
 
 
 def in_latent_space(name):
-    """SiT models train on SD-VAE latents, except the pixel-space SiT-demo/4; JiT on pixels."""
     return name.startswith("SiT") and name != "SiT-demo/4"
 
 
 def noise_std(family, image_size):
     """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT always 1."""
-    return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
+    return 2.0 if family == "jit" and image_size >= 512 else 1.0
 
 
 def build_model(name, image_size=256, num_classes=1000, mean_flow=False):

@@ -23,7 +23,7 @@ from model import build_model, in_latent_space, noise_std
 
 
 def guided(model, x, t, y, cfg_scale, on, dtype):
-    """Model output at x (B, ...), t; on: uncond + cfg_scale * (cond - uncond), one forward."""
+    """Model output at x (B, ...), t; on: with CFG, cond and uncond in one forward."""
     if on:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
     t = torch.full((len(x),), float(t), dtype=dtype, device=x.device)
@@ -35,58 +35,47 @@ def guided(model, x, t, y, cfg_scale, on, dtype):
 
 
 def steps(ts, progress):
-    """A time grid's (t, t_next) pairs; progress: a bar that goes away when they are done."""
     return tqdm(list(zip(ts, ts[1:])), "sampling steps", leave=False, disable=not progress)
 
 
 @torch.no_grad()
-def euler_sampler(model, noise, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
-                  guidance_high=1.0, progress=False):
-    """SiT ODE dx/dt = v on linspace(1, 0, N+1) in float64, Heun on all but the last step;
-    guided where guidance_low <= t <= guidance_high (the step's t, for both Heun calls)."""
-    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+def sit_sampler(model, noise, y, num_steps=50, mode="ode", cfg_scale=1.0, guidance_low=0.0,
+                guidance_high=1.0, generator=None, progress=False):
+    """SiT from t=1 to t=0 in float64, guided where guidance_low <= t <= guidance_high (the step's
+    t, for both Heun calls). ode, heun: dx/dt = v on linspace(1, 0, N+1), Heun on all but the
+    last step. sde: diffusion w(t) = 2t on linspace(1, 0.04, N), then a drift-only step to t=0 (N
+    evaluations); the score s = -(x + (1-t) v) / t makes the drift v - w s / 2 = (2 - t) v + x."""
+    sde = mode == "sde"
+    ts = torch.linspace(1, 0.04 if sde else 0, num_steps + 1 - sde, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
-    for i, (t, t_next) in enumerate(steps(ts, progress)):
+    for i, (t, t_next) in enumerate(steps(ts + [0.0] * sde, progress)):
         on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
         v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
-        if heun and i < num_steps - 1:
+        if mode == "heun" and i < num_steps - 1:
             v_next = guided(model, x + (t_next - t) * v, t_next, y, cfg_scale, on, noise.dtype)
             v = 0.5 * v + 0.5 * v_next
+        if sde:
+            v = (2 - t) * v + x
         x = x + (t_next - t) * v
-    return x
-
-
-@torch.no_grad()
-def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0,
-                           guidance_high=1.0, generator=None, progress=False):
-    """SiT SDE, diffusion w(t) = 2t, on linspace(1, 0.04, N), then a drift-only step to t=0 (N
-    evaluations); the score s = -(x + (1-t) v) / t makes the drift v - w s / 2 = (2 - t) v + x."""
-    ts = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
-    x = noise.to(torch.float64)
-    for i, (t, t_next) in enumerate(steps(ts, progress)):
-        on = cfg_scale != 1.0 and guidance_low <= t <= guidance_high
-        v = guided(model, x, t, y, cfg_scale, on, noise.dtype)
-        x = x + ((2 - t) * v + x) * (t_next - t)
-        if i < num_steps - 1:
+        if sde and i < num_steps - 1:
             eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
             x = x + math.sqrt(2 * t) * math.sqrt(t - t_next) * eps
     return x
 
 
 @torch.no_grad()
-def jit_sampler(model, noise, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0),
-                t_eps=0.05, progress=False):
-    """JiT ODE on a float32 linspace(0, 1, N+1), Heun but the last step (heun=False: Euler);
-    v = (x - z) / max(1 - t, t_eps). CFG where low < t < high (low 0: no bound), as official."""
+def jit_sampler(model, z, y, num_steps=50, heun=True, cfg_scale=1.0, interval=(0.0, 1.0),
+                progress=False):
+    """JiT ODE from noise z on a float32 linspace(0, 1, N+1), Heun but the last step (heun=False:
+    Euler); v = (x - z) / max(1 - t, 0.05). CFG where low < t < high (low 0: none), as official."""
     ts = torch.linspace(0, 1, num_steps + 1)  # 0-d float32 entries: the official arithmetic
     low, high = interval
 
     def velocity(z, t):
         on = cfg_scale != 1.0 and bool(t < high) and (low == 0 or bool(t > low))
         x = guided(model, z, t, y, cfg_scale, on, z.dtype)
-        return (x - z) / (1.0 - t).clamp_min(t_eps)
+        return (x - z) / (1.0 - t).clamp_min(0.05)
 
-    z = noise
     for i, (t, t_next) in enumerate(steps(ts, progress)):
         v = velocity(z, t)
         if heun and i < num_steps - 1:
@@ -108,7 +97,7 @@ def mean_flow_sampler(model, noise, y, num_steps=1, progress=False):
 
 def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise_scale=1.0,
                    generator=None, progress=False):
-    """SiT latents (float64) or JiT pixels for labels y (B,); progress: a bar of the steps."""
+    """SiT latents (float64) or JiT pixels for labels y (B,)."""
     shape = (len(y), model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=generator, device=y.device)
     if family == "jit":
@@ -116,11 +105,7 @@ def sample_latents(model, y, family, mode, num_steps, cfg_scale, interval, noise
                            interval, progress=progress)
     if mode == "meanflow":
         return mean_flow_sampler(model, noise, y, num_steps, progress)
-    if mode == "sde":
-        return euler_maruyama_sampler(model, noise, y, num_steps, cfg_scale, *interval,
-                                      generator, progress)
-    heun = mode == "heun"
-    return euler_sampler(model, noise, y, num_steps, heun, cfg_scale, *interval, progress)
+    return sit_sampler(model, noise, y, num_steps, mode, cfg_scale, *interval, generator, progress)
 
 
 @torch.no_grad()
@@ -140,21 +125,19 @@ def generate(model, y, family, vae=None, mode="heun", num_steps=50, cfg_scale=1.
 PROTOCOLS = {
     "sit": dict(mode="sde", num_steps=250, cfg_scale=1.0, guidance_low=0.0, labels="uniform"),
     "jit": dict(mode="heun", num_steps=50, guidance_low=0.1, labels="balanced"),  # CFG by size
-    "meanflow": dict(mode="meanflow", num_steps=1, cfg_scale=1.0, guidance_low=0.0,
-                     labels="uniform"),  # one step, its guidance learnt in training
 }
+PROTOCOLS["meanflow"] = dict(PROTOCOLS["sit"], mode="meanflow", num_steps=1)  # CFG: trained in
 JIT_CFG = {"B": 3.0, "L": 2.4, "H": 2.2}  # none for other sizes (the demo)
 
 
 def sample_to_file(model, vae, args, rank=0, world_size=1):
-    """args.num_samples images into args.out, by shards of args.batch_size."""
     family, device = args.model.split("-")[0].lower(), next(model.parameters()).device
     n, bs = args.num_samples, args.batch_size
 
     def make_shard(s):  # shard s draws its labels and noise from (args.seed, s)
         seed = int(np.random.SeedSequence([args.seed, s]).generate_state(1)[0])
         idx = torch.arange(s * bs, min(s * bs + bs, n))
-        y = idx * model.num_classes // n  # balanced: class i * C // N for sample i
+        y = idx * model.num_classes // n  # balanced
         if args.labels == "uniform":
             y = torch.randint(model.num_classes, (len(idx),),
                               generator=torch.Generator().manual_seed(seed))
@@ -204,10 +187,8 @@ def main(argv=None):
     try:  # the file, not the run, goes into the shards' settings
         args.ckpt = os.path.abspath(find_checkpoint(args.ckpt))
         weights, saved = sampling_weights(args.ckpt, args.ema)
-    except FileNotFoundError as e:
-        parser.error(f"--ckpt {e}")
-    except ValueError as e:  # not a checkpoint, or damaged: the message names --ckpt
-        parser.error(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--ckpt {e}" if isinstance(e, FileNotFoundError) else str(e))
     mean_flow = saved.pop("objective") == "meanflow"
     vae_from = [f"--{k.replace('_', '-')} {saved[k]}" for k in ("vae_weights", "vae_stats")
                 if saved[k] is not None and getattr(args, k) is None]
@@ -228,7 +209,7 @@ def main(argv=None):
         model = build_model(args.model, args.image_size, args.num_classes, mean_flow)
         with fitting(args.ckpt, "--ckpt"):
             model.load_state_dict(weights)
-    except ValueError as e:  # an unknown --model, or weights that do not fit it
+    except ValueError as e:
         parser.error(f"{e} (--model {args.model})")
     family = args.model.split("-")[0].lower()
     fill(args, PROTOCOLS["meanflow" if mean_flow else family])
@@ -251,7 +232,7 @@ def main(argv=None):
             parser.error(f"{e}{where if vae_from else ''}")
 
     model = model.to(device).eval().requires_grad_(False)
-    model = kernels.enable(model) if device.type == "cuda" else model  # GPU fast paths
+    model = kernels.enable(model) if device.type == "cuda" else model
     model = torch.compile(model) if args.compile else model
     sample_to_file(model, vae, args, rank, world_size)
     if dist.is_initialized():

@@ -1819,11 +1819,11 @@ def _sample_inputs(channels=4):
 
 def _sample_run(name, net, noise, y, steps, cfg=1.0, low=0.0, high=1.0):
     if name == "euler":
-        return sample.euler_sampler(net, noise, y, steps, False, cfg, low, high)
+        return sample.sit_sampler(net, noise, y, steps, "ode", cfg, low, high)
     if name == "heun":
-        return sample.euler_sampler(net, noise, y, steps, True, cfg, low, high)
+        return sample.sit_sampler(net, noise, y, steps, "heun", cfg, low, high)
     if name == "sde":
-        return sample.euler_maruyama_sampler(net, noise, y, steps, cfg, low, high, torch.Generator().manual_seed(2))
+        return sample.sit_sampler(net, noise, y, steps, "sde", cfg, low, high, torch.Generator().manual_seed(2))
     return sample.jit_sampler(net, noise, y, steps, name == "jit-heun", cfg, (low, high))
 
 
@@ -1894,7 +1894,7 @@ def test_sample_ode_exact_for_point_mass():
 
     noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4))
     for heun in (False, True):
-        out = sample.euler_sampler(Ideal(), noise, torch.tensor([1, 2]), 8, heun)
+        out = sample.sit_sampler(Ideal(), noise, torch.tensor([1, 2]), 8, "heun" if heun else "ode")
         assert torch.allclose(out, mu.double(), atol=1e-6)
 
 
@@ -1905,11 +1905,11 @@ def _sample_exact(family, kind, steps, cfg=1.0, mus=(_MU, 0.0), scale=1.0):
     y = torch.zeros(4000, dtype=torch.long)
     if family == "jit":
         return sample.jit_sampler(net, scale * noise, y, steps, True, cfg), noise.double()
-    return sample.euler_sampler(net, noise, y, steps, kind == "heun", cfg), noise.double()
+    return sample.sit_sampler(net, noise, y, steps, kind, cfg), noise.double()
 
 
 # (family, sampler, steps, max error): the ODE maps noise n to _MU + _SD n, up to its step error
-_SAMPLE_ODES = [("sit", "euler", 200, 0.03), ("sit", "heun", 20, 0.015), ("jit", "heun", 20, 0.05)]
+_SAMPLE_ODES = [("sit", "ode", 200, 0.03), ("sit", "heun", 20, 0.015), ("jit", "heun", 20, 0.05)]
 
 
 @pytest.mark.parametrize("family,kind,steps,tol", _SAMPLE_ODES)
@@ -1933,7 +1933,7 @@ def test_sample_sde_of_the_exact_model_reproduces_the_data():
     noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     y = torch.zeros(4000, dtype=torch.long)
-    x = sample.euler_maruyama_sampler(net, noise, y, 250, generator=g).double()
+    x = sample.sit_sampler(net, noise, y, 250, "sde", generator=g).double()
     assert abs(x.mean().item() - _MU) < 0.02 and abs(x.std().item() - _SD) < 0.015
     ref = torch.Generator().manual_seed(1)  # noise in every step but the last, drift-only, one
     for _ in range(249):
@@ -2151,7 +2151,7 @@ def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_o
     g = torch.Generator().manual_seed(_shard_seed(0, 2))
     net.eval()
     y = torch.randint(10, (1,), generator=torch.Generator().manual_seed(_shard_seed(0, 2)))
-    z = sample.euler_maruyama_sampler(net, torch.randn(1, 4, 4, 4, generator=g), y, 3, generator=g)
+    z = sample.sit_sampler(net, torch.randn(1, 4, 4, 4, generator=g), y, 3, "sde", generator=g)
     want = (255 * (_sample_FakeVAE().decode(_sample_FakeVAE().unscale(z.float())) + 1) / 2).clamp(0, 255)
     assert out["arr_1"][4] == y.item() and np.array_equal(out["arr_0"][4], want[0].permute(1, 2, 0).byte().numpy())
     with pytest.raises(SystemExit):
