@@ -2,7 +2,7 @@
 (TensorFlow) ported to torch with the 2015-12-05 FID Inception. Standalone: copy it alone.
 
   python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--json metrics.json]
-  python fid.py png_dir/ --save-stats s.npz  # no --ref: IS; a stats-only --ref (mu, sigma): FID
+  python fid.py samples.npz --save-stats s.npz  # no --ref: IS; a stats-only --ref (mu, sigma): FID
   torchrun --nproc_per_node=8 fid.py samples.npz --ref REF.npz  # features sharded over GPUs
 """
 import argparse
@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from numpy.lib import format as npy
 from scipy import linalg
 from scipy.special import log_softmax
-from PIL import Image
 from tqdm import tqdm
 
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth",
@@ -247,56 +247,35 @@ def precision_recall(ref_feats, sample_feats, k=3, batch=10000):
     return smp_in.double().mean().item(), ref_in.double().mean().item()
 
 
-def _open_npz(path):
-    """(shape, get(i, j) -> images i..j-1, why not) of an npz's arr_0, read from the zip."""
-    z = zipfile.ZipFile(path)
-    if "arr_0.npy" not in z.namelist():
-        return (0,), None, f"no arr_0 in the npz (holds {[n[:-4] for n in z.namelist()]})"
-    info = z.getinfo("arr_0.npy")
-    f = z.open(info)
-    fmt = np.lib.format  # header format 1.0, or 2.0 when it exceeds 64 KiB
-    header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = header(f)
-    offset, item = f.tell(), int(np.prod(shape[1:]))  # data start; bytes per image
-    if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8 or fortran:
-        return (0,), None, f"arr_0 must be C-ordered uint8 [N,H,W,3], not NCHW; got {dtype} {shape}"
-    if info.compress_type == zipfile.ZIP_STORED:  # np.savez: memory-map the data in place
-        lengths = np.fromfile(path, "<u2", 2, offset=info.header_offset + 26)  # name, extra field
-        start = info.header_offset + 30 + int(lengths.sum()) + offset  # after the zip's header
-        data = np.memmap(path, np.uint8, "r", start, shape)
-        return shape, lambda i, j: data[i:j], None
-
-    def get(i, j):  # np.savez_compressed: decompressed in order; a seek back starts over
-        f.seek(offset + i * item)
-        return np.frombuffer(f.read((j - i) * item), np.uint8).reshape(j - i, *shape[1:])
-    return shape, get, None
-
-
-def read_png(path):
-    im = Image.open(path)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert() would clip them white
-        raise ValueError(f"{path} is {im.mode}: need 8-bit PNGs")
-    return np.asarray(im.convert("RGB"))
-
-
 def open_images(path, flag=""):
-    """((N, H, W, 3), read(start, end, batch) -> uint8 arrays) of a PNG folder or an npz's arr_0."""
+    """((N, H, W, 3), read(start, end, batch) -> uint8 arrays) of an npz's arr_0, from the zip."""
     shape, why = (0,), None
-    if os.path.isdir(path):
-        names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
-        files = [os.path.join(path, f) for f in names]
-        get = lambda i, j: np.stack([read_png(f) for f in files[i:j]])
-        if files:
-            with Image.open(files[0]) as first:  # the header only
-                shape = (len(files), first.height, first.width, 3)
-    elif zipfile.is_zipfile(path):
-        shape, get, why = _open_npz(path)
+    z = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else None
+    if z is None:
+        why = "not an .npz file" if os.path.exists(path) else "no such file"
+    elif "arr_0.npy" not in z.namelist():
+        why = f"no arr_0 in the npz (holds {[n[:-4] for n in z.namelist()]})"
     else:
-        why = "not a PNG folder or an .npz file" if os.path.exists(path) else "no such file"
+        info = z.getinfo("arr_0.npy")
+        f = z.open(info)
+        v1 = npy.read_magic(f) == (1, 0)  # header format 1.0, or 2.0 when it exceeds 64 KiB
+        shape, fortran, dtype = (npy.read_array_header_1_0 if v1 else npy.read_array_header_2_0)(f)
+        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8 or fortran:
+            why = f"arr_0 must be C-ordered uint8 [N,H,W,3], not NCHW; got {dtype} {shape}"
     if not why and shape[0] < 4:  # precision/recall's k=3 neighbours need 4
         why = f"{shape[0]} image(s); the statistics need at least 4"
     if why:
         raise ValueError(f"{flag} {path}: {why}".lstrip())
+    offset, item = f.tell(), int(np.prod(shape[1:]))  # data start; bytes per image
+    if info.compress_type == zipfile.ZIP_STORED:  # np.savez: memory-map the data in place
+        lengths = np.fromfile(path, "<u2", 2, offset=info.header_offset + 26)  # name, extra field
+        start = info.header_offset + 30 + int(lengths.sum()) + offset  # after the zip's header
+        data = np.memmap(path, np.uint8, "r", start, shape)
+        get = lambda i, j: data[i:j]
+    else:
+        def get(i, j):  # np.savez_compressed: decompressed in order; a seek back starts over
+            f.seek(offset + i * item)
+            return np.frombuffer(f.read((j - i) * item), np.uint8).reshape(j - i, *shape[1:])
     return shape, lambda start, end, b: (get(i, min(i + b, end)) for i in range(start, end, b))
 
 
@@ -310,7 +289,7 @@ def features(model, path, batch_size=250, device="cpu"):
     out = torch.zeros(per, 2048 + 2023, device=device)  # one size on every rank, to gather
     top = torch.zeros((), dtype=torch.int64, device=device)  # the brightest pixel seen
     bar = tqdm(read(start, end, batch_size), total=-(-(end - start) // batch_size),
-               desc=os.path.basename(path.rstrip("/")), disable=rank != 0)
+               desc=os.path.basename(path), disable=rank != 0)
     for i, batch in enumerate(bar):
         x = torch.from_numpy(batch.copy()).to(device)
         top = torch.maximum(top, x.max())
@@ -372,13 +351,14 @@ def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.error = lambda message: p.exit(2, f"{p.prog}: {message} (see --help)\n")  # one line
-    p.add_argument("samples", help=".npz with arr_0 uint8 [N,H,W,3], or a folder of PNGs")
-    p.add_argument("--ref", help=".npz with arr_0 images and/or mu, sigma (mu_s, sigma_s)")
-    p.add_argument("--json", help="also write the metrics to this file")
-    p.add_argument("--save-stats", help="write the samples' statistics to this .npz")
-    p.add_argument("--inception", help="Inception weights file (default: torch hub cache)")
-    p.add_argument("--download", action="store_true", help="download the weights if not cached")
-    p.add_argument("--batch-size", type=int, default=250, help="images per forward (per GPU)")
+    add = p.add_argument
+    add("samples", help=".npz with arr_0 uint8 [N,H,W,3]")
+    add("--ref", help=".npz with arr_0 images and/or mu, sigma (mu_s, sigma_s)")
+    add("--json", help="also write the metrics to this file")
+    add("--save-stats", help="write the samples' statistics to this .npz")
+    add("--inception", help="Inception weights file (default: torch hub cache)")
+    add("--download", action="store_true", help="download the weights if not cached")
+    add("--batch-size", type=int, default=250, help="images per forward (per GPU)")
     args = p.parse_args(argv)
     outputs = {"--json": args.json, "--save-stats": args.save_stats}
     why = [f"{flag} {path}: its folder is not writable" for flag, path in outputs.items()

@@ -82,9 +82,9 @@ def spatial_metrics(z, masks=None, grid=None, paper=False):
     return {**out, "srss": (delta * valid).sum(1) / valid.sum(1)}  # NaN without a valid anchor
 
 
-def load_folder(images, masks=None, n=None, size=256):
-    """The first n readable images (N, 3, size, size) of a flat folder or else of its class folders
-    (train.py's order), centre-cropped; masks of a flat folder: bool (N, size, size) or None."""
+def load_folder(images, masks=None, n=None):
+    """The first n readable images (N, 3, 256, 256) of a flat folder or else of its class folders
+    (train.py's order), centre-cropped; masks of a flat folder: bool (N, 256, 256) or None."""
     is_image = lambda p: p.suffix.lower() in IMAGE_SUFFIXES  # no stat per file: ImageNet has 1.28M
     flat = sorted(filter(is_image, Path(images).iterdir()))
     files = flat or [Path(f) for f, _ in class_files(images)[1] if is_image(Path(f))]
@@ -100,14 +100,14 @@ def load_folder(images, masks=None, n=None, size=256):
             tqdm.write(f"skipping unreadable image {e}", file=sys.stderr)
             continue
         bar.update()
-        x.append(center_crop(img, size))
+        x.append(center_crop(img, 256))
         if masks:
             mask = by_name.get(f.stem)
             mask = mask and Image.open(mask).convert("L").point(lambda v: 255 * (v > 0))
             if mask is None or mask.size != img.size:
                 why = f"--masks {masks}: no mask of the name and size of image {f.name} {img.size}"
                 break
-            m.append(center_crop(mask, size) >= 128)
+            m.append(center_crop(mask, 256) >= 128)
     bar.close()
     if not x:
         why = f"no readable image in {images} ({len(files)} {'/'.join(IMAGE_SUFFIXES)} files)"
@@ -118,11 +118,11 @@ def load_folder(images, masks=None, n=None, size=256):
 
 
 @torch.no_grad()
-def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, device):
+def score_encoder(name, encoder, images, masks, args, device):
     """Means {row: {metric: mean}} of raw and spatially normalised tokens; image 0's tokens."""
-    scores, first = {}, None
-    for i in tqdm(range(0, len(images), batch_size), desc=name):
-        z = encoder(images[i:i + batch_size].to(device))  # (B, T, D)
+    scores, first, gamma, grid = {}, None, args.spnorm_gamma, args.grid
+    for i in tqdm(range(0, len(images), args.batch_size), desc=name):
+        z = encoder(images[i:i + args.batch_size].to(device))  # (B, T, D)
         m = None  # (B, T): any foreground pixel counts
         if masks is not None:
             m = masks[i:i + len(z), None].to(device).float()
@@ -131,7 +131,7 @@ def score_encoder(name, encoder, images, masks, batch_size, gamma, grid, paper, 
         if gamma is not None:
             rows[f"{name} +spnorm({gamma})"] = spatial_norm(z, gamma)
         for row, zz in rows.items():
-            for k, v in spatial_metrics(zz, m, grid, paper).items():
+            for k, v in spatial_metrics(zz, m, grid, args.lds == "paper").items():
                 scores.setdefault(row, {}).setdefault(k, []).append(v.cpu())
         first = z[0].cpu() if first is None else first
     means = {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()}
@@ -283,8 +283,7 @@ def main(argv=None):
         means, first = {}, {}
         for name, w in zip(names, weights):
             encoder = load_encoder(name, resolution=images.shape[-1], weights=w).to(device)
-            m, first[name] = score_encoder(name, encoder, images, masks, args.batch_size, gamma,
-                                           args.grid, args.lds == "paper", device)
+            m, first[name] = score_encoder(name, encoder, images, masks, args, device)
             means.update(m)
             for row, v in m.items():  # at once: a later encoder's missing weights lose nothing
                 tqdm.write(f"{row}: " + ", ".join(f"{k.upper()} {x:.4f}" for k, x in v.items()))
