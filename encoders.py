@@ -154,8 +154,11 @@ class Encoder(nn.Module):
         self.requires_grad_(False).eval()
 
     def preprocess(self, x):
+        R = self.resolution
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (3, R, R):
+            raise ValueError(f"expected uint8 (B, 3, {R}, {R}), got {x.dtype} {tuple(x.shape)}")
         x = x / 255.0  # (B, 3, R, R) float32
-        if self.size == self.resolution:  # no resize pass where it is the identity
+        if self.size == R:  # no resize pass where it would be the identity (each step's cost)
             return (x - self.mean) / self.std
         if self.spec["norm_first"]:
             return F.interpolate((x - self.mean) / self.std, size=self.size, mode=self.spec["mode"])
