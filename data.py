@@ -55,15 +55,15 @@ def save_grid(images, path):
     Image.fromarray(grid.numpy()).save(path)
 
 
-def save_curves(log, path, keys, width=640, height=160):
-    """A log.jsonl's keys over the steps as one PNG: a panel each, with its own y range."""
+def save_curves(log, path, keys):
+    """A log.jsonl's keys over the steps as one PNG: a 640 x 160 panel each, its own y range."""
     recs = [json.loads(line) for line in open(log) if line.endswith("\n")]
     steps = np.array([r["step"] for r in recs])
-    im = Image.new("RGB", (width, height * len(keys)), "white")
+    im = Image.new("RGB", (640, 160 * len(keys)), "white")
     draw = ImageDraw.Draw(im)
-    left, right = 70, width - 10  # room for the y labels on the left
+    left, right = 70, 630  # room for the y labels on the left
     for i, key in enumerate(keys):
-        top, bottom = i * height + 20, (i + 1) * height - 20  # the panel's plot area
+        top, bottom = i * 160 + 20, (i + 1) * 160 - 20  # the panel's plot area
         ys = np.array([r[key] for r in recs])
         lo, hi = ys.min(), ys.max()
         xs = left + (right - left) * (steps - steps[0]) / max(steps[-1] - steps[0], 1)
@@ -172,7 +172,7 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
     os.replace(at("meta.tmp.json"), at("meta.json"))
 
 
-def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir=None):
+def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir):
     """The prepared folder (a moved run finds its arrays beside it); a ValueError if it differs."""
     tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
     tag += "-vae" if vae_name == "random" else ""
@@ -193,7 +193,7 @@ def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir=None)
     return folder
 
 
-def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank=0, world=1):
+def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank, world):
     """Memory-mapped (images, labels, latents or None); rank 0 prepares them, the others wait."""
     if rank == 0 and not os.path.exists(os.path.join(folder, "meta.json")):
         prepare(data_path, folder, image_size, vae, vae_name, device)
@@ -206,7 +206,6 @@ def prepared_arrays(data_path, folder, image_size, vae, vae_name, device, rank=0
 
 class Batches(torch.utils.data.Dataset):
     """Item s: this rank's part of batch s; order seeded by (seed, epoch), flips by (seed, step)."""
-
     def __init__(self, images, labels, latents, global_batch, rank, world, seed, flip):
         self.images, self.labels, self.latents = images, labels, latents
         self.n, self.B, self.b, self.rank = len(labels), global_batch, global_batch // world, rank
@@ -214,7 +213,7 @@ class Batches(torch.utils.data.Dataset):
         self._epoch, self._perm = None, None  # made on first use (ImageNet: 1.28M)
 
     def __getitem__(self, step):
-        epoch, i = divmod(step, self.n // self.B)  # n // B whole global batches per epoch
+        epoch, i = divmod(step, self.n // self.B)  # whole global batches per epoch
         if self._epoch != epoch:
             self._epoch = epoch
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n)
@@ -243,17 +242,14 @@ def setup_device():
 
 def find_checkpoint(path):
     """A checkpoint file, or the newest checkpoints/*.pt of a run (a killed write's *.tmp: no)."""
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
-    if not found:
+    found = glob.glob(os.path.join(path, "checkpoints", "*.pt"))
+    if not found and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file, nor a run folder with checkpoints/*.pt")
-    return found[-1]
+    return max(found, default=path)
 
 
 def checksum(value, h=None):
-    """sha256 of a checkpoint in its order: keys and plain values by repr, each tensor's dtype,
-    shape and bytes (~1 GB/s: a file damaged on disk is found when it is loaded)."""
+    """sha256 of keys and plain values by repr, each tensor's dtype, shape and bytes (~1 GB/s)."""
     h = hashlib.sha256() if h is None else h
     if isinstance(value, torch.Tensor):
         h.update(f"{value.dtype}{tuple(value.shape)}".encode())
@@ -268,8 +264,7 @@ def checksum(value, h=None):
 
 
 def read_weights(path, flag, mmap=False):
-    """A weights file given by `flag`: .safetensors, or torch's read as data (no code runs), its
-    checksum verified where it has one (train.py's checkpoints); else a ValueError of one line."""
+    """A .safetensors or torch file as data, its checksum checked; else a ValueError of one line."""
     why = "damaged: its contents differ from their checksum"
     try:
         if path.endswith(".safetensors"):
@@ -298,8 +293,7 @@ MISFITS = {  # torch's many-line load_state_dict error -> the first key of each 
 
 @contextlib.contextmanager
 def fitting(path, flag):
-    """Loads weights of `path` (given by `flag`) strictly inside: a key or a shape that does not
-    fit becomes a ValueError of one line naming the flag and the file."""
+    """Strict loads inside: a key or shape of `path` that does not fit: a ValueError of one line."""
     try:
         yield
     except (KeyError, RuntimeError) as e:  # else: the error's first line
@@ -308,9 +302,8 @@ def fitting(path, flag):
         raise ValueError(f"{flag} {path} does not fit: {why or str(e).splitlines()[0]}") from None
 
 
-def sampling_weights(path, ema=True):
-    """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1',
-    keys under 'net.'), without projectors and RoPE tables; 256 px, 1000 classes if unsaid."""
+def sampling_weights(path, ema):
+    """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1')."""
     ckpt = read_weights(path, "--ckpt")
     ckpt = ckpt if isinstance(ckpt, dict) else {}  # not a checkpoint: refused in one line
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
@@ -328,23 +321,21 @@ def readable_checkpoint(path):
     """(file, checkpoint memory-mapped) of a file or a run's newest; damaged: names a good one."""
     path = os.path.abspath(find_checkpoint(path))
     older = sorted(f for f in glob.glob(os.path.join(os.path.dirname(path), "*.pt")) if f < path)
-    damaged = f"{path} is not a readable train.py checkpoint (damaged?)"
     for f in [path, *reversed(older)]:  # older ones only where the newest is damaged
-        try:
+        with contextlib.suppress(ValueError):  # unreadable
             ck = read_weights(f, "--resume", mmap=True)
-        except ValueError:
-            continue
-        if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck):
-            if f == path:
-                return path, ck
-            damaged += f"; the newest good one is {f}: resume from it with --resume {f}"
-            break
-    raise ValueError(damaged)
+            if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck):
+                break
+    else:
+        f = None
+    if f == path:
+        return path, ck
+    good = f"; the newest good one is {f}: resume from it with --resume {f}" if f else ""
+    raise ValueError(f"{path} is not a readable train.py checkpoint (damaged?){good}")
 
 
 def save_checkpoint(state, path):
-    """Atomic, with a checksum: a killed write leaves the previous checkpoint and no half file
-    under its name; one damaged later is refused on loading."""
+    """Atomic (a killed write leaves the previous one), with a checksum checked on loading."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({**state, "checksum": checksum(state)}, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -358,9 +349,8 @@ def trim_log(path, step):
     os.replace(path + ".tmp", path)
 
 
-def write_shards(out, n, shard_size, settings, make_shard, grid=0, rank=0, world=1):
-    """n samples into out (.npz: ADM's arr_0 images, arr_1 labels; .png or grid: a grid) by shards,
-    make_shard(s) -> (uint8 (b, H, W, 3), labels (b,)); a rerun resumes from out.shards/."""
+def write_shards(out, n, shard_size, settings, make_shard, grid, rank, world):
+    """n samples of make_shard(s) -> (uint8 (b, H, W, 3), (b,)) into out, via out.shards/."""
     folder, num_shards = out + ".shards", math.ceil(n / shard_size)
     at = lambda s: os.path.join(folder, f"{s:06d}.npz")
     settings = json.dumps(settings, sort_keys=True)
@@ -394,7 +384,6 @@ def write_shards(out, n, shard_size, settings, make_shard, grid=0, rank=0, world
 
 class Parser(argparse.ArgumentParser):
     """Errors in one line ending in "see --help"; no abbreviations (train.py's resume)."""
-
     def __init__(self, description):
         super().__init__(description=description, allow_abbrev=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -406,10 +395,9 @@ class Parser(argparse.ArgumentParser):
 def at_least(least, kind=int):
     """An argparse type: a number of `kind` not below `least`, checked while parsing."""
     def parse(text):
-        value = kind(text)
-        if value < least:
+        if kind(text) < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
-        return value
+        return kind(text)
     parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type by this
     return parse
 

@@ -1,6 +1,5 @@
-"""Frozen target encoders for REPA / iREPA, all through timm, with the official iREPA preprocessing
-and token choice (README, "Encoders and metrics"); the SD-VAE (sd-vae-ft-mse) as a plain-torch
-AutoencoderKL with diffusers' keys, so the hub file loads strictly."""
+"""Frozen target encoders for REPA / iREPA through timm, with the official iREPA preprocessing and
+token choice (README, "Encoders and metrics"); the SD-VAE in plain torch with diffusers' keys."""
 import os
 import re
 import socket
@@ -37,6 +36,9 @@ def _webssl(dim, depth, heads):
 
 SIZE = dict(s="small", b="base", l="large", h="huge", g="giant")
 DINOV3 = dict(s16="small", s16plus="small_plus", b16="base", l16="large", h16plus="huge_plus")
+WEBSSL = dict(dino300m_full2b=(1024, 24, 16), dino1b_full2b=(1536, 40, 24),  # dim, depth, heads
+              dino2b_full2b=(2688, 24, 21), dino3b_full2b=(3072, 26, 24),
+              dino5b_full2b=(3584, 32, 28), dino7b_full8b=(4096, 32, 32))
 BILINEAR = dict(mode="bilinear", norm_first=False)  # resize, then normalise
 SIGLIP = dict(kw=dict(act_layer="gelu_tanh"))  # HF's tanh-GELU; ImageNet mean/std (official)
 PE = dict(BILINEAR, stats=((0.5,) * 3, (0.5,) * 3), prenorm=True)
@@ -53,12 +55,7 @@ ENCODERS = {
     "mae-vit-l": _enc("vit_large_patch16_224.mae", 256, prenorm=True),
     "jepa-vit-h": _enc("vit_huge_patch14_gap_224.in1k_ijepa", 224),
     **{f"mocov3-vit-{s}": _enc(f"vit_{SIZE[s]}_patch16_224", 256) for s in "bl"},
-    "webssl-vit-dino300m_full2b_224": _webssl(dim=1024, depth=24, heads=16),
-    "webssl-vit-dino1b_full2b_224": _webssl(dim=1536, depth=40, heads=24),
-    "webssl-vit-dino2b_full2b_224": _webssl(dim=2688, depth=24, heads=21),
-    "webssl-vit-dino3b_full2b_224": _webssl(dim=3072, depth=26, heads=24),
-    "webssl-vit-dino5b_full2b_224": _webssl(dim=3584, depth=32, heads=28),
-    "webssl-vit-dino7b_full8b_224": _webssl(dim=4096, depth=32, heads=32),
+    **{f"webssl-vit-{k}_224": _webssl(*shape) for k, shape in WEBSSL.items()},
     **{f"siglip-vit-{s}": _enc(f"vit_{SIZE[s]}_patch16_siglip_256.webli", 256, **SIGLIP)
        for s in "bl"},
     "siglip-vit-so400m": _enc("vit_so400m_patch14_siglip_224.webli", 224, **SIGLIP),
@@ -85,8 +82,7 @@ ENCODERS = {
 
 
 def _cached(who, flag, repo, files):
-    """Hub `repo`'s first cached file of `files` (repo None: the URL files[0], in timm's folder),
-    else None (to download); offline, one line naming the file and the flag."""
+    """Hub `repo`'s first cached file of `files` (no repo: the URL files[0]'s), None to download."""
     url = files[0] if repo is None else constants.ENDPOINT
     hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     paths = [hub] if repo is None else [try_to_load_from_cache(repo, f) for f in files]
@@ -178,12 +174,12 @@ class Encoder(nn.Module):
 def load_encoder(name, resolution=256, weights=None):
     """Frozen encoder of R x R images (16 divides R); weights: None (timm's), PATH, "random"."""
     spec = ENCODERS[name]
-    tid, arch = spec["timm_id"], spec["timm_id"].split(".")[0]
+    tid = spec["timm_id"]
     size, grid = spec["px"] * resolution // 256, resolution // 16
     kw = dict(spec["kw"], num_classes=0)
-    if arch.startswith("vit_pe_"):  # official PE: RoPE on integer grid positions
+    if tid.startswith("vit_pe_"):  # official PE: RoPE on integer grid positions
         kw["ref_feat_shape"] = (grid, grid)
-    elif not arch.startswith("sam2"):  # Hiera takes any input size
+    elif not tid.startswith("sam2"):  # Hiera takes any input size
         kw["img_size"] = size
     who, flag = f"encoder {name}:", "--encoder-weights"
     if weights == "random":
@@ -201,7 +197,7 @@ def load_encoder(name, resolution=256, weights=None):
     renamed = "." not in tid  # mocov3, webssl: a bare timm arch, the file renamed
     # read here too (timm reads it again): an unreadable file is one line
     sd = read_weights(weights, flag, mmap=True) if weights not in (None, "random") else None
-    with fitting(weights, flag):  # a file whose keys or shapes do not fit: one line
+    with fitting(weights, flag):
         model = timm.create_model(tid, pretrained=weights != "random" and not renamed,
                                   pretrained_cfg_overlay=dict(file=weights), **kw)
         if renamed and sd is not None:
@@ -282,7 +278,7 @@ class _Coder(nn.Module):  # diffusers' Encoder (down: levels, then mid block) or
         levels = [_Level(w[max(i - 1, 0)], c, n, groups, i < len(w) - 1 and sampler)
                   for i, c in enumerate(w)]
         setattr(self, "down_blocks" if down else "up_blocks", nn.ModuleList(levels))
-        self.mid_block = _Mid(w[-1] if down else w[0], groups)
+        self.mid_block = _Mid(widths[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, w[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(w[-1], 8 if down else 3, 3, padding=1)  # 8: mean, log-variance
 
@@ -331,8 +327,7 @@ class VAE(nn.Module):
 
 
 def load_vae(weights=None, stats=None):
-    """Frozen SD-VAE. weights: None (the hub's sd-vae-ft-mse), PATH (diffusers, even decoder-only)
-    or "random"; stats: None (scale 0.18215) or a latents_scale/latents_bias file."""
+    """Frozen SD-VAE of weights None (sd-vae-ft-mse), PATH or "random"; stats: None or a file."""
     repo, file = "stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"
     vae = VAE()
     if weights == "random":
