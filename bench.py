@@ -45,6 +45,8 @@ def bench_train(argv):
     train.check_run(args, world)
     objective, encoder, vae, emas, opt = train.build(args, device)
     loader = train.load_data(args, vae, device, rank, world, 0)
+    if device.type == "cuda":  # the peak of training, not of encoding the generated images
+        torch.cuda.reset_peak_memory_stats()
     # FLOPs per image (network forward and backward, encoder forward), before --recompute is on
     x, y, lat = (t[:2].to(device) if t is not None else None for t in loader.dataset[0])
     inp = vae.scale(lat.chunk(2, dim=1)[0]) if vae is not None else x.float() / 127.5 - 1
