@@ -143,19 +143,20 @@ def class_files(folder):
 def prepare(data_path, out, image_size, vae, vae_name, device):
     """Class folders -> out/ images.npy (N, 3, R, R) uint8, labels, latents; meta.json last."""
     classes, files = class_files(data_path)
-    if not files:  # else an empty folder would be "prepared" and kept
-        raise SystemExit(f"no images under {data_path}: expected one sub-folder per class")
-    os.makedirs(out, exist_ok=True)
     at = lambda name: os.path.join(out, name)
-    shape = (len(files), 3, image_size, image_size)
-    imgs = np.lib.format.open_memmap(at("images.tmp.npy"), "w+", np.uint8, shape)
-    labels = []
+    shape, labels = (len(files), 3, image_size, image_size), []
+    if files:
+        os.makedirs(out, exist_ok=True)
+        imgs = np.lib.format.open_memmap(at("images.tmp.npy"), "w+", np.uint8, shape)
     for path, label in tqdm(files, desc=f"preparing {data_path}"):
         try:
             imgs[len(labels)] = center_crop(open_rgb(path), image_size).transpose(2, 0, 1)
             labels.append(label)
         except ValueError as e:
             tqdm.write(f"skipping unreadable image {e}", file=sys.stderr)
+    if not labels:  # else an empty set would be "prepared" and kept
+        raise SystemExit(f"no readable images under {data_path}: expected one sub-folder of "
+                         "images per class")
     n, r = len(labels), image_size // 8
     np.save(at("labels.npy"), np.array(labels, dtype=np.int64))
     if vae is not None:

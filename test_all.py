@@ -594,6 +594,16 @@ def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in _state(tmp_path / "checkpoints" / "0000004.pt")["model"].values())
 
 
+def test_prepare_refuses_a_folder_without_readable_images(tmp_path):
+    (tmp_path / "data" / "class0").mkdir(parents=True)
+    for files in ([], ["broken.png"]):  # no files; only an unreadable one
+        for f in files:
+            (tmp_path / "data" / "class0" / f).write_bytes(b"\x89PNG not really")
+        with pytest.raises(SystemExit, match="no readable images under"):
+            data.prepare(str(tmp_path / "data"), str(tmp_path / "prep"), 32, None, None, "cpu")
+        assert not os.path.exists(tmp_path / "prep" / "meta.json")  # nothing left as prepared
+
+
 def test_train_image_folder_with_corrupt_file(tmp_path, capsys, monkeypatch):
     import warnings
     from PIL import Image
