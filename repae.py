@@ -8,6 +8,7 @@ BatchNorm on the latents replaces the fixed scale and shift. One step, four phas
   3. discriminator update: hinge loss on the detached reconstruction;
   4. SiT update: denoising + alignment on z.detach() through the latent BatchNorm.
 
+    python train.py --repae --encoder dinov2-vit-b --irepa ...  # see README: REPA-E
     python repae.py export --ckpt out/RUN --out e2e-vae.pt  # the tuned VAE, for train.py
 """
 import contextlib
@@ -16,28 +17,18 @@ import os
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import align
-from data import Parser, readable_checkpoint
+import encoders
+from data import Parser, read_weights, readable_checkpoint
 
 # The official loss configuration (l1_lpips_kl_gan.yaml): L1 weight 1, the GAN on from
 # step 0 with a constant weight (no adaptive weight), no LeCam term.
 PERCEPTUAL_WEIGHT = 1.0
 KL_WEIGHT = 1e-6
 GAN_WEIGHT = 0.1
-
-
-def read_weights(path, what, flag):
-    """A local torch or safetensors file as a state dict: nothing is downloaded."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: weights file {path} not found (pass {flag} PATH)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 # -----------------------------------------------------------------------------
 # The VAE's loss networks: LPIPS on VGG16, the PatchGAN discriminator
@@ -93,11 +84,11 @@ def load_lpips(vgg, lin, official_input=True):
     if "random" in (vgg, lin):
         warnings.warn("REPA-E's LPIPS has RANDOM weights (tests only)")
     if vgg != "random":
-        sd = read_weights(vgg, "LPIPS's VGG16", "--repae-vgg")
+        sd = read_weights(vgg, "--repae-vgg")
         feats = {k[9:]: v for k, v in sd.items() if k.startswith("features.")}
         lpips.features.load_state_dict(feats)
     if lin != "random":
-        sd = read_weights(lin, "LPIPS's linear layers", "--repae-lpips")
+        sd = read_weights(lin, "--repae-lpips")
         lins = {f"{k}.weight": sd[f"lin{k}.model.1.weight"] for k in range(5)}
         lpips.lins.load_state_dict(lins)
     return lpips
@@ -132,8 +123,7 @@ def load_discriminator(path=None):
     sdvae-f8d4-discriminator-ckpt.pt, or a REPA-E checkpoint's "discriminator")."""
     disc = PatchGAN()
     if path:
-        sd = read_weights(path, "REPA-E's discriminator", "--repae-disc")
-        disc.load_state_dict(sd)
+        disc.load_state_dict(read_weights(path, "--repae-disc"))
     return disc
 
 # -----------------------------------------------------------------------------
@@ -158,10 +148,24 @@ def latent_stats(bn_state):
                 latents_bias=mean.view(1, -1, 1, 1))
 
 
+def sampling_vae(vae, bn_state):
+    """vae, scaled and shifted by a latent BatchNorm's statistics (to decode samples)."""
+    stats = latent_stats(bn_state)
+    vae.latent_scale.copy_(stats["latents_scale"])
+    vae.latent_shift.copy_(stats["latents_bias"])
+    return vae
+
+
+# Stage.step's outputs, in order (train.py logs them all)
+LOGGED = ("loss", "denoise", "repa", "grad_norm", "vae_loss", "rec", "lpips", "kl", "gan",
+          "vae_align", "grad_norm_vae", "d_loss", "grad_norm_disc", "real", "fake")
+
+
 class Stage:
     """REPA-E's training state: SiT and projector, the SD-VAE (trained now), the latent
     BatchNorm, LPIPS, the discriminator, three AdamW optimisers, the EMA of the SiT and
-    of its BatchNorm (for sampling and the export). step() trains; state_dict() saves."""
+    of its BatchNorm (for sampling and the export: the VAE's scale and shift follow it).
+    step() trains; state_dict() saves."""
 
     def __init__(self, net, proj, vae, lpips, disc, *, align_depth, gamma, coeff,
                  vae_coeff=1.5, lr=1e-4, vae_lr=1e-4, disc_lr=1e-4, ema_decay=0.9999,
@@ -196,7 +200,7 @@ class Stage:
 
     def step(self, x, y, target):
         """x: uint8 images (B, 3, R, R), y: labels (B,), dropped here for the SiT pass
-        only, target: encoder tokens (B, T, Dz). Returns the losses, detached."""
+        only, target: encoder tokens (B, T, Dz). Returns {LOGGED name: value}, detached."""
         img = x.float() / 127.5 - 1                          # (B, 3, R, R) in [-1, 1]
         B = img.shape[0]
 
@@ -250,11 +254,9 @@ class Stage:
         loss = denoise + self.coeff * rep
         norm = self.update(self.opt, loss)
         self.update_ema()
-        logs = dict(loss=loss, denoise=denoise, repa=rep, grad_norm=norm,
-                    vae_loss=vae_loss, rec=rec, lpips=perceptual, kl=kl, gan=gan,
-                    vae_align=vae_align, grad_norm_vae=norm_vae, d_loss=d_loss,
-                    grad_norm_disc=norm_disc, real=real.mean(), fake=fake.mean())
-        return {k: v.detach() for k, v in logs.items()}
+        logs = (loss, denoise, rep, norm, vae_loss, rec, perceptual, kl, gan, vae_align,
+                norm_vae, d_loss, norm_disc, real.mean(), fake.mean())
+        return {k: v.detach() for k, v in zip(LOGGED, logs)}
 
     @torch.no_grad()
     def update_ema(self):
@@ -264,6 +266,7 @@ class Stage:
         ema = [*self.ema_net.parameters(), ema_bn.running_mean, ema_bn.running_var]
         torch._foreach_lerp_(ema, live, 1 - self.decay)
         ema_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+        sampling_vae(self.vae, ema_bn.state_dict())
 
     def parts(self):
         # checkpoint key -> its object; model, ema, vae, discriminator, opt*: official
@@ -278,15 +281,8 @@ class Stage:
         for key, part in self.parts().items():
             part.load_state_dict(state[key])
 
-    def sampling_vae(self):
-        """The VAE with the EMA BatchNorm's scale and shift, for sample.generate."""
-        stats = latent_stats(self.ema_bn.state_dict())
-        self.vae.latent_scale.copy_(stats["latents_scale"])
-        self.vae.latent_shift.copy_(stats["latents_bias"])
-        return self.vae
-
 # -----------------------------------------------------------------------------
-# train.py's side (its flags, the stage from its pieces), and the export
+# train.py's side (its flags, the stage), the export, sample.py's side
 
 
 def add_args(p):
@@ -306,16 +302,13 @@ def add_args(p):
                    help="REPA-E: weight of the alignment loss in the VAE's update")
 
 
-def build(args, net, projector, vae, amp=None):
-    """The stage from train.py's network, projector and VAE (on their device)."""
-    if projector is None:
-        raise RuntimeError("REPA-E aligns: pass --encoder")
+def build(args, net, projector, vae):
+    """The stage from train.py's flags, network, projector and VAE (on their device)."""
     if vae.encoder is None:
         raise RuntimeError(f"REPA-E trains the VAE's encoder: --vae-weights "
                            f"{args.vae_weights} is a decoder-only file")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError("REPA-E runs in one process (no DDP): drop torchrun")
     device = vae.latent_scale.device
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     lpips = load_lpips(args.repae_vgg, args.repae_lpips, not args.lpips_fixed_input)
     disc = load_discriminator(args.repae_disc)
     return Stage(net, projector, vae, lpips.to(device), disc.to(device),
@@ -334,6 +327,13 @@ def export(ckpt, out):
     torch.save(dict(ck["vae"]), out)
     torch.save(latent_stats(ck["ema_bn"]), stats)
     return stats
+
+
+def tuned_vae(path):
+    """A REPA-E checkpoint's VAE, scaled by its EMA BatchNorm (for sample.py); else None."""
+    ck = read_weights(path, "--ckpt", mmap=True)
+    if "vae" in ck:
+        return sampling_vae(encoders.VAE().load_diffusers(ck["vae"]), ck["ema_bn"])
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ from model import build_model, in_latent_space
 IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout
 # a resume continues a run as it was: these define its model, method and data order
 FIXED_ON_RESUME = ("model", "objective", "image_size", "num_classes", "encoder", "irepa", "proj",
-                   "encoder_depth", "vae_stats", "ema", "batch_size", "seed", "num_generated")
+                   "encoder_depth", "vae_stats", "ema", "batch_size", "seed", "num_generated",
+                   "repae", "vae_lr", "disc_lr")
 
 
 def vae_name(args):
     """The VAE of SiT's prepared latents: a file (absolute path), "random" or the hub's."""
-    vae = args.vae_weights or "stabilityai/sd-vae-ft-mse" if in_latent_space(args.model) else None
+    latents = in_latent_space(args.model) and not args.repae
+    vae = args.vae_weights or "stabilityai/sd-vae-ft-mse" if latents else None
     return os.path.abspath(vae) if vae and os.path.isfile(vae) else vae
 
 
@@ -52,6 +54,11 @@ def check_run(args, world):
         (mf and args.recompute, "--objective meanflow: --recompute cannot replay jvp tangents"),
         (mf and not 0 <= args.mf_ratio <= 1, "--mf-ratio: give a fraction in [0, 1]"),
         (mf and args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
+        (args.repae and (mf or world > 1 or align_to == "none"
+                         or not in_latent_space(args.model)),
+         "--repae trains SiT-*/N (flow) with an --encoder, in one process"),
+        (args.repae and not (args.repae_vgg and args.repae_lpips),
+         "--repae needs LPIPS's files: --repae-vgg and --repae-lpips"),
         (not args.data_path and args.num_generated is None, f"no data for the paper's "
          f"{args.model} run with encoder {args.encoder}: pass --data-path (class folders; "
          f"default {IMAGENET}) or --num-generated N; the offline demo is: python train.py"),
@@ -102,6 +109,7 @@ def open_run(args, num_params, step, world, device):
         method = (f"{'iREPA' if args.irepa else 'REPA'} to {args.encoder} after block "
                   f"{args.encoder_depth}: {args.proj} projector, coeff {args.proj_coeff}, "
                   f"spatial norm {'off' if gamma is None else f'gamma {gamma}'}")
+    method += ", REPA-E (eager)" * args.repae
     print(f"model: {args.model} ({args.objective}), {num_params:,} trainable parameters")
     print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
           f"data: {args.num_generated} generated shapes, the offline demo's data (no "

@@ -224,9 +224,11 @@ def main(argv=None):
     vae = None
     if in_latent_space(args.model):
         from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
+        from repae import tuned_vae
         torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank
-        try:
-            vae = load_vae(args.vae_weights, args.vae_stats).to(device).eval()
+        try:  # a REPA-E run: its own tuned VAE
+            vae = tuned_vae(args.ckpt) or load_vae(args.vae_weights, args.vae_stats)
+            vae = vae.to(device).eval()
         except (RuntimeError, ValueError) as e:  # not cached, or a file that does not load
             where = f" (the checkpoint's {' '.join(vae_from)}: a flag overrides it)"
             parser.error(f"{e}{where if vae_from else ''}")

@@ -2921,6 +2921,7 @@ import copy  # noqa: E402
 import runpy  # noqa: E402
 import timm  # noqa: E402
 import repae  # noqa: E402
+import runs  # noqa: E402
 
 _REPAE_TAPS = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3: the ends of the official LPIPS vgg16 slices
 
@@ -3006,10 +3007,10 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
         assert ref.shape == (3, 1, 1, 1) and _repae_rel(lp(a, b), ref.flatten()) < 1e-5
     assert not any(p.requires_grad for p in lp.parameters())
     with pytest.warns(UserWarning, match="RANDOM"):
-        with pytest.raises(FileNotFoundError, match="--repae-vgg"):
+        with pytest.raises(ValueError, match="--repae-vgg .*missing.pth: no such file"):
             repae.load_lpips(str(tmp_path / "missing.pth"), "random")
-        with pytest.raises(FileNotFoundError, match="--repae-lpips"):
-            repae.load_lpips("random", None)
+        with pytest.raises(ValueError, match="--repae-lpips .*none.pth: no such file"):
+            repae.load_lpips("random", str(tmp_path / "none.pth"))
 
 
 def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
@@ -3043,7 +3044,7 @@ def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
     torch.save(sd, tmp_path / "small.pt")
     with pytest.raises(RuntimeError, match="size mismatch"):
         repae.load_discriminator(str(tmp_path / "small.pt"))
-    with pytest.raises(FileNotFoundError, match="--repae-disc"):
+    with pytest.raises(ValueError, match="--repae-disc .*none.pt: no such file"):
         repae.load_discriminator(str(tmp_path / "none.pt"))
 
 
@@ -3238,6 +3239,25 @@ def test_repae_each_loss_reaches_only_its_own_networks():
     assert all(g is None for k in ("vae", "disc") for g in seen["sit"][k])
 
 
+def _repae_flat(x, path=""):
+    """A nested state dict's leaves by path: /model/blocks.0.attn.qkv.weight, /opt/state/3/step"""
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items()
+                for k, v in _repae_flat(val, f"{path}/{key}").items()}
+    return {path: x}
+
+
+def _repae_differ(a, b):
+    """The paths where two nested state dicts differ, and how many leaves the first has."""
+    fa, fb = _repae_flat(a), _repae_flat(b)
+
+    def same(k):
+        u, v = fa[k], fb[k]
+        return torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v
+    differ = [k for k in fa.keys() | fb.keys() if k not in fa or k not in fb or not same(k)]
+    return sorted(differ), len(fa)
+
+
 def test_repae_resume_is_exact(tmp_path):
     def run(stage, steps):
         for s in steps:
@@ -3254,16 +3274,8 @@ def test_repae_resume_is_exact(tmp_path):
     a, b = whole.state_dict(), second.state_dict()
     assert set(a) == {"model", "proj", "ema", "bn", "ema_bn", "vae", "discriminator", "opt",
                       "opt_vae", "opt_disc"}
-
-    def flat(x, path=""):
-        if isinstance(x, dict):
-            return {k: v for key, val in x.items() for k, v in flat(val, f"{path}/{key}").items()}
-        return {path: x}
-    fa, fb = flat(a), flat(b)
-    assert fa.keys() == fb.keys() and len(fa) > 100
-    for k in fa:
-        same = torch.equal(fa[k], fb[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fb[k]
-        assert same, k
+    differ, leaves = _repae_differ(a, b)
+    assert not differ and leaves > 100, differ
     assert a["bn"]["num_batches_tracked"] == 4 and not torch.equal(a["ema_bn"]["running_var"],
                                                                    a["bn"]["running_var"])
 
@@ -3313,8 +3325,8 @@ def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
     assert torch.equal(vae.latent_scale.flatten(), stage.ema_bn.running_var.rsqrt())
     assert torch.equal(vae.latent_shift.flatten(), stage.ema_bn.running_mean)
     assert not torch.equal(stage.ema_bn.running_var, stage.bn.running_var)
-    z = torch.randn(2, 4, 4, 4)
-    live = stage.sampling_vae()
+    z = torch.randn(2, 4, 4, 4)  # the live VAE's scale and shift follow the EMA BatchNorm
+    live = stage.vae
     assert torch.equal(vae.decode(vae.unscale(z)), live.decode(live.unscale(z)))
     data.save_checkpoint(dict(model={}, args={}, step=1), str(tmp_path / "plain.pt"))
     monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(tmp_path / "plain.pt"),
@@ -3332,15 +3344,14 @@ def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
     assert (args.vae_lr, args.disc_lr, args.vae_align_coeff) == (1e-4, 1e-4, 1.5)
     assert args.repae_disc is None
     args.__dict__.update(vae_weights="vae.safetensors", encoder_depth=2, spnorm_gamma=0.6,
-                         proj_coeff=0.7, lr=1e-4, ema=(0.9999, 0.999))  # train.py's own flags
+                         proj_coeff=0.7, lr=1e-4, ema=(0.9999, 0.999),
+                         precision="fp32")  # train.py's own flags
     stage = _repae_stage()
     with pytest.warns(UserWarning, match="RANDOM"):
         built = repae.build(args, stage.net, stage.proj, stage.vae)
     assert not built.lpips.official_input and built.decay == 0.9999 and built.vae_coeff == 1.5
     assert (built.gamma, built.coeff, built.depth) == (0.6, 0.7, 2)  # each where its flag says
     assert built.vae.training and all(q.requires_grad for q in built.vae.parameters())
-    with pytest.raises(RuntimeError, match="pass --encoder"):
-        repae.build(args, stage.net, None, stage.vae)
     stage.vae.encoder = None
     with pytest.raises(RuntimeError, match="--vae-weights vae.safetensors is a decoder-only"):
         repae.build(args, stage.net, stage.proj, stage.vae)
@@ -3355,6 +3366,141 @@ def test_repae_bf16_autocast_step_stays_close_to_fp32():
         got.append(stage.step(*_repae_batch(0)))
     for k in ("loss", "vae_loss", "rec", "kl", "d_loss"):
         assert abs(got[1][k] - got[0][k]) <= 0.02 * abs(got[0][k]), k
+
+
+# train.py --repae and sample.py on its checkpoints: SiT-S/2's name on a tiny SiT, a small SD-VAE,
+# LPIPS and PatchGAN (random), a random DINOv2-S; 8 generated shapes at 32 px
+_REPAE_SIT = ["--model", "SiT-S/2", "--image-size", "32", "--vae-weights", "random",
+              "--encoder", "dinov2-vit-s", "--encoder-weights", "random",
+              "--irepa", "--encoder-depth", "2",
+              "--batch-size", "8", "--num-generated", "8", "--lr", "2e-3",
+              "--log-every", "1", "--sample-every", "0", "--no-compile"]
+_REPAE = [*_REPAE_SIT, "--repae", "--repae-vgg", "random", "--repae-lpips", "random",
+          "--vae-lr", "5e-3", "--disc-lr", "2e-4"]
+
+
+def _repae_tiny(monkeypatch):
+    sit, vae, lpips, disc = model.SiT, encoders.VAE, repae.LPIPS, repae.PatchGAN
+
+    def small_vae():
+        v = vae(widths=(8, 16, 16, 16), layers=1, groups=4)
+        with torch.no_grad():
+            v.quant_conv.bias[4:] = -8.0  # posterior std exp(-4): narrow, as a pretrained one's
+        return v
+    monkeypatch.setitem(model.models, "SiT-S/2", lambda image_size, num_classes, **kw:
+                        sit(image_size, 2, 64, 4, 4, num_classes=num_classes, **kw))
+    monkeypatch.setattr(encoders, "VAE", small_vae)
+    monkeypatch.setattr(repae, "LPIPS", lambda official_input:
+                        lpips((4, 8, 8, 8, 8), official_input))
+    monkeypatch.setattr(repae, "PatchGAN", lambda: disc(ndf=8))
+
+
+def _repae_ck(run, step):
+    return data.read_weights(str(run / "checkpoints" / f"{step:07d}.pt"), "--ckpt")
+
+
+def test_repae_train_run_improves_and_checkpoints_the_stage(tmp_path, monkeypatch, cpu_only):
+    # python train.py --repae ...: the VAE's reconstruction and both alignment losses go down
+    _repae_tiny(monkeypatch)
+    train.main([*_REPAE, "--steps", "30", "--ckpt-every", "30", "--sample-every", "30",
+                "--out-dir", str(tmp_path)])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(log) == 30 and all(math.isfinite(r[k]) for r in log for k in repae.LOGGED)
+    last = {k: sum(r[k] for r in log[-5:]) / 5 for k in repae.LOGGED}
+    assert last["rec"] < 0.75 * log[0]["rec"], (log[0], last)  # 0.41 -> 0.27
+    assert last["repa"] < log[0]["repa"] - 0.4  # measured: 0.00 -> -0.61
+    assert last["vae_align"] < log[0]["vae_align"] - 0.4  # -0.00 -> -0.63
+    ck = _repae_ck(tmp_path, 30)
+    assert set(ck) == {"model", "proj", "ema", "bn", "ema_bn", "vae", "discriminator", "opt",
+                       "opt_vae", "opt_disc", "args", "step"}
+    assert ck["args"]["repae"] and ck["bn"]["num_batches_tracked"] == 30
+    assert (tmp_path / "samples" / "0000030.png").exists()  # decoded by the tuned VAE
+
+
+def test_repae_train_resume_is_bit_exact(tmp_path, monkeypatch, cpu_only, capsys):
+    # 2 steps, then --resume to 4 == 4 steps at once: SiT, EMA, VAE, BatchNorms, discriminator,
+    # the three optimisers and the log
+    _repae_tiny(monkeypatch)
+    dirs = [tmp_path / "whole", tmp_path / "part"]
+    train.main([*_REPAE, "--steps", "4", "--ckpt-every", "2", "--out-dir", str(dirs[0])])
+    train.main([*_REPAE, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(dirs[1])])
+    train.main(["--resume", str(dirs[1]), "--steps", "4"])
+    a, b = (_repae_ck(r, 4) for r in dirs)
+    assert a.pop("args")["out_dir"] == str(dirs[0]) and b.pop("args")["resume"]
+    differ, leaves = _repae_differ(a, b)
+    assert not differ and leaves > 100 and "vae" in a, differ
+    logs = [[json.loads(line) for line in open(r / "log.jsonl")] for r in dirs]
+    for log in logs:
+        for rec in log:
+            rec.pop("img_s_per_gpu")
+    assert logs[0] == logs[1] and len(logs[0]) == 4
+    with pytest.raises(SystemExit):  # the lrs live in the optimisers' states
+        train.main(["--resume", str(dirs[1]), "--vae-lr", "1", "--steps", "6"])
+    assert "--vae-lr 1.0 differs" in capsys.readouterr().err
+
+
+def test_repae_sample_decodes_with_the_runs_own_vae(tmp_path, monkeypatch, cpu_only):
+    # the run's --vae-weights is random; sample.py decodes with the tuned VAE it saved, scaled by
+    # its EMA BatchNorm, unasked
+    _repae_tiny(monkeypatch)
+    run = tmp_path / "run"
+    train.main([*_REPAE, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
+    used, generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda net, y, family, vae, *a, **kw:
+                        used.append(vae) or generate(net, y, family, vae, *a, **kw))
+    sample.main(["--ckpt", str(run), "--num-steps", "2", "--num-samples", "4", "--out",
+                 str(tmp_path / "s.npz")])
+    ck = _repae_ck(run, 2)
+    vae = used[0]
+    assert not _repae_differ(vae.state_dict(), ck["vae"])[0]
+    assert torch.equal(vae.latent_scale.flatten(), ck["ema_bn"]["running_var"].rsqrt())
+    assert torch.equal(vae.latent_shift.flatten(), ck["ema_bn"]["running_mean"])
+    torch.manual_seed(0)  # sample.py's seed: the VAE --vae-weights random would give
+    assert _repae_differ(encoders.load_vae("random").state_dict(), ck["vae"])[0]
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (4, 32, 32, 3)
+
+
+def test_repae_exported_vae_trains_a_plain_run(tmp_path, monkeypatch, cpu_only, capsys):
+    # repae.export's files as --vae-weights and --vae-stats: a plain iREPA run on E2E-VAE latents
+    _repae_tiny(monkeypatch)
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    train.main([*_REPAE, "--steps", "1", "--ckpt-every", "1", "--out-dir", str(run)])
+    stats = repae.export(str(run), str(tmp_path / "e2e-vae.pt"))
+    seen, posterior = [], train.posterior
+    monkeypatch.setattr(train, "posterior", lambda vae, *a: seen.append(vae) or posterior(vae, *a))
+    train.main([*_REPAE_SIT, "--vae-weights", str(tmp_path / "e2e-vae.pt"), "--vae-stats", stats,
+                "--steps", "1", "--ckpt-every", "1", "--out-dir", str(plain)])
+    ck = _repae_ck(run, 1)
+    assert not _repae_differ(seen[0].state_dict(), ck["vae"])[0]
+    assert torch.equal(seen[0].latent_scale.flatten(), ck["ema_bn"]["running_var"].rsqrt())
+    assert "vae" not in _repae_ck(plain, 1)
+    with pytest.raises(SystemExit):  # a plain run does not turn into a REPA-E one on resume
+        train.main(["--resume", str(plain), "--repae", "--steps", "2"])
+    assert "--repae True differs from the run's False" in capsys.readouterr().err
+
+
+def test_repae_train_refuses_what_cannot_run_before_any_work(tmp_path, monkeypatch):
+    _repae_tiny(monkeypatch)
+    out = ["--steps", "1", "--out-dir", str(tmp_path / "r")]
+    flow = "--repae trains SiT-*/N (flow) with an --encoder, in one process"
+    for argv, want in [([*_REPAE, "--encoder", "none"], flow),
+                       ([*_REPAE, "--model", "JiT-demo/16"], flow),
+                       ([*_REPAE, "--objective", "meanflow"], flow),
+                       ([*_REPAE_SIT, "--repae"], "--repae-vgg and --repae-lpips")]:
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, *out])
+        _one_line(str(e.value), "--repae", want)
+    with pytest.raises(SystemExit, match="one process"):  # torchrun's two ranks
+        runs.check_run(train.get_args([*_REPAE, *out]), 2)
+    assert not (tmp_path / "r").exists()
+    decoder = {k: v for k, v in encoders.VAE().state_dict().items() if k.startswith("decoder.")}
+    torch.save({**decoder, **nn.Conv2d(4, 4, 1).state_dict(prefix="post_quant_conv.")},
+               tmp_path / "decoder.pt")
+    with pytest.raises(SystemExit) as e:  # found on building, before any step
+        train.main([*_REPAE, *out, "--vae-weights", str(tmp_path / "decoder.pt")])
+    _one_line(str(e.value), "--vae-weights", "is a decoder-only file")
+
+
 # =============================================================================
 # weights files, checkpoint checksums and progress bars (issue 33: what a new user trips on)
 

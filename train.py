@@ -34,6 +34,7 @@ from tqdm import tqdm
 import align
 import encoders
 import kernels
+import repae
 from data import (NUM_GENERATED_CLASSES, Batches, Parser, at_least, generated_images,
                   posterior, prepared_arrays, read_weights, save_checkpoint, save_curves,
                   save_grid, setup_device, trim_log)
@@ -182,6 +183,7 @@ def fresh_defaults(args):
     method = (align.IREPA if args.irepa else align.REPA)[model[:3]]
     shapes = 2000 if "demo" in model and not pretrained else None  # None: check_run refuses
     tag = "" if args.encoder == "none" else "-irepa" if args.irepa else "-repa"
+    tag += "-repae" * args.repae
     lr = recipe["lr"] or 5e-5 * (args.batch_size or recipe["batch_size"]) / 256
     flags = {k: v for k, v in recipe.items() if k not in ("betas", "clip", "flip")}
     return dict(flags, data_path=data_path, num_generated=shapes, lr=lr, proj=method["proj"],
@@ -230,7 +232,7 @@ def get_args(argv=None):
     add("--log-every", type=at_least(1), default=100, help="log every N steps")
     add("--ckpt-every", type=at_least(1), default=50_000, help="checkpoint every N steps")
     add("--sample-every", type=at_least(0), default=10_000, help="sample grid every N (0: never)")
-    add("--out-dir", help="run folder (default: out/<model>-<encoder>[-<method>][-meanflow])")
+    add("--out-dir", help="run folder (default: out/MODEL-ENCODER[-METHOD][-repae][-meanflow])")
     new_or_old = p.add_mutually_exclusive_group()  # one line, not two runs' settings mixed
     new_or_old.add_argument("--start-over", action="store_true",
                             help="move a run in --out-dir aside first")
@@ -247,6 +249,7 @@ def get_args(argv=None):
     add("--seed", type=int, default=0, help="global seed")
     add("--num-workers", type=at_least(0), default=4, help="data loader processes per rank")
     add("--recompute", type=at_least(0), default=0, help="activation checkpoints, N blocks")
+    repae.add_args(p)
     args = p.parse_args(argv)
     if args.resume:
         return resumed(p, argv, args.resume)
@@ -271,11 +274,14 @@ def build(args, device):
                                              args.proj == "conv").to(device)
         if in_latent_space(args.model):
             vae = encoders.load_vae(args.vae_weights, args.vae_stats).to(device)
+        if device.type == "cuda":  # the fast paths (kernels.py): same functions and parameters
+            net = kernels.enable(net)
+            encoder = kernels.enable(encoder) if encoder is not None else None
+        if args.repae:  # REPA-E (repae.py): its stage holds the SiT's EMA and AdamW
+            stage = repae.build(args, net, projector, vae)
+            return stage, encoder, vae, [stage.ema_net], stage.opt
     except (RuntimeError, ValueError) as e:
         raise SystemExit(str(e)) from None
-    if device.type == "cuda":  # the fast paths (kernels.py): same functions and parameters
-        net = kernels.enable(net)
-        encoder = kernels.enable(encoder) if encoder is not None else None
     mean_flow = None
     if args.objective == "meanflow":
         mean_flow = MeanFlow(time=args.mf_time, ratio=args.mf_ratio, omega=args.mf_omega,
@@ -293,7 +299,7 @@ def build(args, device):
 
 def load_data(args, vae, device, rank, world, start):
     """This rank's batches of steps start..--steps: --data-path's arrays (prepared on first
-    use) or generated shapes (SiT: with their VAE posterior)."""
+    use) or generated shapes (SiT: with their VAE posterior; REPA-E passes no VAE)."""
     if args.data_path:
         images, labels, latents = prepared_arrays(args.data_path, args.prepared_dir,
                                                   args.image_size, vae, vae_name(args), device,
@@ -317,7 +323,16 @@ def load_data(args, vae, device, rank, world, start):
 
 def make_step(args, objective, encoder, vae, emas, opt, device, world):
     """train_step(x, y, lat): one optimisation step on a loader batch; it returns (loss,
-    denoise, repa, grad norm) as one tensor, without a host sync."""
+    denoise, repa, grad norm) as one tensor (REPA-E: repae.LOGGED), without a host sync."""
+    net, params = objective.net, opt.param_groups[0]["params"]
+    net.recompute = args.recompute  # activation checkpoints in the first N blocks
+    if args.repae:  # REPA-E: the stage's four phases on the images, eager
+        def repae_step(x, y, lat):  # lat: None
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad(), objective.amp:
+                target = encoder(x)  # (B, T, Dz)
+            return torch.stack(list(objective.step(x, y, target).values())).float()
+        return repae_step
     model = objective
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -328,8 +343,6 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     model = torch.compile(model) if args.compile else model
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    net, params = objective.net, opt.param_groups[0]["params"]
-    net.recompute = args.recompute  # activation checkpoints in the first N blocks
     trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed: no EMA
     ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad]
                   for ema in emas]
@@ -402,10 +415,12 @@ def main(argv=None):
         if projector is not None:
             projector.load_state_dict(ck["proj"])
         opt.load_state_dict(ck["opt"])
+        if args.repae:  # and its VAE, BatchNorms, discriminator and their optimisers
+            objective.load_state_dict(ck)
         step = ck["step"]
         if rank == 0 and os.path.exists(log):
             trim_log(log, step)
-    loader = load_data(args, vae, device, rank, world, step)
+    loader = load_data(args, None if args.repae else vae, device, rank, world, step)
     train_step = make_step(args, objective, encoder, vae, emas, opt, device, world)
     warmup = args.warmup_steps
     if warmup is None:  # 5 epochs
@@ -421,7 +436,7 @@ def main(argv=None):
     curves = ("denoise",) if mf else ("loss", "denoise")
     curves += ("repa",) if args.encoder != "none" else ()
     stop, handler = catch_interrupt(world)  # Ctrl-C: this step is the last, checkpointed
-    acc = torch.zeros(4, device=device)  # sums of loss, denoise, repa, grad norm since the log
+    acc = torch.zeros(len(repae.LOGGED) if args.repae else 4, device=device)  # sums to log
     t0, last_log = time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train")
     for x, y, lat in loader:
@@ -436,7 +451,7 @@ def main(argv=None):
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
             if world > 1:  # logged before any checkpoint, so that a NaN is never saved
                 dist.all_reduce(acc)
-            loss, denoise, repa, gnorm = (acc / world / (step - last_log)).tolist()
+            loss, denoise, repa, gnorm, *more = (acc / world / (step - last_log)).tolist()
             if not math.isfinite(loss):
                 good = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "*.pt")))
                 raise SystemExit(f"loss is {loss} around step {step}: stopping; last good "
@@ -446,6 +461,7 @@ def main(argv=None):
                              "repa": f"{repa:.3f}", "ips": f"{ips:.0f}"})
             rec = dict(step=step, loss=loss, denoise=denoise, repa=repa, grad_norm=gnorm,
                        lr=opt.param_groups[0]["lr"], img_s_per_gpu=ips)
+            rec.update(zip(repae.LOGGED[4:], more))  # REPA-E's VAE and discriminator
             if rank == 0:
                 with open(log, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -463,6 +479,8 @@ def main(argv=None):
                 state = dict(model=net.state_dict(), opt=opt.state_dict(), args=vars(args),
                              step=step, proj=None if projector is None else projector.state_dict())
                 state.update({k: ema.state_dict() for k, ema in zip(("ema", "ema2"), emas)})
+                if args.repae:  # and its VAE, BatchNorms, discriminator and their optimisers
+                    state.update(objective.state_dict())
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
             if world > 1:
                 dist.barrier()
