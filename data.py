@@ -313,6 +313,8 @@ def sampling_weights(path, ema):
     saved = {k: a.get(k) for k in ("model", "vae_weights", "vae_stats", "noise_scale", "objective")}
     saved["image_size"] = a.get("image_size") or a.get("resolution") or a.get("img_size") or 256
     saved["num_classes"] = a.get("num_classes") or a.get("class_num") or 1000
+    if "vae" in ckpt:  # REPA-E: the run's tuned VAE and EMA BatchNorm (--vae-weights overrides)
+        saved.update(vae_weights=None, vae_stats=None, tuned_vae=(ckpt["vae"], ckpt["ema_bn"]))
     weights = {k.removeprefix("net."): v for k, v in ckpt.get(key, {}).items()}
     unused = lambda k: k.startswith("projectors.") or k.endswith(("freqs_cos", "freqs_sin"))
     return {k: v for k, v in weights.items() if not unused(k)}, saved

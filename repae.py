@@ -324,16 +324,17 @@ def export(ckpt, out):
     if "vae" not in ck:
         raise ValueError(f"{path} is not a REPA-E checkpoint (it holds no VAE)")
     stats = os.path.splitext(out)[0] + "-latents-stats.pt"
-    torch.save(dict(ck["vae"]), out)
-    torch.save(latent_stats(ck["ema_bn"]), stats)
+    if os.path.exists(out) or os.path.exists(stats):  # nothing made is overwritten
+        raise ValueError(f"--out {out} or {stats} exists already: pass another --out")
+    for state, file in ((dict(ck["vae"]), out), (latent_stats(ck["ema_bn"]), stats)):
+        torch.save(state, file + ".tmp")
+        os.replace(file + ".tmp", file)  # whole or absent
     return stats
 
 
-def tuned_vae(path):
-    """A REPA-E checkpoint's VAE, scaled by its EMA BatchNorm (for sample.py); else None."""
-    ck = read_weights(path, "--ckpt", mmap=True)
-    if "vae" in ck:
-        return sampling_vae(encoders.VAE().load_diffusers(ck["vae"]), ck["ema_bn"])
+def tuned_vae(vae_state, bn_state):
+    """A REPA-E checkpoint's VAE, scaled by its EMA BatchNorm (for sample.py)."""
+    return sampling_vae(encoders.VAE().load_diffusers(vae_state), bn_state)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"--ckpt {e}" if isinstance(e, FileNotFoundError) else str(e))
     mean_flow = saved.pop("objective") == "meanflow"
+    tuned = saved.pop("tuned_vae", None)  # a REPA-E run's own VAE, unless --vae-weights is given
     vae_from = [f"--{k.replace('_', '-')} {saved[k]}" for k in ("vae_weights", "vae_stats")
                 if saved[k] is not None and getattr(args, k) is None]
     fill(args, saved)
@@ -226,13 +227,13 @@ def main(argv=None):
         from encoders import load_vae  # only SiT needs the VAE (and encoders' imports)
         from repae import tuned_vae
         torch.manual_seed(args.seed)  # --vae-weights random: the same decoder on every rank
-        try:  # a REPA-E run: its own tuned VAE
-            vae = tuned_vae(args.ckpt) or load_vae(args.vae_weights, args.vae_stats)
+        try:
+            own = tuned and args.vae_weights is None
+            vae = tuned_vae(*tuned) if own else load_vae(args.vae_weights, args.vae_stats)
             vae = vae.to(device).eval()
         except (RuntimeError, ValueError) as e:  # not cached, or a file that does not load
             where = f" (the checkpoint's {' '.join(vae_from)}: a flag overrides it)"
             parser.error(f"{e}{where if vae_from else ''}")
-
     model = model.to(device).eval().requires_grad_(False)
     model = kernels.enable(model) if device.type == "cuda" else model
     model = torch.compile(model) if args.compile else model

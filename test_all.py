@@ -3316,6 +3316,10 @@ def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(run), "--out", str(out)])
     runpy.run_path(repae.__file__, run_name="__main__")
     assert f"--vae-weights {out} --vae-stats {stats}" in capsys.readouterr().out
+    made = out.read_bytes()
+    with pytest.raises(SystemExit):  # a second export leaves the first as it is
+        runpy.run_path(repae.__file__, run_name="__main__")
+    assert "exists already" in capsys.readouterr().err and out.read_bytes() == made
     small = encoders.VAE
     monkeypatch.setattr(encoders, "VAE", lambda: small(widths=(8, 16, 16, 16), layers=1, groups=4))
     vae = encoders.load_vae(str(out), str(stats))  # train.py's and sample.py's loader, unchanged
@@ -3456,8 +3460,12 @@ def test_repae_sample_decodes_with_the_runs_own_vae(tmp_path, monkeypatch, cpu_o
     assert torch.equal(vae.latent_scale.flatten(), ck["ema_bn"]["running_var"].rsqrt())
     assert torch.equal(vae.latent_shift.flatten(), ck["ema_bn"]["running_mean"])
     torch.manual_seed(0)  # sample.py's seed: the VAE --vae-weights random would give
-    assert _repae_differ(encoders.load_vae("random").state_dict(), ck["vae"])[0]
+    fresh = encoders.load_vae("random").state_dict()
+    assert _repae_differ(fresh, ck["vae"])[0]
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (4, 32, 32, 3)
+    sample.main(["--ckpt", str(run), "--num-steps", "2", "--num-samples", "4", "--out",
+                 str(tmp_path / "t.npz"), "--vae-weights", "random"])  # a flag wins, as always
+    assert not _repae_differ(used[1].state_dict(), fresh)[0]
 
 
 def test_repae_exported_vae_trains_a_plain_run(tmp_path, monkeypatch, cpu_only, capsys):
