@@ -3,6 +3,7 @@ train.py's step after 5 warm-up steps (1,024 generated 256-px images, iREPA on a
 a random SD-VAE, unless flags say otherwise).
 
     python bench.py train --model SiT-B/2 --batch-size 256      # any train.py flag may follow
+    python bench.py train --batch-size 32 --repae --repae-vgg random --repae-lpips random  # SiT-B/2
     python bench.py sample --model SiT-B/2 --batch-size 256 [--compile] [--num-steps N]
     python bench.py metrics --num-images 1000
     torchrun --nproc_per_node=8 bench.py train --model SiT-B/2 --batch-size 2048
@@ -44,17 +45,20 @@ def bench_train(argv):
     device, rank, world = setup_device()
     train.check_run(args, world)
     objective, encoder, vae, emas, opt = train.build(args, device)
-    loader = train.load_data(args, vae, device, rank, world, 0)
+    loader = train.load_data(args, None if args.repae else vae, device, rank, world, 0)
     if device.type == "cuda":  # the peak of training, not of encoding the generated images
         torch.cuda.reset_peak_memory_stats()
     # FLOPs per image (network forward and backward, encoder forward), before --recompute is on
     x, y, lat = (t[:2].to(device) if t is not None else None for t in loader.dataset[0])
-    inp = vae.scale(lat.chunk(2, dim=1)[0]) if vae is not None else x.float() / 127.5 - 1
+    inp = vae.scale(lat.chunk(2, dim=1)[0]) if lat is not None else x.float() / 127.5 - 1
     with FlopCounterMode(display=False) as counter:
         target = encoder(x) if encoder is not None else None  # fp32: bf16's fused GELU is missed
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            objective(inp, y, target)[0].backward()
-    objective.zero_grad(set_to_none=True)
+        if args.repae:  # one whole REPA-E step: its VAE, LPIPS and discriminator too
+            objective.step(x, y, target)
+        else:
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                objective(inp, y, target)[0].backward()
+            objective.zero_grad(set_to_none=True)
     flops = counter.get_total_flops() / 2
     train_step = train.make_step(args, objective, encoder, vae, emas, opt, device, world)
     profiler, marks = torch.profiler.profile(), []

@@ -1277,6 +1277,14 @@ def test_bench_train_prints_speed_and_leaves_no_log(tmp_path, capsys, monkeypatc
     assert not os.listdir(tmp_path)  # no log, checkpoint or sample grid
 
 
+def test_bench_train_times_the_repae_step(tmp_path, capsys, monkeypatch, cpu_only):
+    _repae_tiny(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    bench.main(["train", *_REPAE, "--bench-steps", "1"])
+    assert "BENCH SiT-S/2 enc=dinov2-vit-s proj=conv batch=8" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)
+
+
 def test_bench_sample_compares_fp32_and_bf16(capsys, cpu_only):
     bench.main(["sample", "--model", "JiT-demo/16", "--batch-size", "2", "--num-steps", "2"])
     out = capsys.readouterr().out
