@@ -174,7 +174,7 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
 
 
 def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir):
-    """The prepared folder (a moved run finds its arrays beside it); a ValueError if it differs."""
+    """The prepared folder (a moved run finds its arrays beside it); refused if it holds other data."""
     tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
     tag += "-vae" if vae_name == "random" else ""
     name = f"prepared-{os.path.basename(os.path.normpath(data_path))}-{image_size}{tag}"
@@ -190,7 +190,7 @@ def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir):
         held = f"latents of the VAE {meta['vae']}" if meta.get("vae") else "no VAE latents"
         want = f"{vae_name}'s"
     if held != want:
-        raise ValueError(f"{folder} holds {held}, not {want}: pass another --prepared-dir")
+        raise SystemExit(f"{folder} holds {held}, not {want}: pass another --prepared-dir")
     return folder
 
 

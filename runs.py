@@ -67,11 +67,8 @@ def check_run(args, world):
         if bad:
             raise SystemExit(message)
     if args.data_path:  # its prepared arrays must hold this data, size and VAE's latents
-        try:
-            args.prepared_dir = prepared_folder(args.data_path, args.image_size, vae_name(args),
-                                                args.out_dir, args.prepared_dir)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        args.prepared_dir = prepared_folder(args.data_path, args.image_size, vae_name(args),
+                                            args.out_dir, args.prepared_dir)
 
 
 def resumed(p, argv, path):
