@@ -174,7 +174,7 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
 
 
 def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir):
-    """The prepared folder (a moved run finds its arrays beside it); one with other data: refused."""
+    """The prepared folder (a moved run finds its arrays beside it); other data there: refused."""
     tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
     tag += "-vae" if vae_name == "random" else ""
     name = f"prepared-{os.path.basename(os.path.normpath(data_path))}-{image_size}{tag}"
