@@ -373,9 +373,9 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
                 torch._foreach_lerp_(ema_p, trainable, 1 - decay)
         return torch.stack([loss.detach(), denoise.detach(), rep.detach(), gnorm]).float()
     graphs = args.cuda_graphs and device.type == "cuda"
-    if graphs and (world > 1 or args.objective == "meanflow"):  # not yet checked on a GPU there
-        if os.environ.get("RANK", "0") == "0":
-            print("--cuda-graphs: off under DDP and for MeanFlow for now; the plain step runs")
+    if graphs and (world > 1 or args.objective == "meanflow" or args.recompute):  # not checked
+        if os.environ.get("RANK", "0") == "0":  # on a GPU yet: the plain step, said once
+            print("--cuda-graphs: off under DDP, MeanFlow and --recompute for now: the plain step")
         return train_step
     return kernels.GraphedStep(train_step, opt) if graphs else train_step
 
