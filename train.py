@@ -405,18 +405,16 @@ def main(argv=None):
     device, rank, world = setup_device()
     check_run(args, world)
     objective, encoder, vae, emas, opt = build(args, device)
-    net, projector, step = objective.net, objective.proj, 0
+    net, step = objective.net, 0
     log = os.path.join(args.out_dir, "log.jsonl")
+    # what a checkpoint holds, by key (REPA-E: its VAE, BatchNorms, discriminator and AdamWs too)
+    parts = dict(model=net, opt=opt, proj=objective.proj, **dict(zip(("ema", "ema2"), emas)))
+    parts = objective.parts() if args.repae else parts
     if args.resume:  # the run's weights and optimiser; its log cut back to the checkpoint
         ck = read_weights(args.resume, "--resume")
-        net.load_state_dict(ck["model"])
-        for ema, key in zip(emas, ("ema", "ema2")):
-            ema.load_state_dict(ck[key])
-        if projector is not None:
-            projector.load_state_dict(ck["proj"])
-        opt.load_state_dict(ck["opt"])
-        if args.repae:  # and its VAE, BatchNorms, discriminator and their optimisers
-            objective.load_state_dict(ck)
+        for key, part in parts.items():
+            if part is not None:  # no projector without an encoder
+                part.load_state_dict(ck[key])
         step = ck["step"]
         if rank == 0 and os.path.exists(log):
             trim_log(log, step)
@@ -476,11 +474,9 @@ def main(argv=None):
             save_curves(log, os.path.join(args.out_dir, "curves.png"), curves)
         if step % args.ckpt_every == 0 or last:
             if rank == 0:
-                state = dict(model=net.state_dict(), opt=opt.state_dict(), args=vars(args),
-                             step=step, proj=None if projector is None else projector.state_dict())
-                state.update({k: ema.state_dict() for k, ema in zip(("ema", "ema2"), emas)})
-                if args.repae:  # and its VAE, BatchNorms, discriminator and their optimisers
-                    state.update(objective.state_dict())
+                state = {k: None if part is None else part.state_dict()
+                         for k, part in parts.items()}
+                state.update(args=vars(args), step=step)
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
             if world > 1:
                 dist.barrier()
