@@ -50,12 +50,12 @@ def bench_train(argv):
         torch.cuda.reset_peak_memory_stats()
     # FLOPs per image (network forward and backward, encoder forward), before --recompute is on
     x, y, lat = (t[:2].to(device) if t is not None else None for t in loader.dataset[0])
-    inp = vae.scale(lat.chunk(2, dim=1)[0]) if lat is not None else x.float() / 127.5 - 1
     with FlopCounterMode(display=False) as counter:
         target = encoder(x) if encoder is not None else None  # fp32: bf16's fused GELU is missed
         if args.repae:  # one whole REPA-E step: its VAE, LPIPS and discriminator too
             objective.step(x, y, target)
         else:
+            inp = vae.scale(lat.chunk(2, dim=1)[0]) if vae is not None else x.float() / 127.5 - 1
             with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
                 objective(inp, y, target)[0].backward()
             objective.zero_grad(set_to_none=True)
