@@ -184,10 +184,13 @@ class Stage:
         self.ema_net = copy.deepcopy(net).requires_grad_(False)
         self.ema_bn = copy.deepcopy(self.bn)
         # AdamW for all three: betas (0.9, 0.999), no weight decay (official)
+        fused = vae.latent_scale.is_cuda
         params = [*net.parameters(), *proj.parameters()]
-        self.opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
-        self.opt_vae = torch.optim.AdamW(vae.parameters(), vae_lr, weight_decay=0.0)
-        self.opt_disc = torch.optim.AdamW(disc.parameters(), disc_lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(params, lr, weight_decay=0.0, fused=fused)
+        self.opt_vae = torch.optim.AdamW(vae.parameters(), vae_lr, weight_decay=0.0, fused=fused)
+        self.opt_disc = torch.optim.AdamW(disc.parameters(), disc_lr, weight_decay=0.0,
+                                          fused=fused)
+        self.hidden = sit_hidden
 
     def update(self, opt, loss):
         """Backward, clip opt's gradients, step; returns their norm before clipping."""
@@ -222,7 +225,7 @@ class Stage:
         tt = t.view(-1, 1, 1, 1)
         with self.amp:
             xt = (1 - tt) * self.bn(z) + tt * noise
-            h = sit_hidden(self.net, xt, t, y, self.depth)
+            h = self.hidden(self.net, xt, t, y, self.depth)
             vae_align = align.alignment_loss(self.proj, h, target, self.gamma)
         rec = (img - recon).abs().mean()                     # the losses in fp32
         perceptual = self.lpips(img, recon).mean()
@@ -257,6 +260,12 @@ class Stage:
         logs = (loss, denoise, rep, norm, vae_loss, rec, perceptual, kl, gan, vae_align,
                 norm_vae, d_loss, norm_disc, real.mean(), fake.mean())
         return {k: v.detach() for k, v in zip(LOGGED, logs)}
+
+    def compile(self):
+        # as the official compiles its SiT, VAE and losses; in place: the same state_dict keys
+        self.hidden = torch.compile(sit_hidden, dynamic=False)
+        for m in (self.net, self.vae.encoder, self.vae.decoder, self.lpips, self.disc):
+            m.compile(dynamic=False)
 
     @torch.no_grad()
     def update_ema(self):

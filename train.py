@@ -326,11 +326,14 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     denoise, repa, grad norm) as one tensor (REPA-E: repae.LOGGED), without a host sync."""
     net, params = objective.net, opt.param_groups[0]["params"]
     net.recompute = args.recompute  # activation checkpoints in the first N blocks
-    if args.repae:  # REPA-E: the stage's four phases on the images, eager
+    encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
+    if args.repae and args.compile:
+        objective.compile()
+    if args.repae:  # REPA-E: the stage's four phases on the images
         def repae_step(x, y, lat):  # lat: None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.no_grad(), objective.amp:
-                target = encoder(x)  # (B, T, Dz)
+                target = encode(x)  # (B, T, Dz)
             return torch.stack(list(objective.step(x, y, target).values())).float()
         return repae_step
     model = objective
@@ -341,7 +344,6 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     if world > 1 and args.compile:  # one graph: overlapping NCCL with the backward costs more
         torch._dynamo.config.optimize_ddp = False
     model = torch.compile(model) if args.compile else model
-    encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed: no EMA
     ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad]
