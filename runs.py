@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from data import prepared_folder, readable_checkpoint
+from data import NUM_GENERATED_CLASSES, prepared_folder, readable_checkpoint
 from model import build_model, in_latent_space
 
 IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout
@@ -36,6 +36,10 @@ def check_run(args, world):
     run = [f for f in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
     mf = args.objective == "meanflow"
     eager_bf16 = args.precision == "bf16" and not args.compile and torch.cuda.is_available()
+    if args.data_path and os.path.isdir(args.data_path):  # labels 0..C-1: the class folders
+        classes = sum(entry.is_dir() for entry in os.scandir(args.data_path))
+    else:  # the generated shapes' labels cycle through their classes
+        classes = min(args.num_generated or 0, NUM_GENERATED_CLASSES)
     for bad, message in [
         (args.batch_size % world,
          f"--batch-size {args.batch_size} is not divisible by the world size {world}"),
@@ -63,6 +67,8 @@ def check_run(args, world):
          f"{args.model} run with encoder {args.encoder}: pass --data-path (class folders; "
          f"default {IMAGENET}) or --num-generated N; the offline demo is: python train.py"),
         (args.wandb and not importlib.util.find_spec("wandb"), "--wandb needs: pip install wandb"),
+        (classes > args.num_classes, f"the data has {classes} classes but --num-classes is "
+         f"{args.num_classes}: raise it"),
     ]:
         if bad:
             raise SystemExit(message)
@@ -106,7 +112,7 @@ def open_run(args, num_params, step, world, device):
         method = (f"{'iREPA' if args.irepa else 'REPA'} to {args.encoder} after block "
                   f"{args.encoder_depth}: {args.proj} projector, coeff {args.proj_coeff}, "
                   f"spatial norm {'off' if gamma is None else f'gamma {gamma}'}")
-    method += ", REPA-E (eager)" * args.repae
+    method += ", REPA-E" * args.repae
     print(f"model: {args.model} ({args.objective}), {num_params:,} trainable parameters")
     print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
           f"data: {args.num_generated} generated shapes, the offline demo's data (no "
