@@ -17,6 +17,7 @@ import os
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -37,12 +38,10 @@ GAN_WEIGHT = 0.1
 class LPIPS(nn.Module):
     """LPIPS (Zhang et al. 2018): five VGG16 ReLU outputs, unit-normalised per position;
     their squared differences weighted per channel (1x1 conv), averaged over positions,
-    summed. VGG16's names (features.N.*) as torchvision's and timm's: their files load.
-    official_input: REPA-E maps its [-1, 1] images with 2x - 1 (meant for [0, 1])."""
+    summed. VGG16's names (features.N.*) as torchvision's and timm's: their files load."""
 
-    def __init__(self, widths=(64, 128, 256, 512, 512), official_input=True):
+    def __init__(self, widths=(64, 128, 256, 512, 512)):
         super().__init__()
-        self.official_input = official_input
         layers, c = [], 3
         for i, (w, convs) in enumerate(zip(widths, (2, 2, 3, 3, 3))):
             if i > 0:
@@ -61,8 +60,7 @@ class LPIPS(nn.Module):
 
     def forward(self, a, b):
         # a, b: images (B, 3, H, W) in [-1, 1] -> distances (B,)
-        if self.official_input:
-            a, b = 2 * a - 1, 2 * b - 1
+        a, b = 2 * a - 1, 2 * b - 1  # as REPA-E, which meant it for images in [0, 1]
         h = (torch.cat([a, b]) - self.shift) / self.scale  # one VGG pass for both
         taps = []
         for layer in self.features:
@@ -77,10 +75,10 @@ class LPIPS(nn.Module):
         return dist.flatten()
 
 
-def load_lpips(vgg, lin, official_input=True):
+def load_lpips(vgg, lin):
     """LPIPS from a VGG16 file (timm's vgg16.tv_in1k, torchvision's vgg16-397923af.pth)
     and LPIPS's vgg.pth (lin{k}.model.1.weight); "random" for either: tests only."""
-    lpips = LPIPS(official_input=official_input)
+    lpips = LPIPS()
     if "random" in (vgg, lin):
         warnings.warn("REPA-E's LPIPS has RANDOM weights (tests only)")
     if vgg != "random":
@@ -156,6 +154,31 @@ def sampling_vae(vae, bn_state):
     return vae
 
 
+def average(tensors):
+    """Under torchrun, each tensor becomes its mean over the ranks (in place): DDP's gradient
+    average and SyncBatchNorm's statistics, as the official gets them from accelerate."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:  # one all-reduce for them all
+        flat = torch.cat([t.flatten() for t in tensors]) / world
+        dist.all_reduce(flat)
+        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(f.view_as(t))
+
+
+def batch_norm(bn, z):
+    """bn in train mode as SyncBatchNorm: the statistics of the whole global batch
+    (equal batches per rank), running ones updated; no gradient (z: detached)."""
+    mean = z.mean(dim=(0, 2, 3))                                   # (4,)
+    average([mean])
+    var = ((z - mean.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))  # (4,), biased
+    average([var])
+    n = z.numel() // z.shape[1] * (dist.get_world_size() if dist.is_initialized() else 1)
+    bn.running_mean.lerp_(mean, bn.momentum)
+    bn.running_var.lerp_(var * n / (n - 1), bn.momentum)  # unbiased, as BatchNorm
+    bn.num_batches_tracked += 1
+    return (z - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + bn.eps).sqrt()
+
+
 # Stage.step's outputs, in order (train.py logs them all)
 LOGGED = ("loss", "denoise", "repa", "grad_norm", "vae_loss", "rec", "lpips", "kl", "gan",
           "vae_align", "grad_norm_vae", "d_loss", "grad_norm_disc", "real", "fake")
@@ -165,7 +188,7 @@ class Stage:
     """REPA-E's training state: SiT and projector, the SD-VAE (trained now), the latent
     BatchNorm, LPIPS, the discriminator, three AdamW optimisers, the EMA of the SiT and
     of its BatchNorm (for sampling and the export: the VAE's scale and shift follow it).
-    step() trains; state_dict() saves."""
+    step() trains; parts() are what a checkpoint holds."""
 
     def __init__(self, net, proj, vae, lpips, disc, *, align_depth, gamma, coeff,
                  vae_coeff=1.5, lr=1e-4, vae_lr=1e-4, disc_lr=1e-4, ema_decay=0.9999,
@@ -175,7 +198,8 @@ class Stage:
         self.depth, self.gamma, self.coeff, self.vae_coeff = align_depth, gamma, coeff, vae_coeff
         self.decay, self.amp = ema_decay, amp or contextlib.nullcontext()
         # the latent BatchNorm starts from the VAE's statistics (official init_bn)
-        self.bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+        # (eval: the VAE's update reads the running statistics; batch_norm() trains them)
+        self.bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False).eval()
         self.bn.to(vae.latent_scale.device)
         self.bn.running_mean.copy_(vae.latent_shift.flatten())
         self.bn.running_var.copy_(vae.latent_scale.flatten() ** -2)
@@ -196,6 +220,7 @@ class Stage:
         """Backward, clip opt's gradients, step; returns their norm before clipping."""
         loss.backward()
         params = [p for group in opt.param_groups for p in group["params"]]
+        average([p.grad for p in params if p.grad is not None])  # torchrun: as DDP
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # official max_grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -219,7 +244,6 @@ class Stage:
         # 2. VAE update; SiT (eval: BatchNorm running stats) and discriminator frozen
         for m in (self.net, self.proj, self.disc):
             m.requires_grad_(False)
-        self.bn.eval()
         t = torch.rand(B, device=z.device)  # phase 4 reuses t and noise
         noise = torch.randn_like(z)
         tt = t.view(-1, 1, 1, 1)
@@ -246,8 +270,8 @@ class Stage:
         # the BatchNorm uses batch statistics and updates its running ones
         self.net.requires_grad_(True)
         self.proj.requires_grad_(True)
-        self.bn.train()
-        zn = self.bn(z.detach())
+        with torch.no_grad():
+            zn = batch_norm(self.bn, z.detach())
         drop = torch.rand(B, device=y.device) < 0.1  # label dropout for CFG
         y = torch.where(drop, self.net.num_classes, y)
         with self.amp:
@@ -277,18 +301,15 @@ class Stage:
         ema_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
         sampling_vae(self.vae, ema_bn.state_dict())
 
+    def parameters(self):  # train.py's check that the replicas agree
+        return [p for m in (self.net, self.proj, self.vae, self.disc) for p in m.parameters()]
+
     def parts(self):
         # checkpoint key -> its object; model, ema, vae, discriminator, opt*: official
         return dict(model=self.net, proj=self.proj, ema=self.ema_net, bn=self.bn,
                     ema_bn=self.ema_bn, vae=self.vae, discriminator=self.disc,
                     opt=self.opt, opt_vae=self.opt_vae, opt_disc=self.opt_disc)
 
-    def state_dict(self):
-        return {key: part.state_dict() for key, part in self.parts().items()}
-
-    def load_state_dict(self, state):
-        for key, part in self.parts().items():
-            part.load_state_dict(state[key])
 
 # -----------------------------------------------------------------------------
 # train.py's side (its flags, the stage), the export, sample.py's side
@@ -303,8 +324,6 @@ def add_args(p):
     p.add_argument("--repae-lpips", help="LPIPS's linear layers (vgg.pth), or 'random'")
     p.add_argument("--repae-disc", help="a pretrained discriminator (the official "
                    "sdvae-f8d4-discriminator-ckpt.pt); default: random init")
-    p.add_argument("--lpips-fixed-input", action="store_true", help="LPIPS gets [-1, 1] "
-                   "images as they are (REPA-E maps them with 2x - 1 first)")
     p.add_argument("--vae-lr", type=float, default=1e-4, help="REPA-E: the VAE's lr")
     p.add_argument("--disc-lr", type=float, default=1e-4, help="REPA-E: discriminator's lr")
     p.add_argument("--vae-align-coeff", type=float, default=1.5,
@@ -318,7 +337,7 @@ def build(args, net, projector, vae):
                            f"{args.vae_weights} is a decoder-only file")
     device = vae.latent_scale.device
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    lpips = load_lpips(args.repae_vgg, args.repae_lpips, not args.lpips_fixed_input)
+    lpips = load_lpips(args.repae_vgg, args.repae_lpips)
     disc = load_discriminator(args.repae_disc)
     return Stage(net, projector, vae, lpips.to(device), disc.to(device),
                  align_depth=args.encoder_depth, gamma=args.spnorm_gamma,

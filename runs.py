@@ -58,9 +58,8 @@ def check_run(args, world):
         (mf and args.recompute, "--objective meanflow: --recompute cannot replay jvp tangents"),
         (mf and not 0 <= args.mf_ratio <= 1, "--mf-ratio: give a fraction in [0, 1]"),
         (mf and args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
-        (args.repae and (mf or world > 1 or align_to == "none"
-                         or not in_latent_space(args.model)),
-         "--repae trains SiT-*/N (flow) with an --encoder, in one process"),
+        (args.repae and (mf or align_to == "none" or not in_latent_space(args.model)),
+         "--repae trains SiT-*/N (flow) with an --encoder"),
         (args.repae and not (args.repae_vgg and args.repae_lpips),
          "--repae needs LPIPS's files: --repae-vgg and --repae-lpips"),
         (not args.data_path and args.num_generated is None, f"no data for the paper's "

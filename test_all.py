@@ -2972,10 +2972,9 @@ def _repae_vgg_taps(sd, x):
     return taps
 
 
-def _repae_lpips_ref(sd, lins, a, b, official=True):
-    # official LPIPS.forward: (B, 1, 1, 1)
-    if official:
-        a, b = a * 2. - 1., b * 2. - 1.
+def _repae_lpips_ref(sd, lins, a, b):
+    # official LPIPS.forward: (B, 1, 1, 1); REPA-E's perceptual loss maps its inputs with 2x - 1
+    a, b = a * 2. - 1., b * 2. - 1.
     shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
     scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
     outs0 = _repae_vgg_taps(sd, (a - shift) / scale)
@@ -3009,10 +3008,9 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
     torch.save({f"lin{k}.model.1.weight": w for k, w in enumerate(lins)}, tmp_path / "vgg.pth")
     a = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
     b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
-    for official in (True, False):
-        lp = repae.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"), official)
-        ref = _repae_lpips_ref(sd, lins, a, b, official)
-        assert ref.shape == (3, 1, 1, 1) and _repae_rel(lp(a, b), ref.flatten()) < 1e-5
+    lp = repae.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    ref = _repae_lpips_ref(sd, lins, a, b)
+    assert ref.shape == (3, 1, 1, 1) and _repae_rel(lp(a, b), ref.flatten()) < 1e-5
     assert not any(p.requires_grad for p in lp.parameters())
     with pytest.warns(UserWarning, match="RANDOM"):
         with pytest.raises(ValueError, match="--repae-vgg .*missing.pth: no such file"):
@@ -3275,11 +3273,14 @@ def test_repae_resume_is_exact(tmp_path):
     run(whole, range(4))
     first = _repae_stage()
     run(first, range(2))
-    data.save_checkpoint(dict(first.state_dict(), args={}, step=2), str(tmp_path / "c.pt"))
+    state = lambda stage: {key: part.state_dict() for key, part in stage.parts().items()}
+    data.save_checkpoint(dict(state(first), args={}, step=2), str(tmp_path / "c.pt"))
     second = _repae_stage(seed=7)  # other weights: the checkpoint must replace every one
-    second.load_state_dict(data.read_weights(str(tmp_path / "c.pt"), "--resume"))
+    ck = data.read_weights(str(tmp_path / "c.pt"), "--resume")
+    for key, part in second.parts().items():  # as train.py resumes
+        part.load_state_dict(ck[key])
     run(second, range(2, 4))
-    a, b = whole.state_dict(), second.state_dict()
+    a, b = state(whole), state(second)
     assert set(a) == {"model", "proj", "ema", "bn", "ema_bn", "vae", "discriminator", "opt",
                       "opt_vae", "opt_disc"}
     differ, leaves = _repae_differ(a, b)
@@ -3318,7 +3319,8 @@ def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     stage.step(*_repae_batch(0))
     run = tmp_path / "run"
-    data.save_checkpoint(dict(stage.state_dict(), args={}, step=1),
+    state = {key: part.state_dict() for key, part in stage.parts().items()}
+    data.save_checkpoint(dict(state, args={}, step=1),
                          str(run / "checkpoints" / "0000001.pt"))
     out, stats = tmp_path / "e2e-vae.pt", tmp_path / "e2e-vae-latents-stats.pt"
     monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(run), "--out", str(out)])
@@ -3351,8 +3353,7 @@ def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
 def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
     p = data.Parser("train.py")
     repae.add_args(p)
-    args = p.parse_args(["--repae", "--repae-vgg", "random", "--repae-lpips", "random",
-                         "--lpips-fixed-input"])
+    args = p.parse_args(["--repae", "--repae-vgg", "random", "--repae-lpips", "random"])
     assert (args.vae_lr, args.disc_lr, args.vae_align_coeff) == (1e-4, 1e-4, 1.5)
     assert args.repae_disc is None
     args.__dict__.update(vae_weights="vae.safetensors", encoder_depth=2, spnorm_gamma=0.6,
@@ -3361,7 +3362,7 @@ def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
     stage = _repae_stage()
     with pytest.warns(UserWarning, match="RANDOM"):
         built = repae.build(args, stage.net, stage.proj, stage.vae)
-    assert not built.lpips.official_input and built.decay == 0.9999 and built.vae_coeff == 1.5
+    assert built.decay == 0.9999 and built.vae_coeff == 1.5
     assert (built.gamma, built.coeff, built.depth) == (0.6, 0.7, 2)  # each where its flag says
     assert built.vae.training and all(q.requires_grad for q in built.vae.parameters())
     stage.vae.encoder = None
@@ -3402,8 +3403,7 @@ def _repae_tiny(monkeypatch):
     monkeypatch.setitem(model.models, "SiT-S/2", lambda image_size, num_classes, **kw:
                         sit(image_size, 2, 64, 4, 4, num_classes=num_classes, **kw))
     monkeypatch.setattr(encoders, "VAE", small_vae)
-    monkeypatch.setattr(repae, "LPIPS", lambda official_input:
-                        lpips((4, 8, 8, 8, 8), official_input))
+    monkeypatch.setattr(repae, "LPIPS", lambda: lpips((4, 8, 8, 8, 8)))
     monkeypatch.setattr(repae, "PatchGAN", lambda: disc(ndf=8))
 
 
@@ -3498,7 +3498,7 @@ def test_repae_exported_vae_trains_a_plain_run(tmp_path, monkeypatch, cpu_only, 
 def test_repae_train_refuses_what_cannot_run_before_any_work(tmp_path, monkeypatch):
     _repae_tiny(monkeypatch)
     out = ["--steps", "1", "--out-dir", str(tmp_path / "r")]
-    flow = "--repae trains SiT-*/N (flow) with an --encoder, in one process"
+    flow = "--repae trains SiT-*/N (flow) with an --encoder"
     for argv, want in [([*_REPAE, "--encoder", "none"], flow),
                        ([*_REPAE, "--model", "JiT-demo/16"], flow),
                        ([*_REPAE, "--objective", "meanflow"], flow),
@@ -3506,8 +3506,6 @@ def test_repae_train_refuses_what_cannot_run_before_any_work(tmp_path, monkeypat
         with pytest.raises(SystemExit) as e:
             train.main([*argv, *out])
         _one_line(str(e.value), "--repae", want)
-    with pytest.raises(SystemExit, match="one process"):  # torchrun's two ranks
-        runs.check_run(train.get_args([*_REPAE, *out]), 2)
     assert not (tmp_path / "r").exists()
     decoder = {k: v for k, v in encoders.VAE().state_dict().items() if k.startswith("decoder.")}
     torch.save({**decoder, **nn.Conv2d(4, 4, 1).state_dict(prefix="post_quant_conv.")},
@@ -3615,3 +3613,36 @@ def test_progress_moves_each_sampling_step_and_while_preparing(tmp_path, monkeyp
     data.prepare(str(tmp_path / "data"), str(tmp_path / "prep"), 32, None, None, "cpu")
     assert "writing images.npy" in capsys.readouterr().err
     assert np.load(tmp_path / "prep" / "images.npy").shape == (3, 3, 32, 32)
+
+
+def _repae_ddp_worker(rank, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _repae_tiny(pytest.MonkeyPatch())
+    torch.distributed.init_process_group("gloo")
+    z = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1  # both ranks
+    bn = nn.BatchNorm2d(4, eps=1e-4, affine=False)
+    zn = repae.batch_norm(bn, z[rank * 4:rank * 4 + 4])  # this rank's half of the global batch
+    torch.save(dict(zn=zn, mean=bn.running_mean, var=bn.running_var),
+               os.path.join(out, f"bn{rank}.pt"))
+    torch.distributed.destroy_process_group()
+    sys.stdout = open(os.path.join(out, f"rank{rank}.txt"), "w")
+    train.main([*_REPAE, "--steps", "4", "--ckpt-every", "4", "--out-dir", os.path.join(out, "run")])
+    sys.stdout.close()
+
+
+def test_repae_runs_under_torchrun_as_ddp_would(tmp_path, monkeypatch):
+    # torchrun --nproc_per_node=2 train.py --repae: gradients averaged over the ranks and the
+    # latent BatchNorm's statistics those of the global batch (the official's DDP + SyncBN)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    torch.multiprocessing.spawn(_repae_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    assert "replicas identical across 2 ranks: True" in open(tmp_path / "rank0.txt").read()
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000004.pt"]
+    z = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    bn = nn.BatchNorm2d(4, eps=1e-4, affine=False)
+    whole = bn(z)  # one process, the whole batch: torch's own BatchNorm
+    for rank in range(2):
+        got = torch.load(tmp_path / f"bn{rank}.pt")
+        assert torch.allclose(got["zn"], whole[rank * 4:rank * 4 + 4], atol=1e-5)
+        assert torch.allclose(got["mean"], bn.running_mean, atol=1e-6)
+        assert torch.allclose(got["var"], bn.running_var, atol=1e-5)
