@@ -3,7 +3,8 @@ train.py's step after 5 warm-up steps (1,024 generated 256-px images, iREPA on a
 a random SD-VAE, unless flags say otherwise).
 
     python bench.py train --model SiT-B/2 --batch-size 256      # any train.py flag may follow
-    python bench.py train --batch-size 32 --repae --repae-vgg random --repae-lpips random  # SiT-B/2
+    python bench.py train --model SiT-B/2 --batch-size 32 --repae --repae-vgg random \
+        --repae-lpips random
     python bench.py sample --model SiT-B/2 --batch-size 256 [--compile] [--num-steps N]
     python bench.py metrics --num-images 1000
     torchrun --nproc_per_node=8 bench.py train --model SiT-B/2 --batch-size 2048
