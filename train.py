@@ -372,9 +372,9 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
                 torch._foreach_lerp_(ema_p, trainable, 1 - decay)
         return torch.stack([loss.detach(), denoise.detach(), rep.detach(), gnorm]).float()
     graphs = args.cuda_graphs and device.type == "cuda"
-    if graphs and (world > 1 or args.objective == "meanflow" or args.recompute):  # not checked
-        if os.environ.get("RANK", "0") == "0":  # on a GPU yet: the plain step, said once
-            print("--cuda-graphs: off under DDP, MeanFlow and --recompute for now: the plain step")
+    if graphs and (world > 1 or args.recompute):  # not checked on a GPU yet: the plain step
+        if os.environ.get("RANK", "0") == "0":  # said once
+            print("--cuda-graphs: off under DDP and --recompute for now: the plain step")
         return train_step
     return kernels.GraphedStep(train_step, opt) if graphs else train_step
 
