@@ -67,7 +67,7 @@ def check_run(args, world):
          f"default {IMAGENET}) or --num-generated N; the offline demo is: python train.py"),
         (args.wandb and not importlib.util.find_spec("wandb"), "--wandb needs: pip install wandb"),
         (classes > args.num_classes, f"the data has {classes} classes but --num-classes is "
-         f"{args.num_classes}: raise it"),
+         f"{args.num_classes}: pass at least {classes}"),
     ]:
         if bad:
             raise SystemExit(message)

@@ -22,7 +22,8 @@ import model  # noqa: E402
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    # in-process CLI runs pick CUDA when there is one; tests whose reference is a CPU computation keep them on the CPU
+    # in-process CLI runs pick CUDA when there is one;
+    # tests whose reference is a CPU computation keep them on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 # =============================================================================
@@ -30,12 +31,14 @@ def cpu_only(monkeypatch):
 
 
 def _tiny_sit(image_size=32, **kw):
-    return model.SiT(image_size=image_size, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10, **kw)
+    return model.SiT(image_size=image_size, patch_size=2, hidden_size=64, depth=4, num_heads=4,
+                     num_classes=10, **kw)
 
 
 def _tiny_jit(image_size=32, in_context_start=2, **kw):
-    return model.JiT(image_size=image_size, patch_size=4, hidden_size=64, depth=4, num_heads=4, bottleneck=16,
-                     in_context_len=4, in_context_start=in_context_start, num_classes=10, **kw)
+    return model.JiT(image_size=image_size, patch_size=4, hidden_size=64, depth=4, num_heads=4,
+                     bottleneck=16, in_context_len=4, in_context_start=in_context_start,
+                     num_classes=10, **kw)
 
 
 def _randomize(m, seed=0, std=0.05):
@@ -48,8 +51,9 @@ def _randomize(m, seed=0, std=0.05):
 
 
 @pytest.mark.parametrize("name,count", [
-    ("SiT-B/2", 130_303_504), ("SiT-L/2", 457_824_272), ("SiT-XL/2", 674_816_272), ("JiT-B/16", 131_123_712),
-    ("JiT-L/16", 458_877_664), ("JiT-H/16", 952_514_368), ("JiT-B/32", 133_190_400)])
+    ("SiT-B/2", 130_303_504), ("SiT-L/2", 457_824_272), ("SiT-XL/2", 674_816_272),
+    ("JiT-B/16", 131_123_712), ("JiT-L/16", 458_877_664), ("JiT-H/16", 952_514_368),
+    ("JiT-B/32", 133_190_400)])
 def test_model_parameter_counts(name, count):
     with torch.device("meta"):
         m = model.build_model(name)
@@ -77,8 +81,9 @@ def test_model_zero_output_at_init(build):
     assert out.abs().max() == 0 and h.abs().max() > 0
 
 
-@pytest.mark.parametrize("name,res", [("SiT-B/2", 256), ("SiT-B/2", 512), ("SiT-XL/2", 256), ("JiT-B/16", 256),
-                                      ("JiT-B/16", 512), ("JiT-B/32", 512), ("JiT-H/16", 256)])
+@pytest.mark.parametrize("name,res", [("SiT-B/2", 256), ("SiT-B/2", 512), ("SiT-XL/2", 256),
+                                      ("JiT-B/16", 256), ("JiT-B/16", 512), ("JiT-B/32", 512),
+                                      ("JiT-H/16", 256)])
 def test_model_shapes_at_256_and_512(name, res):
     # Full-size configurations on the meta device: shapes without the compute.
     with torch.device("meta"):
@@ -102,8 +107,8 @@ def test_model_tiny_forward_shapes(res):
 
 @pytest.mark.parametrize("align_depth", [1, 2, 3, 4])
 def test_model_jit_hidden_excludes_class_tokens(align_depth):
-    # class tokens enter before block 2 (index 2); hidden tokens must be the 64 patch tokens either way,
-    # and equal to what the blocks computed for those positions.
+    # class tokens enter before block 2 (index 2); hidden tokens must be the 64 patch
+    # tokens either way, and equal to what the blocks computed for those positions.
     torch.manual_seed(0)
     m = _randomize(_tiny_jit(in_context_start=2)).eval()
     x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
@@ -141,16 +146,20 @@ def test_model_jit_class_tokens_condition_the_output():
 def test_model_rope_rotates_pairs_by_position():
     cos, sin = model.rope_tables(head_dim=8, grid=4, prefix=2)
     assert cos.shape == (18, 1, 8) and torch.all(cos[:2] == 1) and torch.all(sin[:2] == 0)
-    # token (row 1, col 0): first half of dims rotates with the row (angle 1 * freq), second half not at all
+    # token (row 1, col 0): first half of dims rotates
+    # with the row (angle 1 * freq), second half not at all
     tok = 2 + 1 * 4 + 0
-    assert torch.allclose(cos[tok, 0, :4], torch.cos(torch.tensor([1.0, 1.0, 0.01, 0.01])), atol=1e-6)
+    assert torch.allclose(cos[tok, 0, :4],
+                          torch.cos(torch.tensor([1.0, 1.0, 0.01, 0.01])), atol=1e-6)
     assert torch.allclose(cos[tok, 0, 4:], torch.ones(4))
     # rotating by the table preserves norms (a rotation); x (B, T, heads, hd)
     x = torch.randn(1, 18, 3, 8)
     assert torch.allclose(model.apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
-    # the swap with the signed sin table is the official rotation of each pair (x1, x2) by its angle, exactly
+    # the swap with the signed sin table is the official
+    # rotation of each pair (x1, x2) by its angle, exactly
     x1, x2, c, s = x[..., 0::2], x[..., 1::2], cos[..., 0::2], sin[..., 1::2]
-    assert torch.equal(model.apply_rope(x, cos, sin), torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], -1).flatten(-2))
+    assert torch.equal(model.apply_rope(x, cos, sin),
+                       torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], -1).flatten(-2))
 
 
 def test_model_sincos_pos_embed_matches_formula():
@@ -171,7 +180,8 @@ def test_model_recompute_gives_the_same_gradients(build):
     for recompute in (0, 3):
         m.recompute = recompute
         m.zero_grad()
-        out, h = m(x, torch.rand(2, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2]), align_depth=2)
+        out, h = m(x, torch.rand(2, generator=torch.Generator().manual_seed(1)),
+                   torch.tensor([1, 2]), align_depth=2)
         (out.square().sum() + h.sum()).backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
@@ -192,24 +202,30 @@ def test_model_wrong_input_size_says_so():
 
 def test_model_state_dict_keys_are_official_names():
     keys = set(_tiny_sit().state_dict())
-    for k in ["x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
-              "blocks.0.attn.qkv.bias", "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight",
+    for k in ["x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight",
+              "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.bias",
+              "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight",
               "final_layer.linear.weight", "final_layer.adaLN_modulation.1.bias"]:
         assert k in keys
     keys = set(_tiny_jit().state_dict())
-    for k in ["x_embedder.proj1.weight", "x_embedder.proj2.bias", "in_context_posemb", "blocks.0.attn.q_norm.weight",
-              "blocks.0.mlp.w12.weight", "blocks.0.mlp.w3.bias", "blocks.0.norm1.weight", "final_layer.norm_final.weight"]:
+    for k in ["x_embedder.proj1.weight", "x_embedder.proj2.bias", "in_context_posemb",
+              "blocks.0.attn.q_norm.weight", "blocks.0.mlp.w12.weight", "blocks.0.mlp.w3.bias",
+              "blocks.0.norm1.weight", "final_layer.norm_final.weight"]:
         assert k in keys
-    assert not any("rope" in k for k in keys)  # RoPE tables are derived, not stored (as the official)
+    # RoPE tables are derived, not stored (as the official)
+    assert not any("rope" in k for k in keys)
 
 
 def test_model_jit_attention_is_token_major_in_memory(monkeypatch):
-    # JiT's q, k, v reach attention as head-major views of token-major tensors: compiled, the q/k norm and RoPE
-    # then fuse into one kernel and the attention output needs no copy back (JiT-B/16 trained 1.2% faster)
+    # JiT's q, k, v reach attention as head-major views of token-major
+    # tensors: compiled, the q/k norm and RoPE then fuse into one kernel and
+    # the attention output needs no copy back (JiT-B/16 trained 1.2% faster)
     seen, sdpa = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: seen.append((q, k, v)) or sdpa(q, k, v))
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention",
+                        lambda q, k, v: seen.append((q, k, v)) or sdpa(q, k, v))
     _tiny_jit()(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2]))
-    assert len(seen) == 4 and all(t.transpose(1, 2).stride(-2) == t.shape[-1] for qkv in seen for t in qkv)
+    assert (len(seen) == 4
+            and all(t.transpose(1, 2).stride(-2) == t.shape[-1] for qkv in seen for t in qkv))
 
 
 def test_model_sit_small_size_works():
@@ -224,8 +240,10 @@ def test_model_sit_small_size_works():
 
 
 def test_align_projector_sizes():
-    assert sum(p.numel() for p in align.make_projector(768, 768, conv=True).parameters()) == 5_309_184
-    assert sum(p.numel() for p in align.make_projector(768, 768, conv=False).parameters()) == 7_344_896
+    assert (sum(p.numel() for p in align.make_projector(768, 768, conv=True).parameters())
+            == 5_309_184)
+    assert (sum(p.numel() for p in align.make_projector(768, 768, conv=False).parameters())
+            == 7_344_896)
 
 
 def test_align_mlp_projector_is_linear_silu_linear_silu_linear():
@@ -244,7 +262,8 @@ def test_align_conv_projector_keeps_grid_and_is_local():
     h = torch.randn(2, 16, 8)
     out = p(h)
     assert out.shape == (2, 16, 5)
-    # token (0,0) sees only its 3x3 neighbourhood: changing token (3,3) leaves it alone, (1,1) does not
+    # token (0,0) sees only its 3x3 neighbourhood:
+    # changing token (3,3) leaves it alone, (1,1) does not
     h2 = h.clone()
     h2[:, 15] += 1
     assert torch.allclose(p(h2)[:, 0], out[:, 0])
@@ -264,7 +283,8 @@ def test_align_conv_projector_equals_conv_on_row_major_grid():
     torch.manual_seed(0)
     p = align.make_projector(8, 5, conv=True)
     h = torch.randn(2, 12, 12, 8)  # token t = 12 * row + col
-    ref = F.conv2d(h.permute(0, 3, 1, 2).contiguous(), p.projection_layer.weight, p.projection_layer.bias, padding=1)
+    ref = F.conv2d(h.permute(0, 3, 1, 2).contiguous(), p.projection_layer.weight,
+                   p.projection_layer.bias, padding=1)
     torch.testing.assert_close(p(h.reshape(2, 144, 8)), ref.flatten(2).transpose(1, 2))
 
 
@@ -287,7 +307,8 @@ def test_align_spatial_norm_keeps_part_of_the_mean():
     gamma = 0.6
     out = align.spatial_norm(z, gamma)
     std = z.std(1, keepdim=True) + 1e-6
-    assert torch.allclose(out.mean(1, keepdim=True) * std, (1 - gamma) * z.mean(1, keepdim=True), atol=1e-4)
+    assert torch.allclose(out.mean(1, keepdim=True) * std,
+                          (1 - gamma) * z.mean(1, keepdim=True), atol=1e-4)
 
 
 def test_align_gamma_zero_still_divides_by_the_std_and_none_is_repa():
@@ -321,20 +342,26 @@ def test_align_defaults_are_the_papers():
     assert align.IREPA["JiT"] == dict(proj="conv", gamma=0.8, coeff=0.5)
     assert align.REPA["SiT"]["coeff"] == 0.5 and align.REPA["SiT"]["proj"] == "mlp"
     assert align.PROJ_KERNEL == 3
-    assert [align.encoder_depth_default(n) for n in ("SiT-B/2", "SiT-XL/2", "JiT-B/16", "JiT-L/16")] == [4, 8, 4, 8]
+    assert [align.encoder_depth_default(n)
+            for n in ("SiT-B/2", "SiT-XL/2", "JiT-B/16", "JiT-L/16")] == [4, 8, 4, 8]
 
 
 def test_align_grep_prints_the_change():
     src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py")).read()
-    tagged = [line for line in src.splitlines() if "iREPA" in line and not line.lstrip().startswith(("#", '"'))]
-    assert any("Conv2d" in line for line in tagged) and any("gamma * z.mean" in line for line in tagged)
+    tagged = [line for line in src.splitlines() if "iREPA" in line
+              and not line.lstrip().startswith(("#", '"'))]
+    assert (any("Conv2d" in line for line in tagged)
+            and any("gamma * z.mean" in line for line in tagged))
 
 
 def test_align_help_answers():
     import subprocess
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py"), "--help"],
+    r = subprocess.run([sys.executable,
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py"),
+                        "--help"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("usage: align.py") and "REPA" in r.stdout and "MLPProj" not in r.stdout
+    assert (r.returncode == 0 and r.stdout.startswith("usage: align.py") and "REPA" in r.stdout
+            and "MLPProj" not in r.stdout)
 
 
 @pytest.mark.parametrize("family,conv", [("sit", False), ("sit", True), ("jit", True)])
@@ -372,13 +399,15 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
+import runs  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 # a tiny, fast run: the demo JiT at 32 px (2x2 tokens), 8 images per step, no sample grids
-_TINY = ["--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8", "--num-generated", "64",
-         "--log-every", "2", "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2", "--no-compile"]
-# training subprocesses stay on the CPU on a GPU machine too: exact resume needs deterministic kernels, and the
-# 2-process DDP test must not ask for a second GPU
+_TINY = ["--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8",
+         "--num-generated", "64", "--log-every", "2", "--sample-every", "0", "--lr", "1e-3",
+         "--warmup-steps", "2", "--no-compile"]
+# training subprocesses stay on the CPU on a GPU machine too:
+# exact resume needs deterministic kernels, and the 2-process DDP test must not ask for a second GPU
 _CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -399,7 +428,8 @@ def _state(path):
 def test_train_generated_images_deterministic_and_class_coloured():
     a, la = data.generated_images(20, 32, seed=3)
     b, lb = data.generated_images(20, 32, seed=3)
-    assert a.dtype == torch.uint8 and a.shape == (20, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
+    assert (a.dtype == torch.uint8 and a.shape == (20, 3, 32, 32) and torch.equal(a, b)
+            and torch.equal(la, lb))
     assert sorted(set(la.tolist())) == list(range(data.NUM_GENERATED_CLASSES))
     # each class has its own colour: the most saturated pixels of a red-class image are red
     red = a[la == 0].float()
@@ -411,7 +441,8 @@ def test_train_center_crop_is_adm():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 700, 3), dtype=np.uint8))
     out = data.center_crop(img, 64)
     assert out.shape == (64, 64, 3)
-    # reference: two box halvings (700x300 -> 350x150 -> 175x75), bicubic to short side 64, center crop
+    # reference: two box halvings (700x300 -> 350x150 -> 175x75),
+    # bicubic to short side 64, center crop
     ref = img.resize((350, 150), Image.BOX).resize((175, 75), Image.BOX)
     ref = np.asarray(ref.resize((round(175 * 64 / 75), 64), Image.BICUBIC))
     x0 = (ref.shape[1] - 64) // 2
@@ -458,9 +489,10 @@ def test_train_lr_warms_up_linearly_from_its_first_step(tmp_path):
 
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(full)), check=True,
-                   capture_output=True, env=_CPU)
-    proc = subprocess.Popen(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(killed)),
+    subprocess.run(_train_cmd("--steps", "12", "--ckpt-every", "2", "--out-dir", str(full)),
+                   check=True, capture_output=True, env=_CPU)
+    proc = subprocess.Popen(_train_cmd("--steps", "12", "--ckpt-every", "2",
+                                       "--out-dir", str(killed)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_CPU)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "0000002.pt").exists() and time.time() < deadline:
@@ -470,13 +502,15 @@ def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
     done = sorted(os.listdir(killed / "checkpoints"))
     assert "0000012.pt" not in done, "the run finished before it could be killed"
     subprocess.run(_train_cmd("--resume", str(killed)), check=True, capture_output=True, env=_CPU)
-    a, b = _state(full / "checkpoints" / "0000012.pt"), _state(killed / "checkpoints" / "0000012.pt")
+    a, b = (_state(full / "checkpoints" / "0000012.pt"),
+            _state(killed / "checkpoints" / "0000012.pt"))
     for key in ("model", "ema", "ema2"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     la = [json.loads(line) for line in open(full / "log.jsonl")]
-    lb = [json.loads(line) for line in open(killed / "log.jsonl")]  # what the killed run logged past its checkpoint
-    assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]  # is gone: one clean log
+    lb = [json.loads(line) for line in open(killed / "log.jsonl")]
+    # what the killed run logged past its checkpoint is gone: one clean log
+    assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]
 
 
 def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys, monkeypatch):
@@ -488,14 +522,17 @@ def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys, 
         f.write('{"step": 8, "lo')  # a record cut by a kill
     train.main(["--resume", str(moved / "checkpoints" / "0000002.pt")])
     assert not run.exists()  # the run goes on in the folder its checkpoint is in
-    assert [(r["step"], r["loss"]) for r in map(json.loads, open(moved / "log.jsonl"))] == before  # steps 2, 4, 6 once
+    # steps 2, 4, 6 once
+    assert [(r["step"], r["loss"]) for r in map(json.loads, open(moved / "log.jsonl"))] == before
     with pytest.raises(SystemExit):
         train.main(["--resume", str(moved)])
     assert "at step 6 already: pass --steps above it" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # the class count defines the model: refused before anything is built
+    # the class count defines the model: refused before anything is built
+    with pytest.raises(SystemExit):
         train.main(["--resume", str(moved), "--num-classes", "20", "--steps", "8"])
     assert "--num-classes 20 differs from the run's 10" in capsys.readouterr().err
-    monkeypatch.chdir(moved)  # a relative checkpoint path: the run folder is still the one above checkpoints/
+    # a relative checkpoint path: the run folder is still the one above checkpoints/
+    monkeypatch.chdir(moved)
     train.main(["--resume", os.path.join("checkpoints", "0000006.pt"), "--steps", "8"])
     assert (moved / "checkpoints" / "0000008.pt").exists()
     (tmp_path / "junk.pt").write_text("not a checkpoint")
@@ -505,15 +542,20 @@ def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys, 
 
 
 def test_train_resume_with_only_resume_flag_restores_config(tmp_path):
-    # the checkpoint's configuration (encoder, projector, ...) comes back; flags given now (--steps) win
+    # the checkpoint's configuration (encoder, projector, ...) comes back;
+    # flags given now (--steps) win
     run = str(tmp_path / "run")
-    common = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa", "--ckpt-every", "2"]
+    common = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa",
+              "--ckpt-every", "2"]
     with pytest.warns(UserWarning, match="RANDOM"):
         train.main([*_TINY, *common, "--steps", "2", "--out-dir", run])
         train.main(["--resume", run, "--steps", "4"])
     ck = _state(os.path.join(run, "checkpoints", "0000004.pt"))
-    assert ck["args"]["encoder"] == "dinov2-vit-s" and ck["args"]["proj"] == "conv" and ck["proj"] is not None
-    assert train.get_args(["--resume", run, "--steps", "6", "--spnorm-gamma", "-1"]).spnorm_gamma is None  # as fresh
+    assert (ck["args"]["encoder"] == "dinov2-vit-s" and ck["args"]["proj"] == "conv"
+            and ck["proj"] is not None)
+    # as fresh
+    assert (train.get_args(["--resume", run, "--steps", "6", "--spnorm-gamma", "-1"]).spnorm_gamma
+            is None)
     assert [r["step"] for r in map(json.loads, open(os.path.join(run, "log.jsonl")))] == [2, 4]
 
 
@@ -543,7 +585,8 @@ def test_train_checkpoint_write_killed_leaves_previous(tmp_path, monkeypatch):
 
 
 def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_path):
-    # a real SIGKILL while a large checkpoint is being written: the final name always holds a whole file
+    # a real SIGKILL while a large checkpoint is being written:
+    # the final name always holds a whole file
     path = tmp_path / "checkpoints" / "0000001.pt"
     data.save_checkpoint({"step": 1, "w": torch.ones(3)}, str(path))
     code = (f"import sys, torch; sys.path.insert(0, {_ROOT!r}); import data; "
@@ -554,7 +597,8 @@ def test_train_sigkill_during_checkpoint_write_keeps_a_loadable_checkpoint(tmp_p
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _state(path)["step"] in (1, 2)  # the old checkpoint, or (if the write won the race) the whole new one
+    # the old checkpoint, or (if the write won the race) the whole new one
+    assert _state(path)["step"] in (1, 2)
     assert data.find_checkpoint(str(tmp_path)) == str(path)
 
 
@@ -563,8 +607,9 @@ def test_train_ddp_gloo_two_processes(tmp_path, objective):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={_free_port()}",
-                        os.path.join(_ROOT, "train.py"), *_TINY, *objective, "--steps", "6", "--ckpt-every", "6",
-                        "--out-dir", str(out)], capture_output=True, text=True, timeout=300, env=_CPU)
+                        os.path.join(_ROOT, "train.py"), *_TINY, *objective, "--steps", "6",
+                        "--ckpt-every", "6", "--out-dir", str(out)], capture_output=True, text=True,
+                       timeout=300, env=_CPU)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "replicas identical across 2 ranks: True" in r.stdout
     assert os.listdir(out / "checkpoints") == ["0000006.pt"]
@@ -574,7 +619,8 @@ def test_train_ddp_gloo_two_processes(tmp_path, objective):
 def test_train_ddp_batch_not_divisible(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={_free_port()}",
-                        os.path.join(_ROOT, "train.py"), *_TINY, "--batch-size", "7", "--out-dir", str(tmp_path)],
+                        os.path.join(_ROOT, "train.py"), *_TINY, "--batch-size", "7",
+                        "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=_CPU)
     assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
 
@@ -591,7 +637,8 @@ def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="loss is nan around step 6.*0000004.pt"):
         train.main([*_TINY, "--steps", "12", "--ckpt-every", "4", "--out-dir", str(tmp_path)])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000004.pt"]
-    assert all(torch.isfinite(v).all() for v in _state(tmp_path / "checkpoints" / "0000004.pt")["model"].values())
+    assert all(torch.isfinite(v).all()
+               for v in _state(tmp_path / "checkpoints" / "0000004.pt")["model"].values())
 
 
 def test_prepare_refuses_a_folder_without_readable_images(tmp_path):
@@ -604,74 +651,111 @@ def test_prepare_refuses_a_folder_without_readable_images(tmp_path):
         assert not os.path.exists(tmp_path / "prep" / "meta.json")  # nothing left as prepared
 
 
+def test_train_more_classes_than_num_classes_is_refused_before_preparing(tmp_path):
+    # labels past the embedding's rows would fail inside the first step, after the preparation
+    for k in range(3):
+        (tmp_path / "data" / f"class{k}").mkdir(parents=True)
+    for flags, classes in ([["--data-path", str(tmp_path / "data")], 3],
+                           [["--num-generated", "64"], 10]):
+        args = train.get_args([*_TINY, *flags, "--num-classes", "2",
+                               "--out-dir", str(tmp_path / "run")])
+        with pytest.raises(SystemExit, match=f"the data has {classes} classes but "
+                           f"--num-classes is 2: pass at least {classes}"):
+            runs.check_run(args, 1)
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # nothing prepared, no run folder
+    runs.check_run(train.get_args([*_TINY, "--num-classes", "10"]), 1)
+
+
 def test_train_image_folder_with_corrupt_file(tmp_path, capsys, monkeypatch):
     import warnings
     from PIL import Image
     imgs, labels = data.generated_images(16, 40, seed=0)
     for i, (im, k) in enumerate(zip(imgs, labels)):
         os.makedirs(tmp_path / "data" / f"class{k.item() % 2}", exist_ok=True)
-        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"class{k.item() % 2}" / f"{i}.png")
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(
+            tmp_path / "data" / f"class{k.item() % 2}" / f"{i}.png")
     bad = tmp_path / "data" / "class1" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     deep = tmp_path / "data" / "class0" / "deep.png"
-    Image.fromarray(np.full((40, 40), 300, np.uint16)).save(deep)  # 16-bit: convert("RGB") would make it white
-    run = lambda out: [*_TINY, "--num-classes", "2", "--steps", "2", "--ckpt-every", "2", "--num-workers", "0",
-                       "--out-dir", str(tmp_path / out)]
+    # 16-bit: convert("RGB") would make it white
+    Image.fromarray(np.full((40, 40), 300, np.uint16)).save(deep)
+    run = lambda out: [*_TINY, "--num-classes", "2", "--steps", "2", "--ckpt-every", "2",
+                       "--num-workers", "0", "--out-dir", str(tmp_path / out)]
     prep = ["--prepared-dir", str(tmp_path / "prep")]
     train.main([*run("r1"), *prep, "--data-path", str(tmp_path / "data")])
     err = capsys.readouterr().err
     assert str(bad) in err and f"{deep}: I" in err and "convert the file to 8-bit" in err
     assert np.load(tmp_path / "prep" / "images.npy").shape == (16, 3, 32, 32)
     assert os.path.exists(tmp_path / "r1" / "checkpoints" / "0000002.pt")
-    shutil.copytree(tmp_path / "data", tmp_path / "other")  # another dataset must not reuse these arrays
-    with pytest.raises(SystemExit, match=f"holds {tmp_path / 'data'} at 32 px, not {tmp_path / 'other'}"):
+    # another dataset must not reuse these arrays
+    shutil.copytree(tmp_path / "data", tmp_path / "other")
+    with pytest.raises(SystemExit,
+                       match=f"holds {tmp_path / 'data'} at 32 px, not {tmp_path / 'other'}"):
         train.main([*run("r2"), *prep, "--data-path", str(tmp_path / "other")])
-    os.remove(tmp_path / "prep" / "meta.json")  # as after a preparation killed before its end: prepared again
+    # as after a preparation killed before its end: prepared again
+    os.remove(tmp_path / "prep" / "meta.json")
     train.main([*run("r2"), *prep, "--data-path", str(tmp_path / "other")])
     assert json.load(open(tmp_path / "prep" / "meta.json"))["source"] == str(tmp_path / "other")
     kept = {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
-    sit = [*run("r3"), "--data-path", str(tmp_path / "other"), "--model", "SiT-S/2", "--vae-weights", "random"]
+    sit = [*run("r3"), "--data-path", str(tmp_path / "other"), "--model", "SiT-S/2",
+           "--vae-weights", "random"]
     with pytest.warns(UserWarning, match="RANDOM"):
-        train.main(sit)  # SiT needs the VAE's latents: its own folder beside the run; JiT's arrays stay as they were
+        # SiT needs the VAE's latents: its own folder beside the run; JiT's arrays stay as they were
+        train.main(sit)
     own = tmp_path / "prepared-other-32-random-vae"
     assert json.load(open(own / "meta.json"))["vae"] == "random"
     assert np.load(own / "latents.npy").shape == (16, 8, 4, 4)
     assert kept == {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
-    with pytest.raises(SystemExit, match="no VAE latents"):  # JiT's arrays named for a SiT run: refused, kept
+    # JiT's arrays named for a SiT run: refused, kept
+    with pytest.raises(SystemExit, match="no VAE latents"):
         train.main([*sit, "--out-dir", str(tmp_path / "r4"), *prep])
     meta = json.load(open(own / "meta.json"))
     json.dump({**meta, "vae": "/elsewhere/vae.safetensors"}, open(own / "meta.json", "w"))
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit, match="latents of the VAE /else"):
+    with warnings.catch_warnings(record=True) as caught, \
+            pytest.raises(SystemExit, match="latents of the VAE /else"):
         warnings.simplefilter("always")
         train.main([*sit, "--out-dir", str(tmp_path / "r5")])
-    assert not [w for w in caught if "RANDOM" in str(w.message)]  # refused before the (random) VAE is built
-    # a --resume that changes the model is refused before any VAE encoding or preparation: the arrays stay as they are
-    monkeypatch.setattr(train, "posterior", lambda *a, **k: pytest.fail("VAE encoding before the refusal"))
-    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("preparation before the refusal"))
+    # refused before the (random) VAE is built
+    assert not [w for w in caught if "RANDOM" in str(w.message)]
+    # a --resume that changes the model is refused before any
+    # VAE encoding or preparation: the arrays stay as they are
+    monkeypatch.setattr(train, "posterior",
+                        lambda *a, **k: pytest.fail("VAE encoding before the refusal"))
+    monkeypatch.setattr(data, "prepare",
+                        lambda *a, **k: pytest.fail("preparation before the refusal"))
     with pytest.raises(SystemExit):
-        train.main(["--resume", str(tmp_path / "r1"), "--model", "SiT-S/2", "--vae-weights", "random", "--steps", "4"])
+        train.main(["--resume", str(tmp_path / "r1"), "--model", "SiT-S/2",
+                    "--vae-weights", "random", "--steps", "4"])
     assert "--model SiT-S/2 differs from the run's JiT-demo/16" in capsys.readouterr().err
     assert kept == {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
 
 
-def test_train_fresh_run_into_a_run_folder_is_refused_and_start_over_moves_it_aside(tmp_path, capsys):
+def test_train_fresh_run_into_a_run_folder_is_refused_and_start_over_moves_it_aside(tmp_path,
+                                                                                    capsys):
     run = tmp_path / "run"
     train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
     first = {p: (run / p).read_bytes() for p in ("log.jsonl", "checkpoints/0000002.pt")}
     with pytest.raises(SystemExit, match=f"--out-dir {run} holds a run: --resume {run}"):
-        train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1"])
-    assert first == {p: (run / p).read_bytes() for p in first}  # nothing overwritten, nothing appended
-    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1", "--start-over"])
+        train.main([*_TINY, "--steps", "2", "--ckpt-every", "2",
+                    "--out-dir", str(run), "--seed", "1"])
+    # nothing overwritten, nothing appended
+    assert first == {p: (run / p).read_bytes() for p in first}
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run), "--seed", "1",
+                "--start-over"])
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
-    assert len(aside) == 1 and first == {p: (aside[0] / p).read_bytes() for p in first}  # moved, not deleted
+    # moved, not deleted
+    assert len(aside) == 1 and first == {p: (aside[0] / p).read_bytes() for p in first}
     assert f"moved the old run in {run} to {aside[0]}" in capsys.readouterr().out
-    assert len(open(run / "log.jsonl").readlines()) == 1 and (run / "checkpoints" / "0000002.pt").exists()
+    assert (len(open(run / "log.jsonl").readlines()) == 1
+            and (run / "checkpoints" / "0000002.pt").exists())
 
 
 def test_train_default_run_folders_of_repa_and_irepa_differ():
     enc = ["--encoder", "dinov2-vit-b", "--model", "SiT-B/2"]
-    folders = {train.get_args(enc).out_dir, train.get_args([*enc, "--irepa"]).out_dir, train.get_args([]).out_dir}
-    assert folders == {os.path.join("out", "SiT-B-2-dinov2-vit-b-repa"), os.path.join("out", "SiT-B-2-dinov2-vit-b-irepa"),
+    folders = {train.get_args(enc).out_dir, train.get_args([*enc, "--irepa"]).out_dir,
+               train.get_args([]).out_dir}
+    assert folders == {os.path.join("out", "SiT-B-2-dinov2-vit-b-repa"),
+                       os.path.join("out", "SiT-B-2-dinov2-vit-b-irepa"),
                        os.path.join("out", "JiT-demo-16-none")}
 
 
@@ -684,7 +768,8 @@ def test_train_damaged_newest_checkpoint_names_the_newest_good_one(tmp_path, cap
         train.main(["--resume", str(run), "--steps", "8"])
     err = capsys.readouterr().err
     good = run / "checkpoints" / "0000004.pt"
-    assert f"{newest} is not a readable" in err and f"the newest good one is {good}: resume from it with --resume {good}" in err
+    assert (f"{newest} is not a readable" in err
+            and f"the newest good one is {good}: resume from it with --resume {good}" in err)
     train.main(["--resume", str(good), "--steps", "8"])  # the command it names works
     assert (run / "checkpoints" / "0000008.pt").exists()
 
@@ -697,11 +782,13 @@ def test_train_resume_says_file_step_and_each_changed_setting(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints' / '0000002.pt'} at step 2" in out
     assert "resume changes --lr: 0.001 -> 0.002" in out and "resume changes --steps: 2 -> 4" in out
-    with pytest.raises(SystemExit):  # the global batch sets the data order: exact resume could not hold
+    # the global batch sets the data order: exact resume could not hold
+    with pytest.raises(SystemExit):
         train.main(["--resume", str(run), "--steps", "6", "--batch-size", "16"])
     assert "--batch-size 16 differs from the run's 8" in capsys.readouterr().err
     assert not (run / "checkpoints" / "0000006.pt").exists()
-    ck = _state(run / "checkpoints" / "0000004.pt")  # a run from before --objective existed: it was a flow run
+    # a run from before --objective existed: it was a flow run
+    ck = _state(run / "checkpoints" / "0000004.pt")
     ck["args"] = {k: v for k, v in ck["args"].items() if not k.startswith(("objective", "mf_"))}
     del ck["checksum"]  # nor had its checkpoints a checksum (those without one still load)
     torch.save(ck, run / "checkpoints" / "0000004.pt")
@@ -717,12 +804,14 @@ def test_train_loads_checkpoints_as_data(tmp_path, capsys):
     torch.save(ck, run / "checkpoints" / "0000002.pt")
     with pytest.raises(SystemExit):
         train.main(["--resume", str(run), "--steps", "4"])
-    assert not (tmp_path / "ran").exists() and "not a readable train.py checkpoint" in capsys.readouterr().err
+    assert (not (tmp_path / "ran").exists()
+            and "not a readable train.py checkpoint" in capsys.readouterr().err)
 
 
 def test_train_missing_weights_is_one_line_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s", "--encoder-weights", str(tmp_path / "no.pth"),
+        train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s",
+                    "--encoder-weights", str(tmp_path / "no.pth"),
                     "--out-dir", str(tmp_path / "run")])
     assert str(e.value) == f"--encoder-weights {tmp_path / 'no.pth'}: no such file"
     assert not (tmp_path / "run").exists()
@@ -739,23 +828,30 @@ class _Boom:
 def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     used_by = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"]
-    assert train.get_args(used_by).model == "JiT-demo/16" and train.get_args(used_by).data_path is None
+    assert (train.get_args(used_by).model == "JiT-demo/16"
+            and train.get_args(used_by).data_path is None)
     imgs, labels = data.generated_images(16, 32, seed=0)
     from PIL import Image
     for i, (im, k) in enumerate(zip(imgs, labels)):  # a tiny ImageNet: 2 class folders
         os.makedirs(tmp_path / "data" / "imagenet" / "train" / f"n{k.item() % 2}", exist_ok=True)
-        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "data/imagenet/train" / f"n{k.item() % 2}" / f"{i}.png")
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(
+            tmp_path / "data/imagenet/train" / f"n{k.item() % 2}" / f"{i}.png")
     args = train.get_args(used_by)
-    assert args.data_path == os.path.join("data", "imagenet", "train") and args.model == "SiT-B/2"  # the paper's run
-    assert train.get_args([]).data_path is None and train.get_args([]).model == "JiT-demo/16"  # bare: the demo
+    # the paper's run
+    assert args.data_path == os.path.join("data", "imagenet", "train") and args.model == "SiT-B/2"
+    # bare: the demo
+    assert train.get_args([]).data_path is None and train.get_args([]).model == "JiT-demo/16"
     with pytest.warns(UserWarning, match="RANDOM"):  # and it trains on those folders
-        train.main([*used_by, "--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8", "--num-classes", "2",
-                    "--steps", "1", "--sample-every", "0", "--no-compile", "--num-workers", "0"])
+        train.main([*used_by, "--model", "JiT-demo/16", "--image-size", "32", "--batch-size", "8",
+                    "--num-classes", "2", "--steps", "1", "--sample-every", "0", "--no-compile",
+                    "--num-workers", "0"])
     assert f"data: {os.path.join('data', 'imagenet', 'train')}" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "data")
-    train.main([*_TINY, "--steps", "1", "--out-dir", str(tmp_path / "demo")])  # no ImageNet: says it trains the demo
+    # no ImageNet: says it trains the demo
+    train.main([*_TINY, "--steps", "1", "--out-dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out
-    assert "generated shapes, the offline demo's data" in out and "--data-path /imagenet/train" in out
+    assert ("generated shapes, the offline demo's data" in out
+            and "--data-path /imagenet/train" in out)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -765,15 +861,19 @@ def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, m
     (["--model", "JiT-B/32", "--image-size", "256", "--encoder", "dinov2-vit-b"], "8x8 token grid"),
     (["--data-path", "/does/not/exist"], "no --data-path /does/not/exist"),
     (["--image-size", "60"], "--image-size 60: JiT-demo/16 needs a multiple of 16"),
-    (["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--encoder-depth", "99"], "has 6 blocks"),
+    (["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--encoder-depth", "99"],
+     "has 6 blocks"),
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
     (["--ema", "0.9,abc"], "--ema: invalid decays value"),
     (["--ema", "0.9,0.99,0.999"], "give one or two decays"),
     (["--objective", "meanflow", "--mf-ratio", "1.5"], "--mf-ratio: give a fraction in [0, 1]"),
-    (["--objective", "meanflow", "--mf-interval", "0.8", "0.2"], "--mf-interval: LOW is above HIGH"),
+    (["--objective", "meanflow", "--mf-interval", "0.8", "0.2"],
+     "--mf-interval: LOW is above HIGH"),
     (["--objective", "meanflow", "--mf-weight", "1", "-0.1"], "--mf-weight: must be at least 0.0"),
-    (["--resume", "out/x", "--step", "4"], "unrecognized arguments: --step"),  # an abbreviation would be overridden
-    (["--resume", "out/x", "--start-over"], "argument --start-over: not allowed with argument --resume"),
+    # an abbreviation would be overridden
+    (["--resume", "out/x", "--step", "4"], "unrecognized arguments: --step"),
+    (["--resume", "out/x", "--start-over"],
+     "argument --start-over: not allowed with argument --resume"),
 ])
 def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as err:  # argparse errors print to stderr
@@ -783,33 +883,41 @@ def test_train_bad_input_fails_before_training(argv, msg, tmp_path, capsys):
 
 
 def test_train_sample_grid_written(tmp_path, capsys):
-    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--sample-every", "2", "--out-dir", str(tmp_path)])
-    assert f"sampling 64 images from the EMA for {tmp_path / 'samples' / '0000002.png'}" in capsys.readouterr().out
+    train.main([*_TINY, "--steps", "2", "--ckpt-every", "2", "--sample-every", "2",
+                "--out-dir", str(tmp_path)])
+    assert (f"sampling 64 images from the EMA for {tmp_path / 'samples' / '0000002.png'}"
+            in capsys.readouterr().out)
     from PIL import Image
     assert Image.open(tmp_path / "samples" / "0000002.png").size == (8 * 32, 8 * 32)
     import sample  # sample.py takes the run directory and picks its newest checkpoint
-    sample.main(["--ckpt", str(tmp_path), "--num-samples", "4", "--num-steps", "2", "--out", str(tmp_path / "g.png")])
+    sample.main(["--ckpt", str(tmp_path), "--num-samples", "4", "--num-steps", "2",
+                 "--out", str(tmp_path / "g.png")])
     assert Image.open(tmp_path / "g.png").size == (2 * 32, 2 * 32)
 
 
 def test_train_ctrl_c_checkpoints_the_step_reached_and_names_the_resume_command(tmp_path):
     run, full = tmp_path / "run", tmp_path / "full"
-    proc = subprocess.Popen(_train_cmd("--steps", "100000", "--out-dir", str(run)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_CPU)
+    proc = subprocess.Popen(_train_cmd("--steps", "100000", "--out-dir", str(run)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_CPU)
     deadline = time.time() + 120
-    while not ((run / "log.jsonl").exists() and (run / "log.jsonl").stat().st_size) and time.time() < deadline:
+    while (not ((run / "log.jsonl").exists() and (run / "log.jsonl").stat().st_size)
+           and time.time() < deadline):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and proc.returncode == 1
     line = err.strip().splitlines()[-1]
-    assert line.startswith("stopped at step ") and line.endswith(f"to go on: python train.py --resume {run}")
+    assert (line.startswith("stopped at step ")
+            and line.endswith(f"to go on: python train.py --resume {run}"))
     step = int(line.split()[3].rstrip(","))
-    assert os.listdir(run / "checkpoints") == [f"{step:07d}.pt"]  # --ckpt-every is 50,000: the Ctrl-C's own
+    # --ckpt-every is 50,000: the Ctrl-C's own
+    assert os.listdir(run / "checkpoints") == [f"{step:07d}.pt"]
     assert (run / "curves.png").exists() and json.load(open(run / "args.json"))["steps"] == 100000
     # the command it names goes on from there as if never stopped
-    subprocess.run(_train_cmd("--resume", str(run), "--steps", str(step + 2)), check=True, capture_output=True, env=_CPU)
-    subprocess.run(_train_cmd("--steps", str(step + 2), "--out-dir", str(full)), check=True, capture_output=True, env=_CPU)
+    subprocess.run(_train_cmd("--resume", str(run), "--steps", str(step + 2)), check=True,
+                   capture_output=True, env=_CPU)
+    subprocess.run(_train_cmd("--steps", str(step + 2), "--out-dir", str(full)), check=True,
+                   capture_output=True, env=_CPU)
     a, b = (_state(d / "checkpoints" / f"{step + 2:07d}.pt") for d in (full, run))
     for key in ("model", "ema", "ema2"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
@@ -819,46 +927,58 @@ def test_train_paper_run_without_data_is_refused_and_the_demos_go(tmp_path, monk
     monkeypatch.chdir(tmp_path)  # no data/imagenet/train here
     for argv in (["--model", "SiT-B/2"], ["--encoder", "dinov2-vit-b", "--irepa"],
                  ["--objective", "meanflow", "--encoder", "dinov3-vit-b16", "--irepa"],
-                 ["--model", "JiT-demo/16", "--encoder", "dinov2-vit-s"]):  # a pretrained encoder: the paper's
+                 # a pretrained encoder: the paper's
+                 ["--model", "JiT-demo/16", "--encoder", "dinov2-vit-s"]):
         with pytest.raises(SystemExit, match="no data for the paper's .*: pass --data-path .* "
                                              "the offline demo is: python train.py$"):
             train.main([*argv, "--steps", "1"])
     assert not os.listdir(tmp_path)  # refused before any work
-    for argv in ([], ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"],  # the README's
-                 ["--objective", "meanflow"], ["--model", "SiT-B/2", "--num-generated", "64"]):  # shapes, asked for
+    # first row: the README's; second row: shapes, asked for
+    for argv in ([], ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"],
+                 ["--objective", "meanflow"], ["--model", "SiT-B/2", "--num-generated", "64"]):
         train.check_run(train.get_args(argv), 1)
 
 
-def test_train_console_says_what_runs_in_a_few_lines_and_args_json_holds_every_setting(tmp_path, capsys, cpu_only):
+def test_train_console_says_what_runs_in_a_few_lines_and_args_json_holds_every_setting(
+        tmp_path, capsys, cpu_only):
     run = tmp_path / "run"
     irepa = ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"]
     with pytest.warns(UserWarning, match="RANDOM"):
         train.main([*_TINY, *irepa, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(run)])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("model: JiT-demo/16 (flow), ") and out[0].endswith(" trainable parameters")
-    assert out[2] == "method: iREPA to dinov2-vit-s after block 4: conv projector, coeff 0.5, spatial norm gamma 0.8"
+    assert (out[0].startswith("model: JiT-demo/16 (flow), ")
+            and out[0].endswith(" trainable parameters"))
+    assert out[2] == ("method: iREPA to dinov2-vit-s after block 4: conv projector, coeff 0.5, "
+                      "spatial norm gamma 0.8")
     assert out[3] == f"run: {run}, 2 steps of batch 8, 1 x cpu" and len(out) == 4
     saved = json.load(open(run / "args.json"))
-    assert saved == json.loads(json.dumps(_state(run / "checkpoints" / "0000002.pt")["args"], default=str))
+    assert saved == json.loads(json.dumps(_state(run / "checkpoints" / "0000002.pt")["args"],
+                                          default=str))
     with pytest.warns(UserWarning, match="RANDOM"):
         train.main(["--resume", str(run), "--steps", "4"])
-    assert f"resuming from {run / 'checkpoints' / '0000002.pt'} at step 2" in capsys.readouterr().out
+    assert (f"resuming from {run / 'checkpoints' / '0000002.pt'} at step 2"
+            in capsys.readouterr().out)
     assert json.load(open(run / "args.json"))["steps"] == 4
 
 
-def test_train_curves_png_with_each_grid_and_meanflow_shows_its_error(tmp_path, monkeypatch, capsys, cpu_only):
+def test_train_curves_png_with_each_grid_and_meanflow_shows_its_error(tmp_path, monkeypatch, capsys,
+                                                                      cpu_only):
     from PIL import Image
     drawn, real = [], train.save_curves
-    monkeypatch.setattr(train, "sample_grid", lambda *a: None)  # the grids' times, without their sampling
+    # the grids' times, without their sampling
+    monkeypatch.setattr(train, "sample_grid", lambda *a: None)
     monkeypatch.setattr(train, "save_curves", lambda log, path, keys: drawn.append(
         (len(open(log).readlines()), keys)) or real(log, path, keys))
-    train.main([*_TINY, "--steps", "4", "--sample-every", "2", "--ckpt-every", "4", "--out-dir", str(tmp_path / "a")])
-    assert drawn == [(1, ("loss", "denoise")), (2, ("loss", "denoise"))]  # at each grid, the log so far
+    train.main([*_TINY, "--steps", "4", "--sample-every", "2", "--ckpt-every", "4",
+                "--out-dir", str(tmp_path / "a")])
+    # at each grid, the log so far
+    assert drawn == [(1, ("loss", "denoise")), (2, ("loss", "denoise"))]
     assert Image.open(tmp_path / "a" / "curves.png").size == (640, 2 * 160)
     capsys.readouterr()
     drawn.clear()
     train.main([*_MF_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path / "mf")])
-    assert drawn == [(1, ("denoise",))]  # MeanFlow's unweighted error: its weighted loss stays near 1
+    # MeanFlow's unweighted error: its weighted loss stays near 1
+    assert drawn == [(1, ("denoise",))]
     err = capsys.readouterr().err
     assert "error=" in err and "loss=" not in err
 
@@ -876,10 +996,12 @@ def test_train_wandb_logs_the_records_and_is_refused_without_the_package(tmp_pat
     fake.init = lambda **kw: calls.append(kw) or Run()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run = tmp_path / "run"
-    train.main([*_TINY, "--steps", "4", "--ckpt-every", "4", "--wandb", "proj", "--out-dir", str(run)])
+    train.main([*_TINY, "--steps", "4", "--ckpt-every", "4", "--wandb", "proj",
+                "--out-dir", str(run)])
     init, *logged = calls
     assert init["project"] == "proj" and init["config"]["steps"] == 4
-    assert logged == [(r["step"], r) for r in map(json.loads, open(run / "log.jsonl"))] and len(logged) == 2
+    assert (logged == [(r["step"], r) for r in map(json.loads, open(run / "log.jsonl"))]
+            and len(logged) == 2)
     monkeypatch.setitem(sys.modules, "wandb", None)  # as when it is not installed
     with pytest.raises(SystemExit, match="^--wandb needs: pip install wandb$"):
         train.main([*_TINY, "--steps", "1", "--wandb", "proj", "--out-dir", str(tmp_path / "r2")])
@@ -1037,11 +1159,13 @@ def test_train_loss_is_denoise_plus_coeff_times_the_alignment_term():
 
 import sample  # noqa: E402
 
-_MF_FIXTURE = os.path.join(_ROOT, "fixtures", "meanflow_fixture.npz")  # the official JAX code's outputs
+# the official JAX code's outputs
+_MF_FIXTURE = os.path.join(_ROOT, "fixtures", "meanflow_fixture.npz")
 
 
 class _MeanFlowFixtureNet(nn.Module):
-    """The closed-form network the fixture ran through the official code (fixtures/make_meanflow_fixture.py):
+    """The closed-form network the fixture ran through the official code
+    (fixtures/make_meanflow_fixture.py):
     u = tanh(W x + a t + b h + emb[y]) * (1 + t) + x h, pixel by pixel; h = 0 when not given."""
 
     def __init__(self, f):
@@ -1063,7 +1187,8 @@ def _mf_objective(net, **settings):  # MeanFlow's defaults (train.MeanFlow), som
                            mean_flow=train.MeanFlow(**settings))
 
 
-@pytest.mark.parametrize("case", ["a", "b", "c"])  # official defaults; omega 2 in [0.3, 0.8] with p 0.5; none
+# official defaults; omega 2 in [0.3, 0.8] with p 0.5; none
+@pytest.mark.parametrize("case", ["a", "b", "c"])
 def test_meanflow_loss_and_target_match_the_official_jax_code(case):
     f = np.load(_MF_FIXTURE)
     c = lambda k: f[f"{case}_{k}"]
@@ -1072,17 +1197,21 @@ def test_meanflow_loss_and_target_match_the_official_jax_code(case):
                         weight=(float(c("norm_p")), float(c("norm_eps"))))
     n = torch.from_numpy(np.stack([c("n_t"), c("n_r")]))
     t, r = obj.mean_flow_times(n)
-    assert torch.allclose(t, torch.from_numpy(c("t")), rtol=1e-6)  # what the official net got: t and h = t - r
+    # what the official net got: t and h = t - r
+    assert torch.allclose(t, torch.from_numpy(c("t")), rtol=1e-6)
     assert torch.allclose(t - r, torch.from_numpy(c("h")), rtol=1e-6, atol=1e-7)
     x, e, y = (torch.from_numpy(f[k]) for k in ("x", "e", "labels"))
-    y = torch.from_numpy(c("y_inp"))  # the official drops the first labels; train.py's loop drops at random
+    # the official drops the first labels; train.py's loop drops at random
+    y = torch.from_numpy(c("y_inp"))
     loss, mse, _, target = obj.mean_flow_loss(x, y, t, r, e)
     want = torch.from_numpy(c("u_tgt"))
     assert (target - want).norm() / want.norm() < 1e-5
-    p, eps = obj.mf.weight  # the official keeps the weight (err + c)^p: its per-sample error is weight^(1/p) - c
+    # the official keeps the weight (err + c)^p: its per-sample error is weight^(1/p) - c
+    p, eps = obj.mf.weight
     err = torch.from_numpy(c("adp_wt")) ** (1 / p) - eps
     assert torch.allclose(mse * x[0].numel(), err.mean(), rtol=1e-5)
-    assert torch.allclose(loss.double(), torch.tensor(float(c("loss")), dtype=torch.float64), rtol=1e-5)
+    assert torch.allclose(loss.double(),
+                          torch.tensor(float(c("loss")), dtype=torch.float64), rtol=1e-5)
 
 
 def test_meanflow_sampler_matches_the_official_jax_code():
@@ -1104,9 +1233,10 @@ def test_meanflow_sampler_of_the_exact_model_is_exact(steps):
 
 def _mf_tiny_sit():
     torch.manual_seed(0)
-    net = model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=3,
-                    mean_flow=True)
-    with torch.no_grad():  # adaLN-Zero starts at output 0: random weights give the jvp something to follow
+    net = model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                    num_classes=3, mean_flow=True)
+    # adaLN-Zero starts at output 0: random weights give the jvp something to follow
+    with torch.no_grad():
         for p in net.parameters():
             p.normal_(std=0.1) if p.requires_grad else None
     return net
@@ -1117,10 +1247,12 @@ def test_meanflow_jvp_equals_finite_differences():
     obj = _mf_objective(net, omega=1.0, kappa=0.0)
     g = torch.Generator().manual_seed(3)
     x, e = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
-    t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0]), torch.tensor([0, 1, 2, 3])
+    t, r, y = (torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.4, 0.0]),
+               torch.tensor([0, 1, 2, 3]))
     _, _, _, target = obj.mean_flow_loss(x, y, t, r, e)  # target = v - (t - r) du/dt
     du_dt = ((e - x) - target) / (t - r).view(-1, 1, 1, 1)
-    tt, v, d = t.view(-1, 1, 1, 1), e - x, 1e-2  # du/dt along the path: z moves by v, t by 1, r stays
+    # du/dt along the path: z moves by v, t by 1, r stays
+    tt, v, d = t.view(-1, 1, 1, 1), e - x, 1e-2
     u = lambda s: net((1 - tt) * x + tt * e + s * v, t + s, y, h=t + s - r)[0]
     with torch.no_grad():
         fd = (u(d) - u(-d)) / (2 * d)
@@ -1148,24 +1280,27 @@ def test_meanflow_gradient_stops_at_the_target_and_the_weight():
 
 
 def test_meanflow_sit_keeps_the_ordinary_keys_and_h_zero_is_the_velocity():
-    net, plain = _mf_tiny_sit(), model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=4,
-                                           num_classes=3)
+    net, plain = _mf_tiny_sit(), model.SiT(image_size=32, patch_size=2, hidden_size=64, depth=2,
+                                           num_heads=4, num_classes=3)
     extra = set(net.state_dict()) - set(plain.state_dict())
     assert extra and all(k.startswith("h_embedder.") for k in extra)
-    assert not set(plain.state_dict()) - set(net.state_dict())  # an ordinary SiT checkpoint's keys all line up
+    # an ordinary SiT checkpoint's keys all line up
+    assert not set(plain.state_dict()) - set(net.state_dict())
     x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([0.3, 0.8]), torch.tensor([0, 1])
     assert torch.equal(net(x, t, y)[0], net(x, t, y, h=torch.zeros(2))[0])
     assert not torch.equal(net(x, t, y)[0], net(x, t, y, h=torch.full((2,), 0.5))[0])
 
 
 def test_meanflow_demo_learns_shapes_and_colours_in_one_step(tmp_path, cpu_only):
-    # the offline demo's path at 16 px for 600 steps (~70 s): train.py writes the EMA's 1-step samples into the run
-    # folder, one row per class; each sample's object (its pixels farthest from its border's mean colour) must take
-    # its class's colour. The same measure gives 0.875 on the data, 0.1 by chance, 0.19 after 400 steps.
+    # the offline demo's path at 16 px for 600 steps (~70 s): train.py writes the EMA's
+    # 1-step samples into the run folder, one row per class; each sample's object (its
+    # pixels farthest from its border's mean colour) must take its class's colour. The
+    # same measure gives 0.875 on the data, 0.1 by chance, 0.19 after 400 steps.
     from PIL import Image
     train.main(["--objective", "meanflow", "--image-size", "16", "--steps", "600", "--lr", "2e-3",
                 "--sample-every", "600", "--out-dir", str(tmp_path)])
-    grid = np.asarray(Image.open(tmp_path / "samples" / "0000600.png")).astype(float)  # 8 classes x 8 samples
+    # 8 classes x 8 samples
+    grid = np.asarray(Image.open(tmp_path / "samples" / "0000600.png")).astype(float)
     images = grid.reshape(8, 16, 8, 16, 3).transpose(0, 2, 1, 3, 4).reshape(64, 16, 16, 3)
     colours = np.array(data._COLOURS, float)
     hits = []
@@ -1178,30 +1313,34 @@ def test_meanflow_demo_learns_shapes_and_colours_in_one_step(tmp_path, cpu_only)
 
 
 def _mf_compiled_step_matches_eager(device):
-    # the training step as train.py runs it on a GPU: fast paths, bf16 autocast, torch.compile around the objective,
-    # jvp included, as one graph; its loss and gradients must match the eager fp32 step's (eager bf16 fails on
-    # CUDA inside the jvp: train.py refuses it)
+    # the training step as train.py runs it on a GPU: fast paths, bf16 autocast, torch.compile
+    # around the objective, jvp included, as one graph; its loss and gradients must match the
+    # eager fp32 step's (eager bf16 fails on CUDA inside the jvp: train.py refuses it)
     import kernels
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     net = kernels.enable(_mf_tiny_sit().to(device)) if device == "cuda" else _mf_tiny_sit()
     obj = _mf_objective(net)
-    x, y = torch.randn(8, 4, 4, 4, device=device), torch.tensor([0, 1, 2, 3, 0, 1, 2, 0], device=device)
+    x, y = (torch.randn(8, 4, 4, 4, device=device),
+            torch.tensor([0, 1, 2, 3, 0, 1, 2, 0], device=device))
     grads = []
     for step, bf16 in ((obj, False), (torch.compile(obj), True)):
         torch.manual_seed(0)  # fallback_random: compiled code draws the eager step's t, r and noise
-        with torch.autocast(device, torch.bfloat16, enabled=bf16), torch._inductor.config.patch(fallback_random=True):
+        with torch.autocast(device, torch.bfloat16, enabled=bf16), \
+                torch._inductor.config.patch(fallback_random=True):
             loss, mse, _ = step(x, y, None)
         obj.zero_grad()
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
         assert torch.isfinite(loss) and torch.isfinite(mse)
     assert (grads[0] - grads[1]).norm() / grads[0].norm() < 2e-2  # bf16 against fp32 (CPU: 7e-3)
-    assert not torch._dynamo.utils.counters["graph_break"]  # the jvp compiled with the rest, not around it
+    # the jvp compiled with the rest, not around it
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 @pytest.mark.skipif(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 14),
-                    reason="inductor's CPU lowering of this jvp fails before torch 2.14 (seen on 2.11; GPUs are fine)")
+                    reason="inductor's CPU lowering of this jvp fails before torch 2.14 "
+                           "(seen on 2.11; GPUs are fine)")
 def test_meanflow_compiled_bf16_step_matches_eager_on_cpu(cpu_only):
     _mf_compiled_step_matches_eager("cpu")
 
@@ -1211,13 +1350,16 @@ def test_meanflow_compiled_bf16_step_on_gpu_matches_eager():
     _mf_compiled_step_matches_eager("cuda")
 
 
-_MF_TINY = ["--objective", "meanflow", "--batch-size", "8", "--num-generated", "64", "--log-every", "2",
-            "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2", "--no-compile"]
+_MF_TINY = ["--objective", "meanflow", "--batch-size", "8", "--num-generated", "64",
+            "--log-every", "2", "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2",
+            "--no-compile"]
 
 
 def test_meanflow_run_resumes_exactly_and_samples_in_one_step(tmp_path, capsys, cpu_only):
-    train.main([*_MF_TINY, "--steps", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path / "full")])
-    train.main([*_MF_TINY, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path / "half")])
+    train.main([*_MF_TINY, "--steps", "4", "--ckpt-every", "2",
+                "--out-dir", str(tmp_path / "full")])
+    train.main([*_MF_TINY, "--steps", "2", "--ckpt-every", "2",
+                "--out-dir", str(tmp_path / "half")])
     train.main(["--resume", str(tmp_path / "half"), "--steps", "4"])
     a, b = (_state(tmp_path / d / "checkpoints" / "0000004.pt") for d in ("full", "half"))
     assert a["args"]["model"] == "SiT-demo/4" and "h_embedder.mlp.0.weight" in a["model"]
@@ -1226,25 +1368,31 @@ def test_meanflow_run_resumes_exactly_and_samples_in_one_step(tmp_path, capsys, 
     with pytest.raises(SystemExit):  # the objective is the run's, like its model
         train.main(["--resume", str(tmp_path / "half"), "--objective", "flow", "--steps", "6"])
     assert "--objective flow differs from the run's meanflow" in capsys.readouterr().err
-    sample.main(["--ckpt", str(tmp_path / "full"), "--num-samples", "4", "--out", str(tmp_path / "s.npz")])
+    sample.main(["--ckpt", str(tmp_path / "full"), "--num-samples", "4",
+                 "--out", str(tmp_path / "s.npz")])
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (4, 32, 32, 3)
     with pytest.raises(SystemExit):
-        sample.main(["--ckpt", str(tmp_path / "full"), "--cfg-scale", "2", "--out", str(tmp_path / "g.png")])
+        sample.main(["--ckpt", str(tmp_path / "full"), "--cfg-scale", "2",
+                     "--out", str(tmp_path / "g.png")])
     assert "--mode meanflow does not fit this checkpoint: use --mode sde or ode or heun, or " \
         "--cfg-scale 1" in capsys.readouterr().err  # its guidance was learnt in training
 
 
 def test_meanflow_with_irepa_trains_the_projector_on_sit_latents(tmp_path, cpu_only):
-    # the paper's MeanFlow rows: SiT on SD-VAE latents with an iREPA target (random VAE and encoder: offline)
-    train.main(["--objective", "meanflow", "--model", "SiT-S/2", "--image-size", "32", "--vae-weights", "random",
-                "--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa", "--batch-size", "4",
-                "--num-generated", "8", "--steps", "2", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "0",
-                "--no-compile", "--out-dir", str(tmp_path)])
+    # the paper's MeanFlow rows:
+    # SiT on SD-VAE latents with an iREPA target (random VAE and encoder: offline)
+    train.main(["--objective", "meanflow", "--model", "SiT-S/2", "--image-size", "32",
+                "--vae-weights", "random", "--encoder", "dinov2-vit-s",
+                "--encoder-weights", "random", "--irepa", "--batch-size", "4",
+                "--num-generated", "8", "--steps", "2", "--log-every", "1", "--ckpt-every", "1",
+                "--sample-every", "0", "--no-compile", "--out-dir", str(tmp_path)])
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     one, two = (_state(tmp_path / "checkpoints" / f"000000{s}.pt") for s in (1, 2))
-    assert all(r["repa"] < 0 for r in log) and two["args"]["proj"] == "conv"  # negative cosine similarity
+    # negative cosine similarity
+    assert all(r["repa"] < 0 for r in log) and two["args"]["proj"] == "conv"
     assert any(k.startswith("h_embedder.") for k in two["model"])
-    assert all(not torch.equal(v, one["proj"][k]) for k, v in two["proj"].items())  # the loss trains the projector
+    # the loss trains the projector
+    assert all(not torch.equal(v, one["proj"][k]) for k, v in two["proj"].items())
 
 
 def test_meanflow_bad_input_is_refused_before_training(tmp_path, monkeypatch):
@@ -1257,7 +1405,8 @@ def test_meanflow_bad_input_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="keep --compile or pass --precision fp32"):
         check("--no-compile")
     check("--no-compile", "--precision", "fp32")
-    assert train.get_args(["--objective", "meanflow", "--no-compile", "--precision", "fp32"]).compile is False
+    assert train.get_args(["--objective", "meanflow", "--no-compile",
+                           "--precision", "fp32"]).compile is False
     with pytest.raises(SystemExit, match="--recompute cannot replay"):
         check("--recompute", "2")
 
@@ -1308,28 +1457,31 @@ import encoders  # noqa: E402
 
 _ENCODERS_REPO = os.path.dirname(os.path.abspath(encoders.__file__))
 
-# Independent expectations, read off the official iREPA code and the model cards: token width D and the number of
-# prefix tokens (CLS + registers / storage tokens) the official code drops.
+# Independent expectations, read off the official iREPA code and the model cards: token width D
+# and the number of prefix tokens (CLS + registers / storage tokens) the official code drops.
 _ENCODERS_EXPECTED = {  # name: (D, prefix tokens)
-    "dinov2-vit-s": (384, 1), "dinov2-vit-b": (768, 1), "dinov2-vit-l": (1024, 1), "dinov2-vit-g": (1536, 1),
-    "dinov2reg-vit-s": (384, 5), "dinov2reg-vit-b": (768, 5), "dinov2reg-vit-l": (1024, 5),
-    "dinov2reg-vit-g": (1536, 5), "dinov3-vit-s16": (384, 5), "dinov3-vit-s16plus": (384, 5),
-    "dinov3-vit-b16": (768, 5), "dinov3-vit-l16": (1024, 5), "dinov3-vit-h16plus": (1280, 5),
-    "dinov3-vit-7b16": (4096, 5), "dino-vit-s": (384, 1), "dino-vit-b": (768, 1), "clip-vit-L": (1024, 1),
-    "mae-vit-l": (1024, 1), "jepa-vit-h": (1280, 0), "mocov3-vit-b": (768, 1), "mocov3-vit-l": (1024, 1),
+    "dinov2-vit-s": (384, 1), "dinov2-vit-b": (768, 1), "dinov2-vit-l": (1024, 1),
+    "dinov2-vit-g": (1536, 1), "dinov2reg-vit-s": (384, 5), "dinov2reg-vit-b": (768, 5),
+    "dinov2reg-vit-l": (1024, 5), "dinov2reg-vit-g": (1536, 5), "dinov3-vit-s16": (384, 5),
+    "dinov3-vit-s16plus": (384, 5), "dinov3-vit-b16": (768, 5), "dinov3-vit-l16": (1024, 5),
+    "dinov3-vit-h16plus": (1280, 5), "dinov3-vit-7b16": (4096, 5), "dino-vit-s": (384, 1),
+    "dino-vit-b": (768, 1), "clip-vit-L": (1024, 1), "mae-vit-l": (1024, 1),
+    "jepa-vit-h": (1280, 0), "mocov3-vit-b": (768, 1), "mocov3-vit-l": (1024, 1),
     "webssl-vit-dino300m_full2b_224": (1024, 1), "webssl-vit-dino1b_full2b_224": (1536, 1),
     "webssl-vit-dino2b_full2b_224": (2688, 1), "webssl-vit-dino3b_full2b_224": (3072, 1),
     "webssl-vit-dino5b_full2b_224": (3584, 1), "webssl-vit-dino7b_full8b_224": (4096, 1),
     "siglip-vit-b": (768, 0), "siglip-vit-l": (1024, 0), "siglip-vit-so400m": (1152, 0),
     "siglip2-vit-b": (768, 0), "siglip2-vit-l": (1024, 0), "siglip2-vit-so400m": (1152, 0),
     "siglip2-vit-g": (1536, 0), "pe-vit-t": (192, 1), "pe-vit-s": (384, 1), "pe-vit-b": (768, 1),
-    "pe-vit-l": (1024, 1), "pe-vit-g": (1536, 0), "spatialpe-vit-b": (768, 1), "spatialpe-vit-l": (1024, 1),
-    "spatialpe-vit-g": (1536, 0), "langpe-vit-l": (1024, 1), "langpe-vit-g": (1536, 0), "sam2-vit-s": (768, 0),
-    "sam2-vit-b": (896, 0), "sam2-vit-l": (1152, 0), "cradio-vit-b": (768, 8), "cradio-vit-l": (1024, 8),
+    "pe-vit-l": (1024, 1), "pe-vit-g": (1536, 0), "spatialpe-vit-b": (768, 1),
+    "spatialpe-vit-l": (1024, 1), "spatialpe-vit-g": (1536, 0), "langpe-vit-l": (1024, 1),
+    "langpe-vit-g": (1536, 0), "sam2-vit-s": (768, 0), "sam2-vit-b": (896, 0),
+    "sam2-vit-l": (1152, 0), "cradio-vit-b": (768, 8), "cradio-vit-l": (1024, 8),
     "cradio-vit-h": (1280, 8), "cradio-vit-g": (1536, 8),
 }
-# the official code reads tokens before the final LayerNorm (CLIP: no ln_post; MAE: forward_features without norm;
-# PE: forward_features(norm=False)); C-RADIO and SAM2's Hiera have no final norm; all others apply it
+# the official code reads tokens before the final LayerNorm (CLIP: no ln_post;
+# MAE: forward_features without norm; PE: forward_features(norm=False));
+# C-RADIO and SAM2's Hiera have no final norm; all others apply it
 _ENCODERS_PRENORM = ("clip-", "mae-", "pe-", "spatialpe-", "langpe-")
 _ENCODERS_NO_NORM = ("cradio-", "sam2-")
 
@@ -1355,42 +1507,53 @@ def _encoders_random(name, resolution):
 def test_encoders_registry_has_the_official_names():
     wanted = ([f"dinov2{r}-vit-{s}" for r in ("", "reg") for s in "sblg"]
               + [f"dinov3-vit-{s}" for s in ("s16", "s16plus", "b16", "l16", "h16plus", "7b16")]
-              + ["dino-vit-s", "dino-vit-b", "clip-vit-L", "mae-vit-l", "jepa-vit-h", "mocov3-vit-b", "mocov3-vit-l"]
-              + [f"siglip-vit-{s}" for s in ("b", "l", "so400m")] + [f"siglip2-vit-{s}" for s in ("b", "l", "so400m", "g")]
-              + [f"pe-vit-{s}" for s in "tsblg"] + [f"spatialpe-vit-{s}" for s in "blg"] + ["langpe-vit-l", "langpe-vit-g"]
-              + [f"sam2-vit-{s}" for s in "sbl"] + [f"cradio-vit-{s}" for s in "blhg"]
-              + [f"webssl-vit-{s}" for s in ("dino300m_full2b_224", "dino1b_full2b_224", "dino2b_full2b_224",
-                                             "dino3b_full2b_224", "dino5b_full2b_224", "dino7b_full8b_224")])
+              + ["dino-vit-s", "dino-vit-b", "clip-vit-L", "mae-vit-l", "jepa-vit-h",
+                 "mocov3-vit-b", "mocov3-vit-l"]
+              + [f"siglip-vit-{s}" for s in ("b", "l", "so400m")]
+              + [f"siglip2-vit-{s}" for s in ("b", "l", "so400m", "g")]
+              + [f"pe-vit-{s}" for s in "tsblg"] + [f"spatialpe-vit-{s}" for s in "blg"]
+              + ["langpe-vit-l", "langpe-vit-g"] + [f"sam2-vit-{s}" for s in "sbl"]
+              + [f"cradio-vit-{s}" for s in "blhg"]
+              + [f"webssl-vit-{s}" for s in ("dino300m_full2b_224", "dino1b_full2b_224",
+                                             "dino2b_full2b_224", "dino3b_full2b_224",
+                                             "dino5b_full2b_224", "dino7b_full8b_224")])
     assert sorted(wanted) == sorted(encoders.ENCODERS) == sorted(_ENCODERS_EXPECTED)
 
 
 def test_encoders_mismatched_torchvision_gets_a_clear_error(tmp_path):
-    # the CPU-torch + CUDA-torchvision failure, simulated by a torchvision that fails to import as that pair does;
-    # the import fails loudly with the operator's name, which the README's troubleshooting section explains
+    # the CPU-torch + CUDA-torchvision failure, simulated by a torchvision
+    # that fails to import as that pair does; the import fails loudly with the
+    # operator's name, which the README's troubleshooting section explains
     (tmp_path / "torchvision").mkdir()
     (tmp_path / "torchvision" / "__init__.py").write_text(
         "raise RuntimeError('operator torchvision::nms does not exist')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.dirname(os.path.abspath(__file__))]))
-    r = subprocess.run([sys.executable, "-c", "import encoders"], env=env, capture_output=True, text=True)
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(tmp_path),
+                                           os.path.dirname(os.path.abspath(__file__))]))
+    r = subprocess.run([sys.executable, "-c", "import encoders"], env=env,
+                       capture_output=True, text=True)
     assert r.returncode != 0
     assert "torchvision::nms" in r.stderr
 
 
 def test_encoders_unknown_name_is_refused():
-    # the scripts list the valid names (train.py, metrics.py); the loader's KeyError names the unknown one
+    # the scripts list the valid names (train.py, metrics.py);
+    # the loader's KeyError names the unknown one
     with pytest.raises(KeyError, match="dinov2-vit-x"):
         encoders.load_encoder("dinov2-vit-x")
 
 
 @pytest.mark.parametrize("name", list(encoders.ENCODERS))
 def test_encoders_every_encoder_builds_with_right_tokens_and_norm(name):
-    # Cheap check for all, giants included: full-depth model built on the meta device, its forward cut to the first
-    # block (blocks keep the shape; the real forward of a representative subset is tested below). Hiera stays whole.
+    # Cheap check for all, giants included: full-depth model built on the meta
+    # device, its forward cut to the first block (blocks keep the shape; the real
+    # forward of a representative subset is tested below). Hiera stays whole.
     enc = _encoders_build_meta(name, 256)
     dim, prefix = _ENCODERS_EXPECTED[name]
     assert (enc.embed_dim, enc.num_prefix) == (dim, prefix)
     norm = getattr(enc.model, "norm", torch.nn.Identity())
-    assert isinstance(norm, torch.nn.Identity) == name.startswith(_ENCODERS_PRENORM + _ENCODERS_NO_NORM), norm
+    assert (isinstance(norm, torch.nn.Identity)
+            == name.startswith(_ENCODERS_PRENORM + _ENCODERS_NO_NORM)), norm
     assert all(not p.requires_grad for p in enc.parameters()) and not enc.training
     if not name.startswith("sam2"):
         enc.model.blocks = enc.model.blocks[:1]
@@ -1399,8 +1562,9 @@ def test_encoders_every_encoder_builds_with_right_tokens_and_norm(name):
     assert tuple(out.shape) == (2, 256, dim) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["dinov2reg-vit-b", "dinov3-vit-b16", "siglip-vit-so400m", "pe-vit-l",
-                                  "sam2-vit-s", "cradio-vit-b", "mocov3-vit-b", "jepa-vit-h"])
+@pytest.mark.parametrize("name", ["dinov2reg-vit-b", "dinov3-vit-b16", "siglip-vit-so400m",
+                                  "pe-vit-l", "sam2-vit-s", "cradio-vit-b",
+                                  "mocov3-vit-b", "jepa-vit-h"])
 def test_encoders_512px_gives_32x32_tokens(name):
     enc = _encoders_build_meta(name, 512)
     if not name.startswith("sam2"):
@@ -1416,17 +1580,21 @@ def test_encoders_real_forward_small_models():
     for name in ("dinov2-vit-s", "dinov3-vit-s16", "pe-vit-t", "sam2-vit-s"):
         enc = _encoders_random(name, 32)
         out = enc(x)
-        assert out.shape == (2, 4, _ENCODERS_EXPECTED[name][0]) and torch.isfinite(out).all() and not out.requires_grad
-        # timm inits LayerNorm to weight 1, bias 0: normed tokens have zero mean and unit variance over channels
+        assert (out.shape == (2, 4, _ENCODERS_EXPECTED[name][0]) and torch.isfinite(out).all()
+                and not out.requires_grad)
+        # timm inits LayerNorm to weight 1, bias 0:
+        # normed tokens have zero mean and unit variance over channels
         normed = torch.allclose(out.mean(-1), torch.zeros(2, 4), atol=1e-4) and torch.allclose(
             out.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-2)
-        assert normed == (name in ("dinov2-vit-s", "dinov3-vit-s16")), name  # PE: before the norm; Hiera: none
+        # PE: before the norm; Hiera: none
+        assert normed == (name in ("dinov2-vit-s", "dinov3-vit-s16")), name
     with pytest.raises(ValueError, match="uint8"):
         enc(x.float())
 
 
 def _encoders_official_preprocess(name, x, R):
-    """The official iREPA recipe per encoder family (ldm/vision_encoder.py), written out independently."""
+    """The official iREPA recipe per encoder family (ldm/vision_encoder.py),
+    written out independently."""
     from torchvision.transforms import Normalize, Resize
     imagenet = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     clip = Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -1439,7 +1607,8 @@ def _encoders_official_preprocess(name, x, R):
     if family == "dinov3":
         return imagenet(Resize((R, R), antialias=True)(x))
     if family == "siglip":
-        return F.interpolate(imagenet(x), (14 if name.endswith("so400m") else 16) * (R // 16), mode="bicubic")
+        return F.interpolate(imagenet(x), (14 if name.endswith("so400m") else 16) * (R // 16),
+                             mode="bicubic")
     if family == "siglip2":
         return F.interpolate(imagenet(x), R, mode="bicubic")
     if family == "clip":
@@ -1464,9 +1633,11 @@ def test_encoders_preprocessing_matches_official_recipe_bit_exactly():
     for name, spec in encoders.ENCODERS.items():
         ours = encoders.Encoder(dummy, spec, 256).preprocess(x)
         assert torch.equal(ours, _encoders_official_preprocess(name, x, 256)), name
-    # the check is sharp enough to see the order: normalising after the 224 resize differs in the last bits
+    # the check is sharp enough to see the order:
+    # normalising after the 224 resize differs in the last bits
     ref = _encoders_official_preprocess("dinov2-vit-b", x, 256)
-    swapped = (F.interpolate(x / 255., 224, mode="bicubic") - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) \
+    swapped = (F.interpolate(x / 255., 224, mode="bicubic")
+               - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) \
         / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     assert torch.allclose(swapped, ref, atol=1e-5) and not torch.equal(swapped, ref)
 
@@ -1474,15 +1645,18 @@ def test_encoders_preprocessing_matches_official_recipe_bit_exactly():
 def test_encoders_missing_weights_fail_fast_naming_the_flags(monkeypatch, tmp_path):
     import huggingface_hub.constants as hf
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
-    monkeypatch.setattr(hf, "ENDPOINT", "https://hub.invalid")  # a real connection attempt that cannot succeed
+    # a real connection attempt that cannot succeed
+    monkeypatch.setattr(hf, "ENDPOINT", "https://hub.invalid")
     for load in (lambda: encoders.load_encoder("dinov2-vit-b"), lambda: encoders.load_vae()):
         t = time.time()
         with pytest.raises(RuntimeError) as err:
             load()
         assert time.time() - t < 10
         assert "PATH" in str(err.value) and "random" in str(err.value)
-    with pytest.raises(RuntimeError, match="encoder dinov2-vit-b: weights timm/vit_base_patch14_dinov2.lvd142m/"
-                                           "model.safetensors .*`--encoder-weights PATH`.*`--encoder-weights random`"):
+    with pytest.raises(RuntimeError,
+                       match="encoder dinov2-vit-b: weights timm/vit_base_patch14_dinov2.lvd142m/"
+                             "model.safetensors .*`--encoder-weights PATH`"
+                             ".*`--encoder-weights random`"):
         encoders.load_encoder("dinov2-vit-b")
     with pytest.raises(RuntimeError, match="sd-vae-ft-mse.*`--vae-weights PATH`"):
         encoders.load_vae()
@@ -1499,24 +1673,32 @@ def test_encoders_missing_weights_fail_fast_naming_the_flags(monkeypatch, tmp_pa
 
 def test_encoders_mocov3_checkpoint_rename(monkeypatch, tmp_path):
     import timm
-    kw = dict(embed_dim=32, depth=15, num_heads=2)  # a tiny ViT with blocks 13 and 14, misnamed in the official file
-    monkeypatch.setitem(encoders.ENCODERS, "mocov3-vit-b", dict(encoders.ENCODERS["mocov3-vit-b"], kw=kw))
-    src = timm.create_model("vit_base_patch16_224", num_classes=0, **kw).state_dict()  # 224 px: 14x14 table
+    # a tiny ViT with blocks 13 and 14, misnamed in the official file
+    kw = dict(embed_dim=32, depth=15, num_heads=2)
+    monkeypatch.setitem(encoders.ENCODERS, "mocov3-vit-b",
+                        dict(encoders.ENCODERS["mocov3-vit-b"], kw=kw))
+    # 224 px: 14x14 table
+    src = timm.create_model("vit_base_patch16_224", num_classes=0, **kw).state_dict()
     sd = {"module.base_encoder." + k: v for k, v in src.items()}
-    for a, b in (("13.norm1", "13.norm13"), ("13.mlp.fc1", "13.mlp.fc13"), ("14.norm2", "14.norm14"),
-                 ("14.mlp.fc2", "14.mlp.fc14")):
+    for a, b in (("13.norm1", "13.norm13"), ("13.mlp.fc1", "13.mlp.fc13"),
+                 ("14.norm2", "14.norm14"), ("14.mlp.fc2", "14.mlp.fc14")):
         for t in ("weight", "bias"):
-            sd[f"module.base_encoder.blocks.{b}.{t}"] = sd.pop(f"module.base_encoder.blocks.{a}.{t}")
-    sd["module.base_encoder.head.0.weight"] = torch.zeros(4, 32)  # projection head and momentum encoder: dropped
+            sd[f"module.base_encoder.blocks.{b}.{t}"] = sd.pop(
+                f"module.base_encoder.blocks.{a}.{t}")
+    # projection head and momentum encoder: dropped
+    sd["module.base_encoder.head.0.weight"] = torch.zeros(4, 32)
     sd["module.momentum_encoder.cls_token"] = torch.zeros(1, 1, 32)
     torch.save({"state_dict": sd, "epoch": 300}, tmp_path / "vit-b-300ep.pth.tar")
     enc = encoders.load_encoder("mocov3-vit-b", 32, weights=str(tmp_path / "vit-b-300ep.pth.tar"))
     assert torch.equal(enc.model.blocks[13].norm1.weight, src["blocks.13.norm1.weight"])
     assert torch.equal(enc.model.blocks[14].mlp.fc2.weight, src["blocks.14.mlp.fc2.weight"])
-    cls, grid = src["pos_embed"][:, :1], src["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
-    grid = F.interpolate(F.interpolate(grid, (16, 16), mode="bicubic", antialias=True), (2, 2), mode="bicubic",
-                         antialias=True)  # official: 14 -> 16 at load, then 16 -> the run's grid, both with timm
-    assert torch.allclose(enc.model.pos_embed, torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1), atol=1e-6)
+    cls, grid = (src["pos_embed"][:, :1],
+                 src["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2))
+    # official: 14 -> 16 at load, then 16 -> the run's grid, both with timm
+    grid = F.interpolate(F.interpolate(grid, (16, 16), mode="bicubic", antialias=True), (2, 2),
+                         mode="bicubic", antialias=True)
+    assert torch.allclose(enc.model.pos_embed,
+                          torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1), atol=1e-6)
     assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, 32)
 
 
@@ -1525,13 +1707,15 @@ def test_encoders_webssl_transformers_checkpoint_rename(monkeypatch, tmp_path):
     name, D, depth = "webssl-vit-dino1b_full2b_224", 32, 2
     hidden = (int(D * 4 * 2 / 3) + 7) // 8 * 8  # DINOv2 SwiGLU width (88 here)
     monkeypatch.setitem(encoders.ENCODERS, name, dict(encoders.ENCODERS[name], kw=dict(
-        encoders.ENCODERS[name]["kw"], embed_dim=D, depth=depth, num_heads=2, mlp_ratio=(2 * hidden + 0.5) / D)))
+        encoders.ENCODERS[name]["kw"], embed_dim=D, depth=depth, num_heads=2,
+        mlp_ratio=(2 * hidden + 0.5) / D)))
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     sd = {"embeddings.cls_token": r(1, 1, D), "embeddings.mask_token": r(1, D),
           "embeddings.position_embeddings": r(1, 1 + 16 * 16, D),
           "embeddings.patch_embeddings.projection.weight": r(D, 3, 14, 14),
-          "embeddings.patch_embeddings.projection.bias": r(D), "layernorm.weight": r(D), "layernorm.bias": r(D)}
+          "embeddings.patch_embeddings.projection.bias": r(D), "layernorm.weight": r(D),
+          "layernorm.bias": r(D)}
     for i in range(depth):
         p = f"encoder.layer.{i}."
         for m, shape in (("norm1", (D,)), ("norm2", (D,)), ("attention.attention.query", (D, D)),
@@ -1541,13 +1725,16 @@ def test_encoders_webssl_transformers_checkpoint_rename(monkeypatch, tmp_path):
             sd[p + m + ".weight"], sd[p + m + ".bias"] = r(*shape), r(shape[0])
         sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"] = r(D), r(D)
     save_file(sd, str(tmp_path / "model.safetensors"))
-    enc = encoders.load_encoder(name, 32, weights=str(tmp_path / "model.safetensors"))  # strict load inside
+    # strict load inside
+    enc = encoders.load_encoder(name, 32, weights=str(tmp_path / "model.safetensors"))
     b = enc.model.blocks[1]
-    assert torch.equal(b.attn.qkv.weight, torch.cat([sd[f"encoder.layer.1.attention.attention.{t}.weight"]
-                                                     for t in ("query", "key", "value")]))
+    assert torch.equal(b.attn.qkv.weight,
+                       torch.cat([sd[f"encoder.layer.1.attention.attention.{t}.weight"]
+                                  for t in ("query", "key", "value")]))
     assert torch.equal(b.ls2.gamma, sd["encoder.layer.1.layer_scale2.lambda1"])
     assert torch.equal(b.mlp.fc1.weight, sd["encoder.layer.1.mlp.weights_in.weight"])
-    assert torch.equal(enc.model.norm.weight, sd["layernorm.weight"]) and enc.model.pos_embed.shape == (1, 5, D)
+    assert (torch.equal(enc.model.norm.weight, sd["layernorm.weight"])
+            and enc.model.pos_embed.shape == (1, 5, D))
     assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, D)
 
 
@@ -1564,29 +1751,34 @@ def test_encoders_vae_matches_diffusers_fixture():
     f, sd = _encoders_fixture()
     vae = encoders.VAE(**f["config"]).load_diffusers(sd).eval()
     mean, std = vae.encode(f["x"].float())
-    assert mean.shape == (2, 4, 4, 4) and _encoders_rel(mean, f["mean"]) <= 1e-5 and _encoders_rel(std, f["std"]) <= 1e-5
+    assert (mean.shape == (2, 4, 4, 4) and _encoders_rel(mean, f["mean"]) <= 1e-5
+            and _encoders_rel(std, f["std"]) <= 1e-5)
     assert _encoders_rel(vae.decode(f["z"].float()), f["decoded"]) <= 1e-5
     renamed = {}  # pre-2023 diffusers files name the attention weights query/key/value/proj_attn
     for k, v in sd.items():
-        for a, b in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+        for a, b in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
+                     (".to_out.0.", ".proj_attn.")):
             k = k.replace(a, b)
         renamed[k] = v
     assert len(renamed) == len(sd) and "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
-    assert _encoders_rel(encoders.VAE(**f["config"]).load_diffusers(renamed).decode(f["z"].float()), f["decoded"]) <= 1e-5
+    assert _encoders_rel(encoders.VAE(**f["config"]).load_diffusers(renamed).decode(f["z"].float()),
+                         f["decoded"]) <= 1e-5
     decoder_only = encoders.VAE(**f["config"]).load_diffusers(
         {k: v for k, v in sd.items() if not k.startswith(("encoder.", "quant_conv."))})
     assert _encoders_rel(decoder_only.decode(f["z"].float()), f["decoded"]) <= 1e-5
     with pytest.raises(TypeError):  # a decoder-only VAE has no encoder
         decoder_only.encode(f["x"].float())
     with pytest.raises(RuntimeError, match="Missing key"):
-        encoders.VAE(**f["config"]).load_diffusers({k: v for k, v in sd.items() if "mid_block" not in k})
+        encoders.VAE(**f["config"]).load_diffusers({k: v for k, v in sd.items()
+                                                    if "mid_block" not in k})
 
 
 def test_encoders_vae_full_size_layout_and_parameter_count():
     f, _ = _encoders_fixture()
     with torch.device("meta"):
         vae = encoders.VAE()
-    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == f["full_size_shapes"]  # diffusers' own list
+    # diffusers' own list
+    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == f["full_size_shapes"]
     assert sum(torch.Size(s).numel() for s in f["full_size_shapes"].values()) == 83_653_863
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
 
@@ -1595,23 +1787,28 @@ def test_encoders_load_vae_file_and_latent_scaling(monkeypatch, tmp_path):
     from safetensors.torch import save_file
     f, sd = _encoders_fixture()
     small = encoders.VAE
-    monkeypatch.setattr(encoders, "VAE", lambda: small(**f["config"]))  # load_vae builds the small fixture model
+    # load_vae builds the small fixture model
+    monkeypatch.setattr(encoders, "VAE", lambda: small(**f["config"]))
     save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     vae = encoders.load_vae(str(tmp_path / "diffusion_pytorch_model.safetensors"))
     assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
     assert _encoders_rel(vae.decode(f["z"].float()), f["decoded"]) <= 1e-5
     z = torch.randn(2, 4, 4, 4)
-    assert torch.allclose(vae.scale(z), z * 0.18215) and torch.allclose(vae.unscale(vae.scale(z)), z, atol=1e-6)
+    assert (torch.allclose(vae.scale(z), z * 0.18215)
+            and torch.allclose(vae.unscale(vae.scale(z)), z, atol=1e-6))
     scale, bias = torch.tensor([0.5, 1.0, 2.0, 4.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
-    torch.save({"latents_scale": scale, "latents_bias": bias}, tmp_path / "stats.pt")  # official stats file layout
+    # official stats file layout
+    torch.save({"latents_scale": scale, "latents_bias": bias}, tmp_path / "stats.pt")
     with pytest.warns(UserWarning, match="RANDOM"):
         vae = encoders.load_vae("random", stats=str(tmp_path / "stats.pt"))
-    want = (z - bias.view(1, 4, 1, 1)) * scale.view(1, 4, 1, 1)  # official: (z - latents_bias) * latents_scale
+    # official: (z - latents_bias) * latents_scale
+    want = (z - bias.view(1, 4, 1, 1)) * scale.view(1, 4, 1, 1)
     assert torch.allclose(vae.scale(z), want) and torch.allclose(vae.unscale(want), z, atol=1e-6)
 
 
 def test_encoders_pretrained_file_and_hub_cache_load_like_official_pe(monkeypatch, tmp_path):
-    # PE-Core-T checkpoint at its native 384 px (24x24 table) in timm's hub layout, read from a local HF cache
+    # PE-Core-T checkpoint at its native 384 px (24x24 table) in timm's hub layout,
+    # read from a local HF cache
     import huggingface_hub.constants as hf
     import timm
     from safetensors.torch import save_file
@@ -1620,15 +1817,19 @@ def test_encoders_pretrained_file_and_hub_cache_load_like_official_pe(monkeypatc
     snapshot.mkdir(parents=True)
     save_file(src, str(snapshot / "model.safetensors"))
     (tmp_path / "models--timm--vit_pe_core_tiny_patch16_384.fb" / "refs").mkdir()
-    (tmp_path / "models--timm--vit_pe_core_tiny_patch16_384.fb" / "refs" / "main").write_text("0123abcd")
+    (tmp_path / "models--timm--vit_pe_core_tiny_patch16_384.fb" / "refs" / "main").write_text(
+        "0123abcd")
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hf, "ENDPOINT", "https://hub.invalid")  # must not be needed
-    cls, grid = src["pos_embed"][:, :1], src["pos_embed"][:, 1:].reshape(1, 24, 24, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, (2, 2), mode="bilinear", align_corners=False)  # official PE: on the fly, no antialias
+    cls, grid = (src["pos_embed"][:, :1],
+                 src["pos_embed"][:, 1:].reshape(1, 24, 24, -1).permute(0, 3, 1, 2))
+    # official PE: on the fly, no antialias
+    grid = F.interpolate(grid, (2, 2), mode="bilinear", align_corners=False)
     for weights in (None, str(snapshot / "model.safetensors")):
         enc = encoders.load_encoder("pe-vit-t", 32, weights=weights)
         assert torch.equal(enc.model.blocks[3].attn.qkv.weight, src["blocks.3.attn.qkv.weight"])
-        assert torch.allclose(enc.model.pos_embed, torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1), atol=1e-6)
+        assert torch.allclose(enc.model.pos_embed,
+                              torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1), atol=1e-6)
         assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 4, 192)
 
 # =============================================================================
@@ -1638,22 +1839,25 @@ import copy  # noqa: E402
 import kernels  # noqa: E402
 
 
-@pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28), (3, 16, (2, 4), 8),
-                                           (3, 8, 4, 10)])
+@pytest.mark.parametrize("C, D, p, side", [(4, 64, 2, 8), (3, 32, 16, 32), (3, 48, 14, 28),
+                                           (3, 16, (2, 4), 8), (3, 8, 4, 10)])
 def test_kernels_patch_conv_equals_the_conv(C, D, p, side):
     torch.manual_seed(0)
     conv, x = torch.nn.Conv2d(C, D, p, stride=p), torch.randn(2, C, side, side)
     ref = conv(x)
     kernels.enable(conv)
     out = conv(x)
-    assert type(conv) is kernels.PatchConv and out.permute(0, 2, 3, 1).is_contiguous()  # token-major memory
+    # token-major memory
+    assert type(conv) is kernels.PatchConv and out.permute(0, 2, 3, 1).is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_token_stream_is_token_major_and_keys_stay():
-    # a channel-major (B, T, D) view would be carried by torch.compile through every residual add and make each
-    # LayerNorm read strided rows (SiT-B/2 trained 3% slower compiled, 13% slower eager that way)
-    for net, x in ((_tiny_sit(), torch.randn(2, 4, 8, 8)), (_tiny_jit(), torch.randn(2, 3, 32, 32))):
+    # a channel-major (B, T, D) view would be carried by torch.compile
+    # through every residual add and make each LayerNorm read strided rows
+    # (SiT-B/2 trained 3% slower compiled, 13% slower eager that way)
+    for net, x in ((_tiny_sit(), torch.randn(2, 4, 8, 8)),
+                   (_tiny_jit(), torch.randn(2, 3, 32, 32))):
         ref, keys = net.x_embedder(x), list(net.state_dict())
         kernels.enable(net)
         assert net.x_embedder(x).is_contiguous() and list(net.state_dict()) == keys
@@ -1667,7 +1871,8 @@ def test_kernels_encoder_patch_embedding_is_a_matrix_product_with_the_convs_valu
         enc = _encoders_random(name, 32)
         ref = enc(x)  # timm's own conv
         kernels.enable(enc)
-        assert isinstance(enc.model.patch_embed.proj, kernels.PatchConv) == (name != "sam2-vit-s")  # Hiera overlaps
+        # Hiera overlaps
+        assert isinstance(enc.model.patch_embed.proj, kernels.PatchConv) == (name != "sam2-vit-s")
         torch.testing.assert_close(enc(x), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -1695,21 +1900,22 @@ def test_kernels_gelu_epilogue_on_gpu_is_as_close_to_fp32_as_bf16_autocast():
         out, plain = fused(x), F.gelu(fc1(x))
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     err = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
-    assert err(out) < err(plain) and err(out) < 4e-3, (err(out), err(plain))  # equal if the epilogue were not used
+    # equal if the epilogue were not used
+    assert err(out) < err(plain) and err(out) < 4e-3, (err(out), err(plain))
     torch.testing.assert_close(fused(x), ref)          # fp32: the two ops
 
 
 _QK_KERNEL_CHECK = """
 import torch, kernels, model
 torch.manual_seed(0)
-for hd in (16, 20):                                            # 20: not a power of two (JiT-H has 80)
-    cos, sin = model.rope_tables(hd, 4, prefix=2)              # 18 tokens
+for hd in (16, 20):                                    # 20: not a power of two (JiT-H has 80)
+    cos, sin = model.rope_tables(hd, 4, prefix=2)      # 18 tokens
     w0, g = torch.randn(hd) * 0.2 + 1, torch.randn(3, 18, 4, hd)
-    qkv0 = torch.randn(3, 18, 3, 4, hd)                        # q: a strided view, as in JiTAttention
+    qkv0 = torch.randn(3, 18, 3, 4, hd)                # q: a strided view, as in JiTAttention
     res = []
     for kernel in (False, True):
         qkv, w = qkv0.clone().requires_grad_(), w0.clone().requires_grad_()
-        q = qkv[:, :, 0]                                       # 216 rows: the last program is partly masked
+        q = qkv[:, :, 0]                               # 216 rows: the last program is partly masked
         out = kernels.qk_norm_rope(q, w, cos, sin, 1e-6) if kernel else model.apply_rope(
             w * torch.nn.functional.rms_norm(q, (hd,), eps=1e-6), cos, sin)
         (out * g).sum().backward()
@@ -1721,12 +1927,13 @@ print("ok")
 
 
 def test_kernels_qk_norm_rope_matches_pytorch_in_the_triton_interpreter():
-    # the GPU kernels of JiT's q/k norm + RoPE, run on the CPU by Triton's interpreter, in fp32: the same output and
-    # gradients (input and weight) as the PyTorch definition
+    # the GPU kernels of JiT's q/k norm + RoPE, run on the CPU by Triton's interpreter,
+    # in fp32: the same output and gradients (input and weight) as the PyTorch definition
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _QK_KERNEL_CHECK], cwd=os.path.dirname(model.__file__), env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _QK_KERNEL_CHECK],
+                       cwd=os.path.dirname(model.__file__), env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
 
 
@@ -1737,7 +1944,8 @@ def test_kernels_enable_swaps_jit_attention_and_keeps_cpu_results():
     fast = kernels.enable(copy.deepcopy(plain))
     assert all(type(b.attn) is kernels.JiTAttentionQK for b in fast.blocks)
     x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
-    torch.testing.assert_close(fast(x, t, y)[0], plain(x, t, y)[0], rtol=1e-5, atol=1e-5)  # the CPU: plain paths
+    # the CPU: plain paths
+    torch.testing.assert_close(fast(x, t, y)[0], plain(x, t, y)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -1747,9 +1955,11 @@ def test_kernels_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(mon
     for blk in plain.blocks:
         blk.attn.q_norm.weight.data.normal_(1, 0.2)
     fast = copy.deepcopy(plain)
-    for blk in fast.blocks:  # the q/k fast path alone (the patch conv's matrix product would round unlike cuDNN's TF32)
+    # the q/k fast path alone (the patch conv's matrix product would round unlike cuDNN's TF32)
+    for blk in fast.blocks:
         blk.attn.__class__ = kernels.JiTAttentionQK
-    x, t, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
+    x, t, y = (torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda"),
+               torch.tensor([1, 2], device="cuda"))
     calls, op = [], kernels.qk_norm_rope
     monkeypatch.setattr(kernels, "qk_norm_rope", lambda *a: calls.append(1) or op(*a))
 
@@ -1762,9 +1972,11 @@ def test_kernels_jit_on_gpu_takes_the_qk_kernel_and_matches_the_pytorch_path(mon
     got32, got16 = run(fast, False), run(fast, True)
     assert len(calls) == 2 * 2 * len(fast.blocks)             # q and k of every block, both runs
     ref32, ref16 = run(plain, False), run(plain, True)         # the PyTorch definition
-    err = lambda a, b: max(((u - v).norm() / v.norm().clamp_min(1e-12)).item() for u, v in zip(a, b))
+    err = lambda a, b: max(((u - v).norm() / v.norm().clamp_min(1e-12)).item()
+                           for u, v in zip(a, b))
     assert err(got32, ref32) < 1e-5, err(got32, ref32)
-    assert err(got16, ref32) < 1.2 * err(ref16, ref32) + 1e-3, (err(got16, ref32), err(ref16, ref32))
+    assert err(got16, ref32) < 1.2 * err(ref16, ref32) + 1e-3, (err(got16, ref32),
+                                                                err(ref16, ref32))
 
 
 
@@ -1805,9 +2017,7 @@ def test_graphed_step_repeats_the_plain_step_bit_for_bit_on_gpu(tmp_path):
 # sample.py
 
 import argparse  # noqa: E402
-import socket  # noqa: E402
 from PIL import Image  # noqa: E402
-import sample  # noqa: E402
 
 
 class _sample_Toy(nn.Module):
@@ -1829,11 +2039,13 @@ class _sample_Toy(nn.Module):
         if self.fail_after is not None and len(self.calls) == self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls.append((t[0].item(), len(x)))
-        return torch.tanh(self.conv(x)) * (1 + self.emb(y)[:, :, None, None]) + torch.sin(3 * t)[:, None, None, None] * x, None
+        return (torch.tanh(self.conv(x)) * (1 + self.emb(y)[:, :, None, None])
+                + torch.sin(3 * t)[:, None, None, None] * x, None)
 
 
 def _sample_inputs(channels=4):
-    return torch.randn(3, channels, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 4, 9])
+    return (torch.randn(3, channels, 4, 4, generator=torch.Generator().manual_seed(1)),
+            torch.tensor([0, 4, 9]))
 
 
 def _sample_run(name, net, noise, y, steps, cfg=1.0, low=0.0, high=1.0):
@@ -1842,20 +2054,23 @@ def _sample_run(name, net, noise, y, steps, cfg=1.0, low=0.0, high=1.0):
     if name == "heun":
         return sample.sit_sampler(net, noise, y, steps, "heun", cfg, low, high)
     if name == "sde":
-        return sample.sit_sampler(net, noise, y, steps, "sde", cfg, low, high, torch.Generator().manual_seed(2))
+        return sample.sit_sampler(net, noise, y, steps, "sde", cfg, low, high,
+                                  torch.Generator().manual_seed(2))
     return sample.jit_sampler(net, noise, y, steps, name == "jit-heun", cfg, (low, high))
 
 
 def test_sample_network_evaluations():
     noise, y = _sample_inputs()
-    for name, steps, want in [("euler", 7, 7), ("heun", 7, 13), ("sde", 40, 40), ("jit-heun", 50, 99),
-                              ("jit-euler", 9, 9)]:
+    for name, steps, want in [("euler", 7, 7), ("heun", 7, 13), ("sde", 40, 40),
+                              ("jit-heun", 50, 99), ("jit-euler", 9, 9)]:
         for cfg in (1.0, 2.0):
             net = _sample_Toy()
             out = _sample_run(name, net, noise, y, steps, cfg)
             assert len(net.calls) == want, (name, cfg)
-            assert out.shape == noise.shape and out.dtype == (torch.float32 if "jit" in name else torch.float64)
-            assert all(b == (6 if cfg != 1.0 else 3) for _, b in net.calls)  # CFG doubles the batch, one forward
+            assert (out.shape == noise.shape
+                    and out.dtype == (torch.float32 if "jit" in name else torch.float64))
+            # CFG doubles the batch, one forward
+            assert all(b == (6 if cfg != 1.0 else 3) for _, b in net.calls)
 
 
 def test_sample_cfg_scale_one_is_no_cfg_and_mixes_cond_uncond():
@@ -1882,9 +2097,11 @@ def test_sample_guidance_interval_switches_as_official():
     plain_t = {t for t, b in net.calls if b == 3}
     assert guided_t[0] == pytest.approx(0.12) and any(t == pytest.approx(0.1) for t in plain_t)
     assert max(plain_t) < 0.11 and guided_t[-1] == pytest.approx(0.98)
-    net = _sample_Toy()  # SiT: low <= t <= high, both ends included; the step's t decides for both Heun calls
+    # SiT: low <= t <= high, both ends included; the step's t decides for both Heun calls
+    net = _sample_Toy()
     _sample_run("heun", net, noise.new_zeros(3, 4, 4, 4) + 1, y, 10, 2.0, 0.3, 0.6)
-    assert sorted(round(t, 6) for t, b in net.calls if b == 6) == [0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6]
+    assert sorted(round(t, 6) for t, b in net.calls if b == 6) == [0.2, 0.3, 0.3, 0.4,
+                                                                   0.4, 0.5, 0.5, 0.6]
 
 
 @pytest.mark.parametrize("name,grid,want", [
@@ -1902,7 +2119,8 @@ def test_sample_guidance_interval_ends_on_grid_times(name, grid, want):
 
 
 def test_sample_ode_exact_for_point_mass():
-    # data = one point mu: v(x, t) = (x - mu) / t is exact, and Euler / Heun on the straight paths land on mu
+    # data = one point mu: v(x, t) = (x - mu) / t is exact,
+    # and Euler / Heun on the straight paths land on mu
     mu = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
 
     class Ideal(nn.Module):
@@ -1976,29 +2194,35 @@ def _shard_seed(seed, shard):  # sample.py: shard s draws its labels and noise f
 
 
 def _sample_args(out, n, labels="balanced", extra=()):
-    return sample.parser.parse_args(["--ckpt", "toy.pt", "--model", "JiT-toy", "--mode", "heun", "--num-steps", "2", "--cfg-scale", "2.0",
-                                     "--guidance-low", "0.0", "--guidance-high", "1.0", "--noise-scale", "1.0",
-                                     "--labels", labels, "--num-samples", str(n), "--batch-size", "4",
+    return sample.parser.parse_args(["--ckpt", "toy.pt", "--model", "JiT-toy", "--mode", "heun",
+                                     "--num-steps", "2", "--cfg-scale", "2.0",
+                                     "--guidance-low", "0.0", "--guidance-high", "1.0",
+                                     "--noise-scale", "1.0", "--labels", labels,
+                                     "--num-samples", str(n), "--batch-size", "4",
                                      "--out", str(out), *extra])
 
 
 def _sample_worker(rank, port, out):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=2)
     sample.sample_to_file(_sample_Toy(3, 8), None, _sample_args(out, 10, "uniform"), rank, 2)
     torch.distributed.destroy_process_group()
 
 
 def test_sample_two_processes_write_the_same_npz(tmp_path):
-    sample.sample_to_file(_sample_Toy(3, 8), None, _sample_args(tmp_path / "one.npz", 10, "uniform"))
+    sample.sample_to_file(_sample_Toy(3, 8), None,
+                          _sample_args(tmp_path / "one.npz", 10, "uniform"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(_sample_worker, (port, str(tmp_path / "two.npz")), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(_sample_worker, (port, str(tmp_path / "two.npz")),
+                                          nprocs=2, start_method="fork")
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert one["arr_0"].shape == (10, 8, 8, 3) and one["arr_0"].dtype == np.uint8
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
-    assert len(set(map(bytes, one["arr_0"]))) == 10 and not os.path.exists(tmp_path / "two.npz.shards")
+    assert (len(set(map(bytes, one["arr_0"]))) == 10
+            and not os.path.exists(tmp_path / "two.npz.shards"))
 
 
 def test_sample_interrupted_run_resumes(tmp_path):
@@ -2007,30 +2231,38 @@ def test_sample_interrupted_run_resumes(tmp_path):
     args = _sample_args(tmp_path / "cut.npz", 10)
     with pytest.raises(KeyboardInterrupt):  # 3 evaluations per shard: dies inside the third shard
         sample.sample_to_file(_sample_Toy(3, 8, fail_after=7), None, args)
-    assert sorted(os.listdir(tmp_path / "cut.npz.shards")) == ["000000.npz", "000001.npz", "settings.json"]
+    assert sorted(os.listdir(tmp_path / "cut.npz.shards")) == ["000000.npz", "000001.npz",
+                                                               "settings.json"]
     with pytest.raises(SystemExit, match="other flags"):
-        sample.sample_to_file(_sample_Toy(3, 8), None, _sample_args(tmp_path / "cut.npz", 10, extra=["--seed", "1"]))
+        sample.sample_to_file(_sample_Toy(3, 8), None,
+                              _sample_args(tmp_path / "cut.npz", 10, extra=["--seed", "1"]))
     net = _sample_Toy(3, 8)
     sample.sample_to_file(net, None, args)
     assert len(net.calls) == 3  # only the missing (last, 2-image) shard
     a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "cut.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
-    assert a["arr_1"].tolist() == [i * 10 // 10 for i in range(10)]  # balanced labels: class i * C // N
+    # balanced labels: class i * C // N
+    assert a["arr_1"].tolist() == [i * 10 // 10 for i in range(10)]
 
 
 def _sample_ckpt(tmp_path, official=False):
     torch.manual_seed(0)
     net = model.models["JiT-demo/16"](image_size=32, num_classes=10)
-    for p in net.parameters():  # adaLN-Zero makes a fresh model output 0: give it weights that do something
+    # adaLN-Zero makes a fresh model output 0: give it weights that do something
+    for p in net.parameters():
         nn.init.normal_(p, std=0.05)
     sd = net.state_dict()
-    if official:  # official JiT file: Denoiser keys under 'net.', projector + RoPE tables, Namespace args
+    # official JiT file: Denoiser keys under 'net.', projector + RoPE tables, Namespace args
+    if official:
         sd = {"net." + k: v for k, v in sd.items()}
-        sd.update({"net.projectors.0.weight": torch.zeros(3), "net.feat_rope.freqs_cos": torch.zeros(3)})
+        sd.update({"net.projectors.0.weight": torch.zeros(3),
+                   "net.feat_rope.freqs_cos": torch.zeros(3)})
         ckpt = {"model": sd, "model_ema1": sd, "model_ema2": sd, "epoch": 1,
-                "args": argparse.Namespace(model="JiT-demo/16", img_size=32, class_num=10, noise_scale=1.0)}
+                "args": argparse.Namespace(model="JiT-demo/16", img_size=32, class_num=10,
+                                           noise_scale=1.0)}
     else:
-        ckpt = {"model": sd, "ema": sd, "args": {"model": "JiT-demo/16", "image_size": 32, "num_classes": 10}}
+        ckpt = {"model": sd, "ema": sd,
+                "args": {"model": "JiT-demo/16", "image_size": 32, "num_classes": 10}}
     path = tmp_path / ("official.pth" if official else "ours.pt")
     torch.save(ckpt, path)
     return str(path)
@@ -2038,22 +2270,25 @@ def _sample_ckpt(tmp_path, official=False):
 
 def test_sample_ctrl_c_keeps_the_shards_and_says_the_same_command_goes_on(tmp_path):
     out = tmp_path / "s.npz"
-    cmd = [sys.executable, os.path.join(_ROOT, "sample.py"), "--ckpt", _sample_ckpt(tmp_path), "--num-samples", "40",
-           "--batch-size", "1", "--num-steps", "50", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_CPU)
+    cmd = [sys.executable, os.path.join(_ROOT, "sample.py"), "--ckpt", _sample_ckpt(tmp_path),
+           "--num-samples", "40", "--batch-size", "1", "--num-steps", "50", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_CPU)
     deadline = time.time() + 120
     while not (tmp_path / "s.npz.shards" / "000000.npz").exists() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err and proc.returncode == 1 and not out.exists()
-    assert err.strip().splitlines()[-1] == "interrupted: the finished shards are kept; the same command goes on from them"
+    assert (err.strip().splitlines()[-1]
+            == "interrupted: the finished shards are kept; the same command goes on from them")
     subprocess.run(cmd, check=True, capture_output=True, env=_CPU)
     assert np.load(out)["arr_0"].shape == (40, 32, 32, 3)
 
 
 def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):
-    flags = ["--num-steps", "2", "--num-samples", "6", "--batch-size", "4", "--cfg-scale", "2.0", "--grid", "4"]
+    flags = ["--num-steps", "2", "--num-samples", "6", "--batch-size", "4",
+             "--cfg-scale", "2.0", "--grid", "4"]
     sample.main(["--ckpt", _sample_ckpt(tmp_path), "--out", str(tmp_path / "a.npz"), *flags])
     sample.main(["--ckpt", _sample_ckpt(tmp_path, True), "--out", str(tmp_path / "b.npz"), *flags])
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
@@ -2061,11 +2296,13 @@ def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):
     assert a["arr_0"].std() > 3  # not a constant image
     assert a["arr_1"].tolist() == [0, 1, 3, 5, 6, 8]  # balanced by default for JiT: i * 10 // 6
     assert np.array_equal(a["arr_0"], b["arr_0"])
-    # shard 1 (samples 4, 5) again by hand: labels, noise and sampler from its own (seed 0, shard 1) generator
+    # shard 1 (samples 4, 5) again by hand: labels,
+    # noise and sampler from its own (seed 0, shard 1) generator
     net = model.models["JiT-demo/16"](image_size=32, num_classes=10)
     net.load_state_dict(torch.load(_sample_ckpt(tmp_path), weights_only=False)["ema"])
     g = torch.Generator().manual_seed(_shard_seed(0, 1))
-    want = sample.generate(net.eval(), torch.tensor([6, 8]), "jit", None, "heun", 2, 2.0, (0.1, 1.0), 1.0, g)
+    want = sample.generate(net.eval(), torch.tensor([6, 8]), "jit", None, "heun", 2, 2.0,
+                           (0.1, 1.0), 1.0, g)
     assert np.array_equal(a["arr_0"][4:], want.numpy())
     assert Image.open(tmp_path / "a.png").size == (64, 64)
     sample.main(["--ckpt", _sample_ckpt(tmp_path), "--out", str(tmp_path / "g.png"), *flags[:-2]])
@@ -2074,7 +2311,8 @@ def test_sample_cli_npz_and_official_checkpoint(tmp_path, cpu_only):
 
 def test_sample_bad_input_is_named(tmp_path, capsys):
     ckpt = _sample_ckpt(tmp_path)
-    for argv, msg in [(["--num-classes", "20"], "[11, 128] in the file, [21, 128] expected (--model JiT-demo/16)"),
+    for argv, msg in [(["--num-classes", "20"],
+                       "[11, 128] in the file, [21, 128] expected (--model JiT-demo/16)"),
                       (["--out", str(tmp_path / "no" / "x.npz")], "not writable"),
                       (["--out", str(tmp_path / "x.jpg")], "must end in .npz or .png"),
                       (["--mode", "sde"], "does not fit this checkpoint: use --mode heun or ode"),
@@ -2090,15 +2328,18 @@ def test_sample_bad_input_is_named(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"PK not a checkpoint")
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "junk.pt")])
-    assert f"--ckpt {tmp_path / 'junk.pt'}: not a file torch can read as weights" in capsys.readouterr().err
+    assert (f"--ckpt {tmp_path / 'junk.pt'}: not a file torch can read as weights"
+            in capsys.readouterr().err)
 
 
 def test_sample_run_folder_resumes_only_with_the_same_checkpoint(tmp_path, monkeypatch, cpu_only):
-    # --ckpt RUN means its newest checkpoint: shards of an interrupted run must not mix in a newer one
+    # --ckpt RUN means its newest checkpoint:
+    # shards of an interrupted run must not mix in a newer one
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
     os.rename(_sample_ckpt(tmp_path), run / "checkpoints" / "0000002.pt")
-    flags = ["--ckpt", str(run), "--num-steps", "1", "--num-samples", "4", "--batch-size", "2", "--out", str(tmp_path / "s.npz")]
+    flags = ["--ckpt", str(run), "--num-steps", "1", "--num-samples", "4", "--batch-size", "2",
+             "--out", str(tmp_path / "s.npz")]
     real, calls = sample.generate, []
 
     def killed_after_one_shard(*args, **kwargs):
@@ -2116,7 +2357,8 @@ def test_sample_run_folder_resumes_only_with_the_same_checkpoint(tmp_path, monke
 
 
 def test_sample_never_overwrites_a_finished_output(tmp_path, capsys, cpu_only):
-    flags = ["--ckpt", _sample_ckpt(tmp_path), "--num-steps", "1", "--num-samples", "2", "--out", str(tmp_path / "s.npz")]
+    flags = ["--ckpt", _sample_ckpt(tmp_path), "--num-steps", "1", "--num-samples", "2",
+             "--out", str(tmp_path / "s.npz")]
     sample.main(flags)
     first = (tmp_path / "s.npz").read_bytes()
     with pytest.raises(SystemExit):
@@ -2132,11 +2374,13 @@ def test_sample_never_overwrites_a_finished_output(tmp_path, capsys, cpu_only):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "list.pt"), "--out", str(tmp_path / "u.png")])
     err = capsys.readouterr().err
-    assert "unknown model None" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ("unknown model None" in err and "Traceback" not in err
+            and len(err.strip().splitlines()) == 1)
 
 
 class _sample_FakeVAE(nn.Module):
-    """Stands in for the SD-VAE: 'decodes' (B, 4, r, r) latents to (B, 3, 8r, 8r) images in [-1, 1]."""
+    """Stands in for the SD-VAE: 'decodes' (B, 4, r, r) latents to (B, 3, 8r, 8r) images
+    in [-1, 1]."""
 
     def unscale(self, z):
         return z / 0.18215
@@ -2146,40 +2390,51 @@ class _sample_FakeVAE(nn.Module):
 
 
 def test_sample_cli_official_sit_checkpoint(tmp_path, monkeypatch, capsys, cpu_only):
-    tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
+    tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4,
+                                                     num_classes=num_classes)
     monkeypatch.setitem(model.models, "SiT-B/2", tiny)  # the name an official checkpoint carries
     import encoders
     vaes = []  # the weights argument of each load_vae call
-    monkeypatch.setattr(encoders, "load_vae", lambda weights, stats: vaes.append(weights) or _sample_FakeVAE())
+    monkeypatch.setattr(encoders, "load_vae",
+                        lambda weights, stats: vaes.append(weights) or _sample_FakeVAE())
     torch.manual_seed(0)
     net = tiny(32, 10)
     for p in net.parameters():
         nn.init.normal_(p, std=0.05)
     sd = {**net.state_dict(), "projectors.0.projection_layer.weight": torch.zeros(3)}
     torch.save({"model": {}, "ema": sd, "opt": {}, "steps": 5,
-                "args": argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)}, tmp_path / "o.pt")
-    sample.main(["--ckpt", str(tmp_path / "o.pt"), "--num-steps", "1", "--num-samples", "1", "--out", str(tmp_path / "h.npz")])
-    sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--num-steps", "3", "--num-samples", "5",
-                 "--batch-size", "2", "--out", str(tmp_path / "s.npz")])
-    assert vaes == [None, "x"]  # no VAE named by the checkpoint or the flags: the hub's sd-vae-ft-mse (load_vae(None))
+                "args": argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)},
+               tmp_path / "o.pt")
+    sample.main(["--ckpt", str(tmp_path / "o.pt"), "--num-steps", "1", "--num-samples", "1",
+                 "--out", str(tmp_path / "h.npz")])
+    sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--num-steps", "3",
+                 "--num-samples", "5", "--batch-size", "2", "--out", str(tmp_path / "s.npz")])
+    # no VAE named by the checkpoint or the flags: the hub's sd-vae-ft-mse (load_vae(None))
+    assert vaes == [None, "x"]
     out = np.load(tmp_path / "s.npz")
-    assert out["arr_0"].shape == (5, 32, 32, 3) and out["arr_0"].dtype == np.uint8 and out["arr_0"].std() > 3
+    assert (out["arr_0"].shape == (5, 32, 32, 3) and out["arr_0"].dtype == np.uint8
+            and out["arr_0"].std() > 3)
     assert out["arr_1"].dtype == np.int64 and 0 <= out["arr_1"].min() and out["arr_1"].max() < 10
     assert len(set(out["arr_1"].tolist())) > 1  # uniform random labels by default for SiT
-    # sample 4 = shard 2 alone: SDE from the (seed 0, shard 2) generator, official truncation to uint8
+    # sample 4 = shard 2 alone: SDE from the (seed 0, shard 2) generator,
+    # official truncation to uint8
     g = torch.Generator().manual_seed(_shard_seed(0, 2))
     net.eval()
     y = torch.randint(10, (1,), generator=torch.Generator().manual_seed(_shard_seed(0, 2)))
     z = sample.sit_sampler(net, torch.randn(1, 4, 4, 4, generator=g), y, 3, "sde", generator=g)
-    want = (255 * (_sample_FakeVAE().decode(_sample_FakeVAE().unscale(z.float())) + 1) / 2).clamp(0, 255)
-    assert out["arr_1"][4] == y.item() and np.array_equal(out["arr_0"][4], want[0].permute(1, 2, 0).byte().numpy())
+    want = (255 * (_sample_FakeVAE().decode(_sample_FakeVAE().unscale(z.float())) + 1) / 2).clamp(
+        0, 255)
+    assert (out["arr_1"][4] == y.item()
+            and np.array_equal(out["arr_0"][4], want[0].permute(1, 2, 0).byte().numpy()))
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "o.pt"), "--vae-weights", "x", "--image-size", "64"])
-    assert "does not fit: pos_embed is [1, 4, 64] in the file, [1, 16, 64] expected (--model SiT-B/2)" in capsys.readouterr().err
+    assert ("does not fit: pos_embed is [1, 4, 64] in the file, [1, 16, 64] expected "
+            "(--model SiT-B/2)" in capsys.readouterr().err)
 
 
 def _error_line(err):
-    # an argparse error as users see it: the usage (wrapped on indented lines), then one "prog: error:" line
+    # an argparse error as users see it:
+    # the usage (wrapped on indented lines), then one "prog: error:" line
     lines = err.strip().splitlines()
     assert "Traceback" not in err and lines[0].startswith("usage:"), err
     assert all(line.startswith(" ") for line in lines[1:-1]) and ": error: " in lines[-1], err
@@ -2213,7 +2468,8 @@ def test_sample_checkpoint_holding_code_is_refused_unrun(tmp_path, capsys):
     line = _sample_one_line(capsys.readouterr().err)  # names the function the file would call
     assert e.value.code == 2 and f"--ckpt {path}: refused: it holds io.open" in line
     assert not marker.exists() and not (tmp_path / "s.png").exists()
-    torch.load(path, weights_only=False)["trap"].close()  # the premise: pickle itself would have run it
+    # the premise: pickle itself would have run it
+    torch.load(path, weights_only=False)["trap"].close()
     assert marker.exists()
 
 
@@ -2224,10 +2480,13 @@ def test_sample_default_out_goes_beside_the_checkpoint(tmp_path, monkeypatch, ca
     monkeypatch.chdir(cwd)
     os.rename(_sample_ckpt(tmp_path), run / "checkpoints" / "0000002.pt")
     flags = ["--num-steps", "1", "--num-samples", "4", "--batch-size", "4"]
-    sample.main(["--ckpt", str(run), *flags])  # a run folder: its newest checkpoint, grid under RUN/samples/
+    # a run folder: its newest checkpoint, grid under RUN/samples/
+    sample.main(["--ckpt", str(run), *flags])
     grid = run / "samples" / "sample-0000002.png"
-    assert Image.open(grid).size == (64, 64) and f"wrote {grid}: 4 images" in capsys.readouterr().out
-    sample.main(["--ckpt", _sample_ckpt(tmp_path, official=True), *flags])  # any other file: beside it
+    assert (Image.open(grid).size == (64, 64)
+            and f"wrote {grid}: 4 images" in capsys.readouterr().out)
+    # any other file: beside it
+    sample.main(["--ckpt", _sample_ckpt(tmp_path, official=True), *flags])
     assert Image.open(tmp_path / "official-samples.png").size == (64, 64)
     assert os.listdir(cwd) == [] and sorted(os.listdir(run / "samples")) == ["sample-0000002.png"]
 
@@ -2236,14 +2495,17 @@ def test_sample_missing_vae_weights_is_one_line(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants as hf
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # nothing cached, and no download
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
-    tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4, num_classes=num_classes)
+    tiny = lambda image_size, num_classes: model.SiT(image_size, 2, 64, 2, 4,
+                                                     num_classes=num_classes)
     monkeypatch.setitem(model.models, "SiT-B/2", tiny)
     args = argparse.Namespace(model="SiT-B/2", resolution=32, num_classes=10)
     torch.save({"ema": tiny(32, 10).state_dict(), "args": args}, tmp_path / "o.pt")
-    flags = ["--ckpt", str(tmp_path / "o.pt"), "--num-samples", "1", "--out", str(tmp_path / "s.png")]
+    flags = ["--ckpt", str(tmp_path / "o.pt"), "--num-samples", "1",
+             "--out", str(tmp_path / "s.png")]
     for argv, want in [(["--vae-weights", "/nonexistent/file.safetensors"],
                         "--vae-weights /nonexistent/file.safetensors: no such file"),
-                       ([], "sd-vae-ft-mse/diffusion_pytorch_model.safetensors are not cached here")]:
+                       ([],
+                        "sd-vae-ft-mse/diffusion_pytorch_model.safetensors are not cached here")]:
         with pytest.raises(SystemExit) as e:
             sample.main(flags + argv)
         line = _sample_one_line(capsys.readouterr().err)
@@ -2258,13 +2520,16 @@ import metrics  # noqa: E402
 
 
 def _metrics_smooth(B=4, H=16, D=64, seed=0):
-    # tokens that vary slowly with position: a 4x4 random field upsampled bilinearly to H x H, (B, H*H, D)
+    # tokens that vary slowly with position:
+    # a 4x4 random field upsampled bilinearly to H x H, (B, H*H, D)
     g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.randn(B, D, 4, 4, generator=g), size=(H, H), mode="bilinear").flatten(2).transpose(1, 2)
+    return F.interpolate(torch.randn(B, D, 4, 4, generator=g), size=(H, H),
+                         mode="bilinear").flatten(2).transpose(1, 2)
 
 
 def _metrics_bruteforce(z, H, W, near, far):
-    # LDS, CDS with explicit loops over token pairs of one image (T, D): independent of the vectorised code
+    # LDS, CDS with explicit loops over token pairs of one image (T, D):
+    # independent of the vectorised code
     u = [v / v.norm() for v in z.double()]
     pos = [(t // W, t % W) for t in range(H * W)]
     by_d = {}
@@ -2282,16 +2547,21 @@ def test_metrics_match_bruteforce_loops():
     z = torch.randn(2, 30, 8) + _metrics_smooth(2, 6, 8)[:, :30]  # a 5x6 grid, not square
     for b in range(2):
         want_lds, want_cds = _metrics_bruteforce(z[b], 5, 6, near=1, far=6)
-        assert metrics.spatial_metrics(z, grid=(5, 6))["lds"][b].item() == pytest.approx(want_lds, abs=1e-6)
-        assert metrics.spatial_metrics(z, grid=(5, 6))["cds"][b].item() == pytest.approx(want_cds, abs=1e-6)
+        assert (metrics.spatial_metrics(z, grid=(5, 6))["lds"][b].item()
+                == pytest.approx(want_lds, abs=1e-6))
+        assert (metrics.spatial_metrics(z, grid=(5, 6))["cds"][b].item()
+                == pytest.approx(want_cds, abs=1e-6))
     z = _metrics_smooth(2, 8, 16) + 0.5 * torch.randn(2, 64, 16)
-    want_paper, _ = _metrics_bruteforce(z[0], 8, 8, near=3, far=4)  # appendix B: 0 < d < H/2 vs d >= H/2
-    assert metrics.spatial_metrics(z, paper=True)["lds"][0].item() == pytest.approx(want_paper, abs=1e-6)
+    # appendix B: 0 < d < H/2 vs d >= H/2
+    want_paper, _ = _metrics_bruteforce(z[0], 8, 8, near=3, far=4)
+    assert (metrics.spatial_metrics(z, paper=True)["lds"][0].item()
+            == pytest.approx(want_paper, abs=1e-6))
 
 
 def test_metrics_srss_matches_bruteforce_loop():
     H, W = 5, 6
-    z, fg = torch.randn(1, H * W, 8) + _metrics_smooth(1, 6, 8)[:, :H * W], torch.rand(1, H * W) > 0.4
+    z, fg = (torch.randn(1, H * W, 8) + _metrics_smooth(1, 6, 8)[:, :H * W],
+             torch.rand(1, H * W) > 0.4)
     deltas = []
     for t in range(H * W):
         if not fg[0, t]:
@@ -2303,11 +2573,13 @@ def test_metrics_srss_matches_bruteforce_loop():
         if pos and neg:
             deltas.append(np.mean(pos) - np.mean(neg))
     assert len(deltas) > 3
-    assert metrics.spatial_metrics(z, fg, grid=(H, W))["srss"].item() == pytest.approx(np.mean(deltas), abs=1e-6)
+    assert (metrics.spatial_metrics(z, fg, grid=(H, W))["srss"].item()
+            == pytest.approx(np.mean(deltas), abs=1e-6))
 
 
 def test_metrics_smooth_field_is_structured():
-    out, paper = metrics.spatial_metrics(_metrics_smooth()), metrics.spatial_metrics(_metrics_smooth(), paper=True)
+    out, paper = (metrics.spatial_metrics(_metrics_smooth()),
+                  metrics.spatial_metrics(_metrics_smooth(), paper=True))
     assert (out["lds"] > 0.1).all() and (out["cds"] > 0.01).all() and (paper["lds"] > 0.1).all()
 
 
@@ -2321,7 +2593,8 @@ def test_metrics_iid_noise_has_no_structure():
 
 def test_metrics_identical_tokens_have_zero_rmsc():
     z = (torch.randn(3, 1, 32) + 2).expand(3, 256, 32)
-    assert metrics.spatial_metrics(z)["rmsc"].abs().max() < 1e-6  # the sqrt would turn fp32 cancellation noise into ~1e-4
+    # the sqrt would turn fp32 cancellation noise into ~1e-4
+    assert metrics.spatial_metrics(z)["rmsc"].abs().max() < 1e-6
     assert metrics.spatial_metrics(_metrics_smooth())["rmsc"].min() > 0.1
 
 
@@ -2386,8 +2659,10 @@ def test_metrics_pearson_with_gfid(tmp_path):
     gfid = 20 - 5 * lds_v  # exactly linear in LDS: r = -1
     path = tmp_path / "fid.csv"
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([["encoder", "gfid", "linear_probe"]] + [[n, g, p] for n, g, p in zip(names, gfid, lp)])
-    means = {n: {"lds": float(a), "cds": float(c), "rmsc": 0.5} for n, a, c in zip(names, lds_v, cds_v)}
+        csv.writer(f).writerows(
+            [["encoder", "gfid", "linear_probe"]] + [[n, g, p] for n, g, p in zip(names, gfid, lp)])
+    means = {n: {"lds": float(a), "cds": float(c), "rmsc": 0.5}
+             for n, a, c in zip(names, lds_v, cds_v)}
     means["enc0"]["rmsc"] = 0.7
     means["not-in-table"] = {"lds": 0.0, "cds": 0.0, "rmsc": 0.0}
     corr, got_gfid = metrics.fid_correlations(metrics.read_fid_table(path), means)
@@ -2410,18 +2685,21 @@ def test_metrics_load_folder_center_crops(tmp_path):
     img[:, :512] = (255, 0, 0)  # left half red, right half blue
     img[:, 512:] = (0, 0, 255)
     Image.fromarray(img).save(tmp_path / "a.png")
-    x, masks = metrics.load_folder(tmp_path)  # box-halved to 512x256, then the centre 256 columns: 128..384
+    # box-halved to 512x256, then the centre 256 columns: 128..384
+    x, masks = metrics.load_folder(tmp_path)
     assert x.shape == (1, 3, 256, 256) and x.dtype == torch.uint8 and masks is None
     assert (x[0, :, :, :120] == torch.tensor([255, 0, 0])[:, None, None]).all()
     assert (x[0, :, :, 136:] == torch.tensor([0, 0, 255])[:, None, None]).all()
 
 
 def _metrics_toy_encoder(name, resolution=256, weights=None):
-    # stands in for encoders.load_encoder: a fixed random 16x16 patch embedding plus a global vector, (B, 256, 32)
+    # stands in for encoders.load_encoder:
+    # a fixed random 16x16 patch embedding plus a global vector, (B, 256, 32)
     g = torch.Generator().manual_seed(len(name))
     w, bias = torch.randn(32, 3, 16, 16, generator=g) / 40, torch.randn(32, generator=g)
     enc = torch.nn.Module()
-    enc.forward = lambda x: F.conv2d(x.float() / 255, w, stride=16).flatten(2).transpose(1, 2) + bias
+    enc.forward = (lambda x: F.conv2d(x.float() / 255, w, stride=16).flatten(2).transpose(1, 2)
+                   + bias)
     return enc
 
 
@@ -2431,7 +2709,8 @@ def _metrics_write_images(folder, masks_folder, n=5):
     rng = np.random.default_rng(0)
     for i in range(n):
         h, w = 300 + 20 * i, 400
-        img = np.kron(rng.integers(0, 255, (h // 20 + 1, w // 20 + 1, 3)), np.ones((20, 20, 1)))[:h, :w].astype(np.uint8)
+        img = np.kron(rng.integers(0, 255, (h // 20 + 1, w // 20 + 1, 3)),
+                      np.ones((20, 20, 1)))[:h, :w].astype(np.uint8)
         mask = np.zeros((h, w), np.uint8)
         mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = 1  # values 0/1 like label maps
         Image.fromarray(img).save(folder / f"im{i}.png")
@@ -2447,30 +2726,37 @@ def test_metrics_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     with open(tmp_path / "fid.csv", "w") as f:
         f.write("encoder,gfid\ntoy-a,10\ntoy-bb,12\ntoy-ccc,15\n")
     out = tmp_path / "out"
-    metrics.main(["--encoder", *names, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"),
-                  "--batch-size", "2", "--spnorm-gamma", "0.6", "--save", f"{out}.json", "--viz", f"{out}.png",
+    metrics.main(["--encoder", *names, "--images", str(tmp_path / "img"),
+                  "--masks", str(tmp_path / "mask"), "--batch-size", "2", "--spnorm-gamma", "0.6",
+                  "--save", f"{out}.json", "--viz", f"{out}.png",
                   "--fid-table", str(tmp_path / "fid.csv")])
     printed = capsys.readouterr().out
-    assert "toy-bb +spnorm(0.6)" in printed and "SRSS" in printed and "Pearson r with gFID (3 encoders)" in printed
+    assert ("toy-bb +spnorm(0.6)" in printed and "SRSS" in printed
+            and "Pearson r with gFID (3 encoders)" in printed)
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["num_images"] == 5 and len(result["means"]) == 6
-    # the CLI's means = the metric functions on the same crops, masks pooled to 16x16 (any foreground pixel)
+    # the CLI's means = the metric functions on the same crops,
+    # masks pooled to 16x16 (any foreground pixel)
     images, masks = metrics.load_folder(tmp_path / "img", tmp_path / "mask")
     z = _metrics_toy_encoder("toy-a")(images)
     patch_masks = masks.view(5, 16, 16, 16, 16).any(4).any(2).flatten(1)
     assert 0 < patch_masks.float().mean() < 1
     want = {k: torch.nanmean(v).item() for k, v in metrics.spatial_metrics(z, patch_masks).items()}
     assert result["means"]["toy-a"] == pytest.approx(want, abs=1e-6)
-    metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--save", f"{out}.csv", "--lds", "paper"])
+    metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--save", f"{out}.csv",
+                  "--lds", "paper"])
     rows = list(csv.DictReader(open(f"{out}.csv")))
     assert [r["encoder"] for r in rows] == ["toy-a"] and "srss" not in rows[0]
-    assert float(rows[0]["lds"]) == pytest.approx(metrics.spatial_metrics(z, paper=True)["lds"].mean().item(), abs=1e-6)
+    assert (float(rows[0]["lds"])
+            == pytest.approx(metrics.spatial_metrics(z, paper=True)["lds"].mean().item(), abs=1e-6))
     assert "SRSS omitted" in capsys.readouterr().out
     assert Image.open(f"{out}.png").height == 20 + 3 * 116
     assert Image.open(tmp_path / "fid.pearson.png").size == (240 * 4, 240)
-    for f in (tmp_path / "mask").iterdir():  # all foreground: no anchor has background tokens, SRSS is NaN
+    # all foreground: no anchor has background tokens, SRSS is NaN
+    for f in (tmp_path / "mask").iterdir():
         Image.fromarray(np.ones(np.array(Image.open(f)).shape, np.uint8)).save(f)
-    metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")])
+    metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "img"),
+                  "--masks", str(tmp_path / "mask")])
     assert "SRSS nan: are the masks all one value" in capsys.readouterr().out
 
 
@@ -2492,21 +2778,26 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--encoder", name, "--grid", "16"], "argument --grid: invalid HxW value: '16'")
     fails(["--encoder", name, "--batch-size", "0"], "must be at least 1")
     (tmp_path / "mask" / "im1.png").rename(tmp_path / "mask" / "other.png")
-    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask of the name and size of image im1.png")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")],
+          "no mask of the name and size of image im1.png")
     Image.new("L", (10, 10)).save(tmp_path / "mask" / "im1.png")
-    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")], "no mask of the name and size of image im1.png (400, 320)")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")],
+          "no mask of the name and size of image im1.png (400, 320)")
     enc = torch.nn.Module()
     enc.forward = lambda x: torch.randn(len(x), 200, 8)  # 200 tokens: no square grid
     monkeypatch.setattr(metrics, "load_encoder", lambda *a, **k: enc)
-    fails(["--encoder", name, "--images", str(tmp_path / "img")], "200 tokens are not a square grid")
-    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "8x8"], "200 tokens do not form a 8x8 grid")
+    fails(["--encoder", name, "--images", str(tmp_path / "img")],
+          "200 tokens are not a square grid")
+    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "8x8"],
+          "200 tokens do not form a 8x8 grid")
     fails(["--encoder", name, "--viz", str(tmp_path / "no" / "v.png")], "--viz")
     (tmp_path / "bad.csv").write_text("encoder,gfid\nx,abc\n")
-    fails(["--fid-table", str(tmp_path / "bad.csv")], "need header encoder,gfid[,linear_probe] and numbers")
+    fails(["--fid-table", str(tmp_path / "bad.csv")],
+          "need header encoder,gfid[,linear_probe] and numbers")
     fails(["--encoder", name, "--spnorm-gamma", "nan"], "--spnorm-gamma must be a number")
     fails(["--encoder", name, "--save", str(tmp_path / "m.txt")], "must end in .csv or .json")
-    (tmp_path / "two.csv").write_text("encoder,gfid\n" + "".join(f"{n},{i}\n" for i, n in enumerate(metrics.ENCODERS)
-                                                                   if i < 2))
+    (tmp_path / "two.csv").write_text("encoder,gfid\n" + "".join(
+        f"{n},{i}\n" for i, n in enumerate(metrics.ENCODERS) if i < 2))
     fails(["--fid-table", str(tmp_path / "two.csv")], "need >= 3 of the scored encoders")
     metrics.main(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "10x20"])
     assert "LDS" in capsys.readouterr().out
@@ -2528,25 +2819,30 @@ def test_metrics_missing_encoder_weights_is_one_line(tmp_path, monkeypatch, caps
     images = ["--images", str(tmp_path / "img")]
     two = ["dino-vit-s", "dinov2-vit-b", "--encoder-weights", "random", "/nonexistent.pth", *images]
     path = "--encoder-weights /nonexistent.pth (for dinov2-vit-b): no such file"
-    hub = "encoder dinov2-vit-b: weights timm/vit_base_patch14_dinov2.lvd142m/model.safetensors are not"
-    for argv, want in [(two, path), (["dinov2-vit-b"], hub)]:  # hub weights: missing as the encoder loads
+    hub = ("encoder dinov2-vit-b: weights "
+           "timm/vit_base_patch14_dinov2.lvd142m/model.safetensors are not")
+    # hub weights: missing as the encoder loads
+    for argv, want in [(two, path), (["dinov2-vit-b"], hub)]:
         with pytest.raises(SystemExit) as e:
             metrics.main(["--encoder", *argv, "--num-images", "2"])
         err = capsys.readouterr().err
         line = _metrics_error_line(err)
         assert line == err.strip()  # not even a progress bar before it
         assert e.value.code == 2 and want in line
-    real = metrics.load_encoder  # dino-vit-s as if cached (random weights), dinov2-vit-b missing from the hub
+    # dino-vit-s as if cached (random weights), dinov2-vit-b missing from the hub
+    real = metrics.load_encoder
     monkeypatch.setattr(metrics, "load_encoder", lambda name, resolution, weights: real(
         name, resolution, "random" if name == "dino-vit-s" else weights))
-    with pytest.raises(SystemExit):  # an encoder scored before one whose weights are missing: its scores are shown
+    # an encoder scored before one whose weights are missing: its scores are shown
+    with pytest.raises(SystemExit):
         metrics.main(["--encoder", "dino-vit-s", "dinov2-vit-b", "--num-images", "2", *images])
     out = capsys.readouterr()
     assert "dino-vit-s: LDS " in out.out and hub in out.err.strip().splitlines()[-1]
 
 
 def _metrics_class_tree(root, per_class=3):
-    # generated images as root/tree/CLASS/N.png, two classes, and as root/flat/CLASS-N.png (the same order)
+    # generated images as root/tree/CLASS/N.png, two classes,
+    # and as root/flat/CLASS-N.png (the same order)
     images = iter(data.generated_images(2 * per_class, 64)[0].permute(0, 2, 3, 1).numpy())
     os.makedirs(root / "flat")
     for c in ("a", "b"):
@@ -2577,7 +2873,8 @@ def test_metrics_class_folders_score_like_a_flat_folder(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         metrics.main(["--encoder", "toy-a", "--images", str(tmp_path / "tree"), "--masks",
                       str(tmp_path / "mask")])
-    assert "no mask of the name and size of image 0.png" in _metrics_error_line(capsys.readouterr().err)
+    assert ("no mask of the name and size of image 0.png"
+            in _metrics_error_line(capsys.readouterr().err))
 
 
 def test_metrics_unreadable_image_is_skipped_by_path(tmp_path, monkeypatch, capsys, cpu_only):
@@ -2586,12 +2883,16 @@ def test_metrics_unreadable_image_is_skipped_by_path(tmp_path, monkeypatch, caps
     _metrics_class_tree(tmp_path)
     want = {n: _metrics_means(tmp_path / "flat", tmp_path / "w.json", "--num-images", n)
             for n in ("4", "1000")}
-    for folder, bad in (("flat", "a-1x.png"), ("tree", "a/1x.png")):  # sorted between the good a-1 and a-2
+    # sorted between the good a-1 and a-2
+    for folder, bad in (("flat", "a-1x.png"), ("tree", "a/1x.png")):
         (tmp_path / folder / bad).write_bytes(b"not an image")
-        for n in ("4", "1000"):  # the first 4 readable ones: the same images as without the bad file
+        # the first 4 readable ones: the same images as without the bad file
+        for n in ("4", "1000"):
             capsys.readouterr()
-            assert _metrics_means(tmp_path / folder, tmp_path / "g.json", "--num-images", n) == want[n]
-            assert f"skipping unreadable image {tmp_path / folder / bad}: " in capsys.readouterr().err
+            assert (_metrics_means(tmp_path / folder, tmp_path / "g.json", "--num-images", n)
+                    == want[n])
+            assert (f"skipping unreadable image {tmp_path / folder / bad}: "
+                    in capsys.readouterr().err)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit):
@@ -2615,11 +2916,13 @@ import fid  # noqa: E402
 
 
 def _fid_oracle_fd(mu1, s1, mu2, s2):
-    # float64 oracle through a symmetric route: tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), both via eigh
+    # float64 oracle through a symmetric route:
+    # tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), both via eigh
     w, v = np.linalg.eigh(s1)
     r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = np.linalg.eigvalsh(r1 @ s2 @ r1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(m, 0, None)).sum())
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                 - 2 * np.sqrt(np.clip(m, 0, None)).sum())
 
 
 def _fid_spd(rng, d, n):
@@ -2634,7 +2937,8 @@ def test_fid_frechet_identical_is_zero():
 
 def test_fid_frechet_diagonal_closed_form():
     rng = np.random.default_rng(1)
-    a, b, mu1, mu2 = rng.random(20) + 0.1, rng.random(20) + 0.1, rng.standard_normal(20), rng.standard_normal(20)
+    a, b, mu1, mu2 = (rng.random(20) + 0.1, rng.random(20) + 0.1, rng.standard_normal(20),
+                      rng.standard_normal(20))
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
     assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want, rtol=1e-10)
 
@@ -2643,11 +2947,14 @@ def test_fid_frechet_random_spd_matches_oracle():
     rng = np.random.default_rng(2)
     for d in (3, 64):
         (s1, mu1), (s2, mu2) = _fid_spd(rng, d, 4 * d), _fid_spd(rng, d, 3 * d)
-        assert np.isclose(fid.frechet_distance(mu1, s1, mu2, s2), _fid_oracle_fd(mu1, s1, mu2, s2), rtol=1e-8)
-    (s1, mu1), (s2, mu2) = _fid_spd(rng, 64, 10), _fid_spd(rng, 64, 12)  # rank-deficient covariances (n < d)
+        assert np.isclose(fid.frechet_distance(mu1, s1, mu2, s2),
+                          _fid_oracle_fd(mu1, s1, mu2, s2), rtol=1e-8)
+    # rank-deficient covariances (n < d)
+    (s1, mu1), (s2, mu2) = _fid_spd(rng, 64, 10), _fid_spd(rng, 64, 12)
     got = fid.frechet_distance(mu1, s1, mu2, s2)
     assert np.isfinite(got) and np.isclose(got, _fid_oracle_fd(mu1, s1, mu2, s2), rtol=1e-4)
-    with pytest.raises(ValueError, match="not aligned"):  # numpy refuses statistics that do not match
+    # numpy refuses statistics that do not match
+    with pytest.raises(ValueError, match="not aligned"):
         fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
 
 
@@ -2666,14 +2973,16 @@ def test_fid_inception_score_synthetic():
     k = 10
     onehot = np.eye(1008)[np.arange(1000) % k] * 60.0  # near one-hot, k balanced classes
     assert np.isclose(fid.inception_score(onehot), k, rtol=1e-6)
-    # consecutive splits: first split a single class (IS 1), second k balanced classes (IS k) -> mean
+    # consecutive splits: first split a single class (IS 1),
+    # second k balanced classes (IS k) -> mean
     two = np.concatenate([np.eye(1008)[np.zeros(50, int)], np.eye(1008)[np.arange(50) % k]]) * 60.0
     assert np.isclose(fid.inception_score(two, split_size=50), (1 + k) / 2, rtol=1e-6)
 
 
 def _fid_oracle_pr(ref, smp, k):
     d = lambda a, b: ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
-    radius = lambda x: np.array([np.sort(np.delete(d(x, x)[i], i))[k - 1] for i in range(len(x))])  # self excluded
+    # self excluded
+    radius = lambda x: np.array([np.sort(np.delete(d(x, x)[i], i))[k - 1] for i in range(len(x))])
     r_ref, r_smp = radius(ref), radius(smp)
     precision = np.mean([(d(s[None], ref)[0] <= r_ref).any() for s in smp])
     recall = np.mean([(d(r[None], smp)[0] <= r_smp).any() for r in ref])
@@ -2682,7 +2991,8 @@ def _fid_oracle_pr(ref, smp, k):
 
 def test_fid_precision_recall_matches_bruteforce():
     rng = np.random.default_rng(4)
-    # small integers: fp16 distances are exact, so ADM's fp16 path must equal the float64 oracle, ties included
+    # small integers: fp16 distances are exact,
+    # so ADM's fp16 path must equal the float64 oracle, ties included
     ref = rng.integers(0, 4, (40, 16)).astype(np.float32)
     smp = rng.integers(0, 3, (33, 16)).astype(np.float32)  # a narrower set: recall < 1
     smp[::5] += 3  # outliers: precision < 1
@@ -2693,7 +3003,8 @@ def test_fid_precision_recall_matches_bruteforce():
     assert blocked == got
     # values too large for fp16 -> the block falls back to fp32, still equal to the oracle
     big_ref, big_smp = rng.standard_normal((30, 8)) * 300, rng.standard_normal((25, 8)) * 300 + 100
-    got = fid.precision_recall(torch.tensor(big_ref, dtype=torch.float32), torch.tensor(big_smp, dtype=torch.float32))
+    got = fid.precision_recall(torch.tensor(big_ref, dtype=torch.float32),
+                               torch.tensor(big_smp, dtype=torch.float32))
     assert got == pytest.approx(_fid_oracle_pr(big_ref, big_smp, 3), abs=1e-12)
     with pytest.raises(RuntimeError, match="out of range"):  # k=3 needs 4 rows (evaluate: 4 images)
         fid.precision_recall(torch.zeros(3, 4), torch.zeros(10, 4))
@@ -2714,7 +3025,8 @@ def test_fid_tf1_resize_matches_numpy_loop():
                 top = img[:, :, y0, x0] + (img[:, :, y0, x1] - img[:, :, y0, x0]) * lx
                 bot = img[:, :, y1, x0] + (img[:, :, y1, x1] - img[:, :, y1, x0]) * lx
                 want[:, :, y, x] = top + (bot - top) * ly
-        np.testing.assert_allclose(fid.tf1_resize(torch.from_numpy(img), size).numpy(), want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(fid.tf1_resize(torch.from_numpy(img), size).numpy(), want,
+                                   rtol=0, atol=1e-4)
     x = torch.from_numpy(img[:, :, :, :11].copy())
     assert torch.equal(fid.tf1_resize(x, 11), x)  # same size is the identity
 
@@ -2742,7 +3054,8 @@ def test_fid_inception_outputs_spatial_order_and_batch_invariance():
     torch.testing.assert_close(logits, pool @ model.fc.weight.T)
     assert pool.std(0).mean() > 0 and (pool >= 0).all()  # ReLU features that vary with the image
     torch.testing.assert_close(pool1, pool[1:], rtol=1e-5, atol=1e-5 * pool.abs().max().item())
-    torch.testing.assert_close(spatial1, spatial[1:], rtol=1e-5, atol=1e-5 * spatial.abs().max().item())
+    torch.testing.assert_close(spatial1, spatial[1:], rtol=1e-5,
+                               atol=1e-5 * spatial.abs().max().item())
 
 
 def test_fid_inception_sees_the_tf_graphs_input_scaling():
@@ -2768,8 +3081,10 @@ def test_fid_npz_streaming_equals_np_load(tmp_path):
         np.testing.assert_array_equal(np.concatenate(list(read(3, 8, 2))), imgs[3:8])
 
 
-def test_fid_checks_inputs_before_the_weights_and_warns_under_2048_images(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("weights loaded before the input check"))
+def test_fid_checks_inputs_before_the_weights_and_warns_under_2048_images(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(fid, "load_inception",
+                        lambda *a, **k: pytest.fail("weights loaded before the input check"))
     np.savez(tmp_path / "nchw.npz", np.zeros((4, 3, 8, 8), np.uint8))
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "nchw.npz"), "--ref", str(tmp_path / "missing.npz")])
@@ -2778,12 +3093,14 @@ def test_fid_checks_inputs_before_the_weights_and_warns_under_2048_images(tmp_pa
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "few.npz"), "--ref", str(tmp_path / "missing.npz")])
     assert "missing.npz: no such file" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="4 images; FID is biased.*2,048"), pytest.raises(pytest.fail.Exception):
+    with pytest.warns(UserWarning, match="4 images; FID is biased.*2,048"), \
+            pytest.raises(pytest.fail.Exception):
         fid.main([str(tmp_path / "few.npz"), "--save-stats", str(tmp_path / "s.npz")])
 
 
 def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
-    cases = {"float32": (np.zeros((4, 8, 8, 3), np.float32), "uint8"), "nchw": (np.zeros((4, 3, 8, 8), np.uint8), "NCHW"),
+    cases = {"float32": (np.zeros((4, 8, 8, 3), np.float32), "uint8"),
+             "nchw": (np.zeros((4, 3, 8, 8), np.uint8), "NCHW"),
              "unit": (np.ones((4, 8, 8, 3), np.uint8), r"not \[0,1\]")}
     for name, (arr, msg) in cases.items():
         np.savez(tmp_path / f"{name}.npz", arr)
@@ -2801,13 +3118,15 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     with pytest.raises(ValueError, match="--ref .*badref.npz: no arr_0"):  # nor mu and sigma
         fid.evaluate(None, str(tmp_path / "unit.npz"), str(tmp_path / "badref.npz"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(ValueError, match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
+    with pytest.raises(ValueError,
+                       match="pt_inception-2015-12-05-6726825d.pth or weights-inception-2015"):
         fid.load_inception()
     monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
     dark = np.zeros((6, 8, 8, 3), np.uint8)
     dark[4:] = 200  # an all-black first batch is legal
     np.savez(tmp_path / "dark.npz", dark)
-    assert fid.features(fid.FIDInception(), str(tmp_path / "dark.npz"), batch_size=2)[0].shape == (6, 2048)
+    assert (fid.features(fid.FIDInception(), str(tmp_path / "dark.npz"), batch_size=2)[0].shape
+            == (6, 2048))
     dark[4:] = 1  # values 0/1, the first 1 in the last batch: refused once all are read
     np.savez(tmp_path / "dark01.npz", dark)
     with pytest.raises(ValueError, match=r"not \[0,1\]"):
@@ -2820,14 +3139,16 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     assert "--save-stats" in capsys.readouterr().err
     torch.save(fid.FIDInception().state_dict(), tmp_path / "w.pth")
     with pytest.raises(SystemExit):
-        fid.main([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "one.npz"), "--inception", str(tmp_path / "w.pth")])
+        fid.main([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "one.npz"),
+                  "--inception", str(tmp_path / "w.pth")])
     assert "1 image(s); the statistics need at least 4" in capsys.readouterr().err
 
 
 def _fid_fake_forward(self, x):
-    # cheap deterministic stand-in for the Inception forward, same output shapes: (B,H,W,3) uint8 -> pool, spatial, logits
-    # One image at a time: the values must not depend on how the images are batched, and a CPU's matrix product
-    # may round differently for different batch sizes.
+    # cheap deterministic stand-in for the Inception forward, same output shapes:
+    # (B,H,W,3) uint8 -> pool, spatial, logits
+    # One image at a time: the values must not depend on how the images are batched, and a CPU's
+    # matrix product may round differently for different batch sizes.
     g = torch.Generator().manual_seed(0)
     w_pool, w_spatial = torch.randn(48, 2048, generator=g), torch.randn(48, 2023, generator=g)
     out = []
@@ -2839,25 +3160,34 @@ def _fid_fake_forward(self, x):
 
 def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     rng = np.random.default_rng(8)
-    samples, ref = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)
+    samples, ref = (rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8),
+                    rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8))
     stored_mu, stored_sigma = rng.standard_normal(2048), np.eye(2048)
     np.savez(tmp_path / "s.npz", samples)
-    np.savez(tmp_path / "ref.npz", ref, mu=stored_mu, sigma=stored_sigma)  # no mu_s: sFID from arr_0 features
+    # no mu_s: sFID from arr_0 features
+    np.savez(tmp_path / "ref.npz", ref, mu=stored_mu, sigma=stored_sigma)
     torch.manual_seed(0)
-    sd = {k: v for k, v in fid.FIDInception().state_dict().items() if "num_batches_tracked" not in k}  # legacy file
+    # legacy file
+    sd = {k: v for k, v in fid.FIDInception().state_dict().items()
+          if "num_batches_tracked" not in k}
     torch.save(sd, tmp_path / "w.pth")
     monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
-    fd_stub = lambda m1, s1, m2, s2: float(np.abs(m1 - m2).sum() + np.abs(s1 - s2).mean())  # a 2048-d sqrtm is slow
+    # a 2048-d sqrtm is slow
+    fd_stub = lambda m1, s1, m2, s2: float(np.abs(m1 - m2).sum() + np.abs(s1 - s2).mean())
     monkeypatch.setattr(fid, "frechet_distance", fd_stub)
-    args = [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "w.pth"),
-            "--json", str(tmp_path / "m.json"), "--save-stats", str(tmp_path / "st.npz"), "--batch-size", "5"]
+    args = [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"),
+            "--inception", str(tmp_path / "w.pth"), "--json", str(tmp_path / "m.json"),
+            "--save-stats", str(tmp_path / "st.npz"), "--batch-size", "5"]
     with pytest.warns(UserWarning) as record:
         fid.main(args)
-    assert any("50,000" in str(w.message) for w in record) and any("resolution" in str(w.message) for w in record)
+    assert (any("50,000" in str(w.message) for w in record)
+            and any("resolution" in str(w.message) for w in record))
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID",
+                                                       "Precision", "Recall"]
     metrics = json.load(open(tmp_path / "m.json"))
-    assert [float(line.split(": ")[1]) for line in lines] == [metrics[line.split(": ")[0]] for line in lines]
+    assert [float(line.split(": ")[1]) for line in lines] == [metrics[line.split(": ")[0]]
+                                                              for line in lines]
     model = fid.FIDInception()
     model.load_state_dict(sd, strict=False)
     ps, ss, _ = (t.detach().numpy() for t in _fid_fake_forward(model, torch.from_numpy(samples)))
@@ -2866,9 +3196,12 @@ def test_fid_cli_end_to_end(tmp_path, monkeypatch, capsys, cpu_only):
     np.testing.assert_allclose(st["mu"], ps.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(st["sigma_s"], np.cov(ss, rowvar=False), rtol=1e-5, atol=1e-6)
     assert metrics["FID"] == fd_stub(st["mu"], st["sigma"], stored_mu, stored_sigma)
-    assert np.isclose(metrics["sFID"], fd_stub(st["mu_s"], st["sigma_s"], sr.mean(0), np.cov(sr, rowvar=False)))
-    assert np.isclose(metrics["Inception Score"], fid.inception_score(ps @ sd["fc.weight"].numpy().T), rtol=1e-6)
-    assert (metrics["Precision"], metrics["Recall"]) == fid.precision_recall(torch.from_numpy(pr), torch.from_numpy(ps))
+    assert np.isclose(metrics["sFID"],
+                      fd_stub(st["mu_s"], st["sigma_s"], sr.mean(0), np.cov(sr, rowvar=False)))
+    assert np.isclose(metrics["Inception Score"],
+                      fid.inception_score(ps @ sd["fc.weight"].numpy().T), rtol=1e-6)
+    assert ((metrics["Precision"], metrics["Recall"])
+            == fid.precision_recall(torch.from_numpy(pr), torch.from_numpy(ps)))
 
 
 def test_fid_both_sides_statistics_are_numpys_mean_and_unbiased_covariance(tmp_path,
@@ -2895,7 +3228,8 @@ def test_fid_both_sides_statistics_are_numpys_mean_and_unbiased_covariance(tmp_p
 
 def _fid_ddp_worker(rank, world, port, path, out):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     fid.FIDInception.forward = _fid_fake_forward
     pool, spatial, shape = fid.features(fid.FIDInception(), path, batch_size=2)
     if rank == 0:
@@ -2908,11 +3242,13 @@ def _fid_ddp_worker(rank, world, port, path, out):
 def test_fid_ddp_gather_keeps_order(tmp_path, monkeypatch):
     import socket
     import torch.multiprocessing as mp
-    np.savez(tmp_path / "s.npz", np.random.default_rng(9).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "s.npz",
+             np.random.default_rng(9).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_fid_ddp_worker, args=(2, port, str(tmp_path / "s.npz"), str(tmp_path / "out.npz")), nprocs=2)
+    mp.spawn(_fid_ddp_worker,
+             args=(2, port, str(tmp_path / "s.npz"), str(tmp_path / "out.npz")), nprocs=2)
     monkeypatch.setattr(fid.FIDInception, "forward", _fid_fake_forward)
     pool, spatial, _ = fid.features(fid.FIDInception(), str(tmp_path / "s.npz"), batch_size=3)
     got = np.load(tmp_path / "out.npz")
@@ -2925,11 +3261,9 @@ def test_fid_ddp_gather_keeps_order(tmp_path, monkeypatch):
 # The references below are the official REPA-E definitions (loss/lpips.py, loss/discriminator.py,
 # loss/losses.py, models/sit.py, train_repae.py), written out as plain formulas on the same weights.
 
-import copy  # noqa: E402
 import runpy  # noqa: E402
 import timm  # noqa: E402
 import repae  # noqa: E402
-import runs  # noqa: E402
 
 _REPAE_TAPS = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3: the ends of the official LPIPS vgg16 slices
 
@@ -3289,6 +3623,37 @@ def test_repae_resume_is_exact(tmp_path):
                                                                    a["bn"]["running_var"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_repae_compiled_stage_repeats_the_eager_one_on_gpu(monkeypatch):
+    """train.py --repae --compile compiles the stage's networks in place: over three steps the
+    outputs, parameters and checkpoint keys stay those of the eager stage (fp32, no TF32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    runs = []
+    for compiled in (False, True):
+        stage = _repae_stage()
+        for part in stage.parts().values():
+            if isinstance(part, nn.Module):
+                part.cuda()
+        stage.lpips.cuda()
+        if compiled:
+            stage.compile()
+        logs = []
+        for s in range(3):
+            torch.manual_seed(s)
+            out = stage.step(*(t.cuda() for t in _repae_batch(s)))
+            logs.append(torch.stack(list(out.values())))
+        params = {k: v.float().cpu() for k, v in stage.state_dict()["vae"].items()}
+        params.update(("sit." + k, v.float().cpu()) for k, v in stage.net.state_dict().items())
+        runs.append((torch.stack(logs).cpu(), params))
+    (eager, p_eager), (compiled, p_compiled) = runs
+    assert p_eager.keys() == p_compiled.keys()  # in place: the state_dict keys stay
+    assert ((compiled - eager).abs() <= 1e-3 * eager.abs() + 1e-6).all()
+    for k in p_eager:
+        rel = (p_compiled[k] - p_eager[k]).norm() / p_eager[k].norm().clamp_min(1e-12)
+        assert rel < 1e-3, k
+
+
 def test_repae_demo_reconstruction_and_alignment_improve():
     # 30 steps on 8 generated shapes (32 px) with a random encoder, LPIPS and discriminator, from a
     # random VAE whose posterior is narrow (as a pretrained one's): reconstruction and both
@@ -3541,7 +3906,8 @@ def _one_line(text, flag, want):
     assert len(text.strip().splitlines()) == 1 and f"{flag} " in text and want in text, text
 
 
-def test_weights_file_unreadable_or_unfit_is_one_line_naming_flag_and_file(tmp_path, capsys, cpu_only):
+def test_weights_file_unreadable_or_unfit_is_one_line_naming_flag_and_file(tmp_path, capsys,
+                                                                           cpu_only):
     with warnings.catch_warnings(), torch.device("meta"):  # the shapes only
         warnings.simplefilter("ignore")
         enc = encoders.load_encoder("dinov2-vit-s", 32, "random").model.state_dict()
@@ -3550,11 +3916,12 @@ def test_weights_file_unreadable_or_unfit_is_one_line_naming_flag_and_file(tmp_p
     qkv = "blocks.0.attn.qkv.weight"
     for path, want in _weights_files(tmp_path / "enc", {k: v.shape for k, v in enc.items()}, qkv):
         with pytest.raises(SystemExit) as e:
-            train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s", "--encoder-weights", str(path),
-                        "--out-dir", str(tmp_path / "run")])
+            train.main([*_TINY, "--steps", "1", "--encoder", "dinov2-vit-s",
+                        "--encoder-weights", str(path), "--out-dir", str(tmp_path / "run")])
         _one_line(str(e.value), "--encoder-weights", want)
         with pytest.raises(SystemExit):
-            metrics.main(["--encoder", "dinov2-vit-s", "--encoder-weights", str(path), "--num-images", "2"])
+            metrics.main(["--encoder", "dinov2-vit-s", "--encoder-weights", str(path),
+                          "--num-images", "2"])
         _one_line(capsys.readouterr().err, "--encoder-weights", want)
     conv = "decoder.conv_in.weight"
     for path, want in _weights_files(tmp_path / "vae", {k: v.shape for k, v in vae.items()}, conv):
@@ -3563,7 +3930,8 @@ def test_weights_file_unreadable_or_unfit_is_one_line_naming_flag_and_file(tmp_p
                         "--out-dir", str(tmp_path / "run")])
         _one_line(str(e.value), "--vae-weights", want)
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    for path, want in _weights_files(tmp_path / "inc", {k: v.shape for k, v in inception.items()}, "fc.weight"):
+    for path, want in _weights_files(tmp_path / "inc",
+                                     {k: v.shape for k, v in inception.items()}, "fc.weight"):
         with pytest.raises(SystemExit), pytest.warns(UserWarning, match="4 images"):
             fid.main([str(tmp_path / "s.npz"), "--inception", str(path)])
         _one_line(capsys.readouterr().err, "--inception", want)
@@ -3571,7 +3939,8 @@ def test_weights_file_unreadable_or_unfit_is_one_line_naming_flag_and_file(tmp_p
 
 
 def _flip_inside_largest_tensor(path):
-    # 64 bytes inverted in the middle of the largest tensor's data: the zip and the pickle still read
+    # 64 bytes inverted in the middle of the largest tensor's data:
+    # the zip and the pickle still read
     with zipfile.ZipFile(path) as z:
         record = max(z.infolist(), key=lambda i: i.file_size)
     with open(path, "r+b") as f:
@@ -3592,13 +3961,16 @@ def test_checkpoint_damaged_inside_is_refused_and_the_newest_good_one_named(tmp_
     with pytest.raises(SystemExit):
         train.main(["--resume", str(run), "--steps", "6"])
     err = capsys.readouterr().err
-    assert f"{newest} is not a readable" in err and f"the newest good one is {good}: resume from it" in err
+    assert (f"{newest} is not a readable" in err
+            and f"the newest good one is {good}: resume from it" in err)
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(newest), "--out", str(tmp_path / "s.png")])
-    _one_line(capsys.readouterr().err, "--ckpt", f"{newest}: damaged: its contents differ from their checksum")
+    _one_line(capsys.readouterr().err, "--ckpt",
+              f"{newest}: damaged: its contents differ from their checksum")
 
 
-def test_progress_moves_each_sampling_step_and_while_preparing(tmp_path, monkeypatch, capsys, cpu_only):
+def test_progress_moves_each_sampling_step_and_while_preparing(tmp_path, monkeypatch, capsys,
+                                                               cpu_only):
     sample.main(["--ckpt", _sample_ckpt(tmp_path), "--num-steps", "3", "--num-samples", "2",
                  "--out", str(tmp_path / "s.png")])
     err = capsys.readouterr().err  # a bar of the steps under the bar of the shards, gone when done
@@ -3609,7 +3981,8 @@ def test_progress_moves_each_sampling_step_and_while_preparing(tmp_path, monkeyp
     assert "sampling steps:   0%| " in capsys.readouterr().err
     for i in range(3):
         os.makedirs(tmp_path / "data" / f"c{i}")
-        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / "data" / f"c{i}" / "a.png")
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(
+            tmp_path / "data" / f"c{i}" / "a.png")
     data.prepare(str(tmp_path / "data"), str(tmp_path / "prep"), 32, None, None, "cpu")
     assert "writing images.npy" in capsys.readouterr().err
     assert np.load(tmp_path / "prep" / "images.npy").shape == (3, 3, 32, 32)
@@ -3627,7 +4000,8 @@ def _repae_ddp_worker(rank, port, out):
                os.path.join(out, f"bn{rank}.pt"))
     torch.distributed.destroy_process_group()
     sys.stdout = open(os.path.join(out, f"rank{rank}.txt"), "w")
-    train.main([*_REPAE, "--steps", "4", "--ckpt-every", "4", "--out-dir", os.path.join(out, "run")])
+    train.main([*_REPAE, "--steps", "4", "--ckpt-every", "4",
+                "--out-dir", os.path.join(out, "run")])
     sys.stdout.close()
 
 
