@@ -128,16 +128,6 @@ def load_discriminator(path=None):
 # The end-to-end step
 
 
-def sit_hidden(net, x, t, y, depth):
-    """SiT's tokens after block `depth` (B, T, D). The forward stops there, as the
-    official align_only pass: the VAE's alignment needs nothing after it."""
-    h = net.x_embedder(x) + net.pos_embed                # (B, T, D)
-    c = net.t_embedder(t) + net.y_embedder(y)            # (B, D)
-    for block in net.blocks[:depth]:
-        h = block(h, c)
-    return h
-
-
 def latent_stats(bn_state):
     """A latent BatchNorm's statistics as a --vae-stats file, each (1, 4, 1, 1):
     scale = 1 / sqrt(var) (no eps, as the official export), bias = mean."""
@@ -214,7 +204,6 @@ class Stage:
         self.opt_vae = torch.optim.AdamW(vae.parameters(), vae_lr, weight_decay=0.0, fused=fused)
         self.opt_disc = torch.optim.AdamW(disc.parameters(), disc_lr, weight_decay=0.0,
                                           fused=fused)
-        self.hidden = sit_hidden
 
     def update(self, opt, loss):
         """Backward, clip opt's gradients, step; returns their norm before clipping."""
@@ -249,7 +238,7 @@ class Stage:
         tt = t.view(-1, 1, 1, 1)
         with self.amp:
             xt = (1 - tt) * self.bn(z) + tt * noise
-            h = self.hidden(self.net, xt, t, y, self.depth)
+            h = self.net(xt, t, y, self.depth)[1]  # (B, T, D); the official stops there
             vae_align = align.alignment_loss(self.proj, h, target, self.gamma)
         rec = (img - recon).abs().mean()                     # the losses in fp32
         perceptual = self.lpips(img, recon).mean()
@@ -287,7 +276,6 @@ class Stage:
 
     def compile(self):
         # as the official compiles its SiT, VAE and losses; in place: the same state_dict keys
-        self.hidden = torch.compile(sit_hidden, dynamic=False)
         for m in (self.net, self.vae.encoder, self.vae.decoder, self.lpips, self.disc):
             m.compile(dynamic=False)
 
