@@ -3629,7 +3629,7 @@ def test_repae_compiled_stage_repeats_the_eager_one_on_gpu(monkeypatch):
     outputs, parameters and checkpoint keys stay those of the eager stage (fp32, no TF32)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    runs = []
+    results = []
     for compiled in (False, True):
         stage = _repae_stage()
         for part in stage.parts().values():
@@ -3643,12 +3643,12 @@ def test_repae_compiled_stage_repeats_the_eager_one_on_gpu(monkeypatch):
             torch.manual_seed(s)
             out = stage.step(*(t.cuda() for t in _repae_batch(s)))
             logs.append(torch.stack(list(out.values())))
-        params = {k: v.float().cpu() for k, v in stage.state_dict()["vae"].items()}
+        params = {k: v.float().cpu() for k, v in stage.vae.state_dict().items()}
         params.update(("sit." + k, v.float().cpu()) for k, v in stage.net.state_dict().items())
-        runs.append((torch.stack(logs).cpu(), params))
-    (eager, p_eager), (compiled, p_compiled) = runs
+        results.append((torch.stack(logs).cpu(), params))
+    (eager, p_eager), (compiled, p_compiled) = results
     assert p_eager.keys() == p_compiled.keys()  # in place: the state_dict keys stay
-    assert ((compiled - eager).abs() <= 1e-3 * eager.abs() + 1e-6).all()
+    assert torch.allclose(compiled, eager, rtol=1e-3, atol=1e-4)  # losses, norms, logits
     for k in p_eager:
         rel = (p_compiled[k] - p_eager[k]).norm() / p_eager[k].norm().clamp_min(1e-12)
         assert rel < 1e-3, k
