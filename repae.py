@@ -8,7 +8,7 @@ BatchNorm on the latents replaces the fixed scale and shift. One step, four phas
   3. discriminator update: hinge loss on the detached reconstruction;
   4. SiT update: denoising + alignment on z.detach() through the latent BatchNorm.
 
-    python train.py --repae --encoder dinov2-vit-b --irepa ...  # see README: REPA-E
+    torchrun --nproc_per_node=8 train.py --repae --encoder dinov2-vit-b --irepa ...  # README
     python repae.py export --ckpt out/RUN --out e2e-vae.pt  # the tuned VAE, for train.py
 """
 import contextlib
