@@ -2001,6 +2001,18 @@ def test_cuda_graphs_are_not_asked_of_the_cpu(tmp_path):
     assert not isinstance(step, kernels.GraphedStep) and all(o.isfinite().all() for o in outs)
 
 
+def test_cuda_graphs_off_for_repae_is_said_once(tmp_path, monkeypatch, capsys):
+    # REPA-E's four updates are not graphed: on a GPU its step stays plain and says so (the step
+    # is only built here, never run, so a CPU stands in for the GPU's device name)
+    _repae_tiny(monkeypatch)
+    args = train.get_args([*_REPAE, "--cuda-graphs", "--out-dir", str(tmp_path)])
+    objective, encoder, vae, emas, opt = train.build(args, torch.device("cpu"))
+    step = train.make_step(args, objective, encoder, vae, emas, opt, torch.device("cuda"), 1)
+    assert not isinstance(step, kernels.GraphedStep)
+    out = capsys.readouterr().out
+    assert out.count("--cuda-graphs: off under DDP, --recompute and --repae") == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_graphed_step_repeats_the_plain_step_bit_for_bit_on_gpu(tmp_path):
     """Same kernels, same seeds, the lr read from its buffer: the replays repeat the plain step

@@ -324,6 +324,11 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     net, params = objective.net, opt.param_groups[0]["params"]
     net.recompute = args.recompute  # activation checkpoints in the first N blocks
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
+    graphs = args.cuda_graphs and device.type == "cuda"
+    if graphs and (world > 1 or args.recompute or args.repae):  # not checked on a GPU yet:
+        graphs = False  # the plain step, said once
+        if os.environ.get("RANK", "0") == "0":
+            print("--cuda-graphs: off under DDP, --recompute and --repae for now: the plain step")
     if args.repae and args.compile:
         objective.compile()
     if args.repae:  # REPA-E: the stage's four phases on the images
@@ -371,11 +376,6 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
             for ema_p, decay in zip(ema_params, args.ema):
                 torch._foreach_lerp_(ema_p, trainable, 1 - decay)
         return torch.stack([loss.detach(), denoise.detach(), rep.detach(), gnorm]).float()
-    graphs = args.cuda_graphs and device.type == "cuda"
-    if graphs and (world > 1 or args.recompute):  # not checked on a GPU yet: the plain step
-        if os.environ.get("RANK", "0") == "0":  # said once
-            print("--cuda-graphs: off under DDP and --recompute for now: the plain step")
-        return train_step
     return kernels.GraphedStep(train_step, opt) if graphs else train_step
 
 
