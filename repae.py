@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import align
 import encoders
-from data import Parser, read_weights, readable_checkpoint
+from data import Parser, fitting, read_weights, readable_checkpoint
 
 # The official loss configuration (l1_lpips_kl_gan.yaml): L1 weight 1, the GAN on from
 # step 0 with a constant weight (no adaptive weight), no LeCam term.
@@ -83,12 +83,14 @@ def load_lpips(vgg, lin):
         warnings.warn("REPA-E's LPIPS has RANDOM weights (tests only)")
     if vgg != "random":
         sd = read_weights(vgg, "--repae-vgg")
-        feats = {k[9:]: v for k, v in sd.items() if k.startswith("features.")}
-        lpips.features.load_state_dict(feats)
+        with fitting(vgg, "--repae-vgg"):  # a key or shape that does not fit: one line
+            lpips.features.load_state_dict(
+                {k[9:]: v for k, v in sd.items() if k.startswith("features.")})
     if lin != "random":
         sd = read_weights(lin, "--repae-lpips")
-        lins = {f"{k}.weight": sd[f"lin{k}.model.1.weight"] for k in range(5)}
-        lpips.lins.load_state_dict(lins)
+        with fitting(lin, "--repae-lpips"):
+            lpips.lins.load_state_dict({f"{k}.weight": sd[f"lin{k}.model.1.weight"]
+                                        for k in range(5)})
     return lpips
 
 
@@ -121,7 +123,8 @@ def load_discriminator(path=None):
     sdvae-f8d4-discriminator-ckpt.pt, or a REPA-E checkpoint's "discriminator")."""
     disc = PatchGAN()
     if path:
-        disc.load_state_dict(read_weights(path, "--repae-disc"))
+        with fitting(path, "--repae-disc"):
+            disc.load_state_dict(read_weights(path, "--repae-disc"))
     return disc
 
 # -----------------------------------------------------------------------------

@@ -3365,6 +3365,28 @@ def test_repae_lpips_layout_files_and_official_formula(tmp_path):
             repae.load_lpips("random", str(tmp_path / "none.pth"))
 
 
+@pytest.mark.filterwarnings("ignore:REPA-E's LPIPS has RANDOM weights")
+def test_repae_loss_files_that_do_not_fit_are_one_line(tmp_path):
+    # --repae-vgg, --repae-lpips, --repae-disc: a wrong key or shape names the flag, the file and
+    # the first misfit, never torch's many-line load_state_dict error
+    vgg = {f"features.{k}": v for k, v in repae.LPIPS().features.state_dict().items()}
+    vgg["features.0.weight"] = torch.zeros(64, 3, 1, 1)
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, tmp_path / "vgg.pth")
+    torch.save({"main.0.weight": torch.zeros(64, 3, 4, 4)}, tmp_path / "disc.pt")
+    for load, flag, want in [
+            (lambda: repae.load_lpips(str(tmp_path / "vgg16.pth"), "random"), "--repae-vgg",
+             "0.weight is [64, 3, 1, 1] in the file, [64, 3, 3, 3] expected"),
+            (lambda: repae.load_lpips("random", str(tmp_path / "vgg.pth")), "--repae-lpips",
+             "missing key lin1.model.1.weight"),
+            (lambda: repae.load_discriminator(str(tmp_path / "disc.pt")), "--repae-disc",
+             "missing key main.0.bias")]:
+        with pytest.raises(ValueError) as e:
+            load()
+        _one_line(str(e.value), flag, want)
+        assert "does not fit" in str(e.value)
+
+
 def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
     with torch.device("meta"):
         disc = repae.PatchGAN()
@@ -3394,7 +3416,8 @@ def test_repae_discriminator_official_layout_init_and_forward(tmp_path):
     torch.save(full.state_dict(), tmp_path / "disc.pt")
     assert torch.equal(repae.load_discriminator(str(tmp_path / "disc.pt")).eval()(x), full(x))
     torch.save(sd, tmp_path / "small.pt")
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"small.pt does not fit: main.0.weight is \[16, 3, 4, "
+                       r"4\] in the file, \[64, 3, 4, 4\] expected"):
         repae.load_discriminator(str(tmp_path / "small.pt"))
     with pytest.raises(ValueError, match="--repae-disc .*none.pt: no such file"):
         repae.load_discriminator(str(tmp_path / "none.pt"))
