@@ -320,20 +320,20 @@ def sampling_weights(path, ema):
     return {k: v for k, v in weights.items() if not unused(k)}, saved
 
 
-def readable_checkpoint(path):
+def readable_checkpoint(path, flag="--resume"):
     """(file, checkpoint memory-mapped) of a file or a run's newest; damaged: names a good one."""
     path = os.path.abspath(find_checkpoint(path))
     older = sorted(f for f in glob.glob(os.path.join(os.path.dirname(path), "*.pt")) if f < path)
     for f in [path, *reversed(older)]:  # older ones only where the newest is damaged
         with contextlib.suppress(ValueError):  # unreadable
-            ck = read_weights(f, "--resume", mmap=True)
+            ck = read_weights(f, flag, mmap=True)
             if isinstance(ck, dict) and {"args", "step", "model"} <= set(ck):
                 break
     else:
         f = None
     if f == path:
         return path, ck
-    good = f"; the newest good one is {f}: resume from it with --resume {f}" if f else ""
+    good = f"; the newest good one is {f}: pass {flag} {f}" if f else ""
     raise ValueError(f"{path} is not a readable train.py checkpoint (damaged?){good}")
 
 

@@ -339,7 +339,7 @@ def build(args, net, projector, vae):
 def export(ckpt, out):
     """As the official save_vae_weights.py: the VAE -> `out` (diffusers' names, for
     --vae-weights), the EMA BatchNorm's statistics beside it (--vae-stats); their path."""
-    path, ck = readable_checkpoint(ckpt)
+    path, ck = readable_checkpoint(ckpt, "--ckpt")
     if "vae" not in ck:
         raise ValueError(f"{path} is not a REPA-E checkpoint (it holds no VAE)")
     stats = os.path.splitext(out)[0] + "-latents-stats.pt"

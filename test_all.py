@@ -769,7 +769,7 @@ def test_train_damaged_newest_checkpoint_names_the_newest_good_one(tmp_path, cap
     err = capsys.readouterr().err
     good = run / "checkpoints" / "0000004.pt"
     assert (f"{newest} is not a readable" in err
-            and f"the newest good one is {good}: resume from it with --resume {good}" in err)
+            and f"the newest good one is {good}: pass --resume {good}" in err)
     train.main(["--resume", str(good), "--steps", "8"])  # the command it names works
     assert (run / "checkpoints" / "0000008.pt").exists()
 
@@ -3748,6 +3748,14 @@ def test_repae_export_writes_what_load_vae_reads(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         runpy.run_path(repae.__file__, run_name="__main__")
     assert "is not a REPA-E checkpoint" in capsys.readouterr().err
+    newest = run / "checkpoints" / "0000002.pt"  # a damaged newer one: the good one is named
+    newest.write_bytes((run / "checkpoints" / "0000001.pt").read_bytes()[:5000])
+    monkeypatch.setattr(sys, "argv", ["repae.py", "export", "--ckpt", str(run),
+                                      "--out", str(tmp_path / "other.pt")])
+    with pytest.raises(SystemExit):
+        runpy.run_path(repae.__file__, run_name="__main__")
+    good = run / "checkpoints" / "0000001.pt"
+    assert f"the newest good one is {good}: pass --ckpt {good}" in capsys.readouterr().err
 
 
 def test_repae_flags_and_build_refuse_what_cannot_run(tmp_path):
@@ -3997,7 +4005,7 @@ def test_checkpoint_damaged_inside_is_refused_and_the_newest_good_one_named(tmp_
         train.main(["--resume", str(run), "--steps", "6"])
     err = capsys.readouterr().err
     assert (f"{newest} is not a readable" in err
-            and f"the newest good one is {good}: resume from it" in err)
+            and f"the newest good one is {good}: pass --resume {good}" in err)
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(newest), "--out", str(tmp_path / "s.png")])
     _one_line(capsys.readouterr().err, "--ckpt",
