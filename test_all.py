@@ -3835,6 +3835,9 @@ def test_repae_train_run_improves_and_checkpoints_the_stage(tmp_path, monkeypatc
                        "opt_vae", "opt_disc", "args", "step"}
     assert ck["args"]["repae"] and ck["bn"]["num_batches_tracked"] == 30
     assert (tmp_path / "samples" / "0000030.png").exists()  # decoded by the tuned VAE
+    # the curves: SiT's loss, denoising, alignment; the VAE's reconstruction, LPIPS, alignment
+    # and the discriminator's loss
+    assert Image.open(tmp_path / "curves.png").size == (640, 7 * 160)
 
 
 def test_repae_train_resume_is_bit_exact(tmp_path, monkeypatch, cpu_only, capsys):

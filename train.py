@@ -432,6 +432,7 @@ def main(argv=None):
     mf = args.objective == "meanflow"  # its loss is weighted to ~1: its error tells progress
     curves = ("denoise",) if mf else ("loss", "denoise")
     curves += ("repa",) if args.encoder != "none" else ()
+    curves += ("rec", "lpips", "vae_align", "d_loss") if args.repae else ()  # the VAE's side
     stop, handler = catch_interrupt(world)  # Ctrl-C: this step is the last, checkpointed
     acc = torch.zeros(len(repae.LOGGED) if args.repae else 4, device=device)  # sums to log
     t0, last_log = time.time(), step
