@@ -329,9 +329,9 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
         graphs = False  # the plain step, said once
         if os.environ.get("RANK", "0") == "0":
             print("--cuda-graphs: off under DDP, --recompute and --repae for now: the plain step")
-    if args.repae and args.compile:
-        objective.compile()
     if args.repae:  # REPA-E: the stage's four phases on the images
+        if args.compile:  # its networks in place (repae.py)
+            objective.compile()
         def repae_step(x, y, lat):  # lat: None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.no_grad(), objective.amp:
