@@ -156,14 +156,14 @@ def enable(module):
 
 class GraphedStep:
     """A training step replayed from one CUDA graph: at a small batch per GPU the GPU outruns
-    Python's kernel launches. The first `warmup` calls run the step as it is, on a side stream
-    (compilation, the optimizer's lazy state); the next records it (recording runs
-    nothing) and replays it, as does every later call. The inputs go through fixed buffers, and
-    so does the learning rate: the recorded AdamW reads it from one. The random draws follow the
-    seed set before each call, as in the plain step. The output is overwritten by the next call."""
+    Python's kernel launches. The first 3 calls run the step as it is, on a side stream
+    (compilation, the optimizer's lazy state); the 4th records it (recording runs nothing) and
+    replays it, as does every later call. The inputs go through fixed buffers, and so does the
+    learning rate: the recorded AdamW reads it from one. The random draws follow the seed set
+    before each call, as in the plain step. The output is overwritten by the next call."""
 
-    def __init__(self, step, opt, warmup=3):
-        self.step, self.opt, self.warmup, self.calls = step, opt, warmup, 0
+    def __init__(self, step, opt):
+        self.step, self.opt, self.calls = step, opt, 0
         self.graph = self.inputs = self.out = None
         self.lr = torch.zeros((), device="cuda")  # the one param group's lr
 
@@ -174,7 +174,7 @@ class GraphedStep:
             if t is not None:
                 buffer.copy_(t, non_blocking=True)
         self.calls += 1
-        if self.calls <= self.warmup:
+        if self.calls <= 3:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

@@ -29,36 +29,35 @@ METRICS = ("lds", "cds", "srss", "rmsc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def token_grid(T, grid=None):
-    """(H, W) of the token grid: sqrt(T) x sqrt(T) unless given."""
-    H, W = grid or (math.isqrt(T), math.isqrt(T))
-    if H * W != T:
-        raise ValueError(f"{T} tokens do not form a {H}x{W} grid" if grid else
-                         f"{T} tokens are not a square grid: give its shape (--grid HxW)")
-    return H, W
+def grid_side(T):
+    """H of the H x H grid of T tokens: every encoder's, fed square images."""
+    H = math.isqrt(T)
+    if H * H != T:
+        raise ValueError(f"{T} tokens are not a square grid")
+    return H
 
 
 @functools.lru_cache(maxsize=8)
-def _pairs(H, W, device):
+def _pairs(H, device):
     # distance d of every token pair (T, T), row-major; its one-hot (T, T, K); counts (K,)
-    y, x = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    y, x = torch.arange(H).repeat_interleave(H), torch.arange(H).repeat(H)
     dist = ((y[:, None] - y).abs() + (x[:, None] - x).abs()).to(device)
     onehot = F.one_hot(dist).float()
     return dist, onehot, onehot.sum((0, 1)).double()
 
 
-def spatial_metrics(z, masks=None, grid=None, paper=False):
-    """Per image {metric: (B,)} of tokens z (B, T, D) on an H x W grid, d = Manhattan distance.
+def spatial_metrics(z, masks=None, paper=False):
+    """Per image {metric: (B,)} of tokens z (B, T, D) on an H x H grid, d = Manhattan distance.
     LDS: mean cos at d = 1 - at d >= 6 (paper=True, appendix B: d < H/2 - d >= H/2). CDS: minus
     the slope of mean cos vs d = 1..8. RMSC: sqrt(mean_t |u_t - mean u|^2) of unit tokens u.
     SRSS, masks (B, T) True = foreground: mean over foreground tokens of (mean cos to foreground
     4-neighbours - to background tokens at d >= 6)."""
-    H, W = token_grid(z.shape[1], grid)
+    H = grid_side(z.shape[1])
     z = z.float()  # fp32 as the official code
     n = z.norm(dim=-1).clamp(min=1e-8)  # (B, T): dividing the Gram by it spares a copy of z
     G = (z @ z.transpose(1, 2)).div_(n[:, :, None]).div_(n[:, None, :])  # cos (B, T, T)
-    dist, onehot, counts = _pairs(H, W, G.device)
-    # sum of cos per distance d = 0..H+W-2 (B, K): fp32 per row, fp64 over rows
+    dist, onehot, counts = _pairs(H, G.device)
+    # sum of cos per distance d = 0..2H-2 (B, K): fp32 per row, fp64 over rows
     sums = torch.einsum("bts,tsk->tbk", G, onehot).double().sum(0)
     near, far = (slice(1, H // 2), slice(H // 2, None)) if paper else (slice(1, 2), slice(6, None))
     far_mean = sums[:, far].sum(1) / counts[far].sum().clamp(min=1)
@@ -120,18 +119,18 @@ def load_folder(images, masks=None, n=None):
 @torch.no_grad()
 def score_encoder(name, encoder, images, masks, args, device):
     """Means {row: {metric: mean}} of raw and spatially normalised tokens; image 0's tokens."""
-    scores, first, gamma, grid = {}, None, args.spnorm_gamma, args.grid
+    scores, first, gamma = {}, None, args.spnorm_gamma
     for i in tqdm(range(0, len(images), args.batch_size), desc=name):
         z = encoder(images[i:i + args.batch_size].to(device))  # (B, T, D)
         m = None  # (B, T): any foreground pixel counts
         if masks is not None:
             m = masks[i:i + len(z), None].to(device).float()
-            m = F.adaptive_max_pool2d(m, token_grid(z.shape[1], grid)).flatten(1) > 0
+            m = F.adaptive_max_pool2d(m, grid_side(z.shape[1])).flatten(1) > 0
         rows = {name: z}
         if gamma is not None:
             rows[f"{name} +spnorm({gamma})"] = spatial_norm(z, gamma)
         for row, zz in rows.items():
-            for k, v in spatial_metrics(zz, m, grid, args.lds == "paper").items():
+            for k, v in spatial_metrics(zz, m, args.lds == "paper").items():
                 scores.setdefault(row, {}).setdefault(k, []).append(v.cpu())
         first = z[0].cpu() if first is None else first
     means = {row: {k: torch.nanmean(torch.cat(v)).item() for k, v in s.items()}
@@ -146,15 +145,15 @@ def colour(v):
     return np.stack([np.interp(v, stops, c) for c in np.transpose(viridis)], -1).astype(np.uint8)
 
 
-def draw_viz(path, image, tokens, gamma, grid, cell=112):
-    """A row per encoder of tokens {name: (T, D)}: the image, then per red point the cosine map of
-    the raw tokens, then of the spatially normalised ones; one colour scale for all."""
-    (H, W), top, P = grid, 20, 4
-    points = [(H // 2, W // 2), (H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, W // 3)]
+def draw_viz(path, image, tokens, gamma, H, cell=112):
+    """A row per encoder of tokens {name: (T, D)} on an H x H grid: the image, then per red point
+    the cosine map of the raw tokens, then of the spatially normalised ones; one colour scale."""
+    top, P = 20, 4
+    points = [(H // 2, H // 2), (H // 4, H // 4), (H // 4, 3 * H // 4), (3 * H // 4, H // 3)]
 
-    def cos(z):  # (P, H, W): each point's cosine to every token
+    def cos(z):  # (P, H, H): each point's cosine to every token
         u = F.normalize(z.float(), dim=-1)
-        return (u[[r * W + c for r, c in points]] @ u.T).view(P, H, W)
+        return (u[[r * H + c for r, c in points]] @ u.T).view(P, H, H)
     maps = {n: torch.cat([cos(z), cos(spatial_norm(z[None], gamma)[0])]) for n, z in tokens.items()}
     picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell, cell), Image.BICUBIC)
     lo = min(m.min().item() for m in maps.values())
@@ -171,7 +170,7 @@ def draw_viz(path, image, tokens, gamma, grid, cell=112):
         for k, sim in enumerate(m):
             heat = Image.fromarray(colour(((sim - lo) / (hi - lo)).numpy()))
             canvas.paste(heat.resize((cell, cell), 0), (cx(k), y))
-            px = cx(k) + (points[k % P][1] + 0.5) * cell / W
+            px = cx(k) + (points[k % P][1] + 0.5) * cell / H
             py = y + (points[k % P][0] + 0.5) * cell / H
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill="red", outline="white")
     bar = colour(np.linspace(1, 0, canvas.height - top - 24)[:, None].repeat(12, 1))
@@ -230,11 +229,6 @@ def draw_scatter(path, corr, gfid, size=240, pad=36):
     canvas.save(path)
 
 
-def HxW(text):  # the argparse type of --grid: "16x12" -> (16, 12)
-    h, w = text.lower().split("x")
-    return int(h), int(w)
-
-
 def main(argv=None):
     p = Parser(__doc__)
     add = p.add_argument
@@ -244,7 +238,6 @@ def main(argv=None):
     add("--masks", help="SRSS masks of flat --images: same file names, non-zero = foreground")
     add("--num-images", type=at_least(1), default=1000, help="the first readable ones are scored")
     add("--batch-size", type=at_least(1), default=100, help="images per encoder forward")
-    add("--grid", type=HxW, help="token grid HxW if not square, e.g. 16x12")
     add("--lds", choices=("code", "paper"), default="code",
         help="near vs far: d = 1 vs d >= 6 (official code), d < H/2 vs d >= H/2 (appendix B)")
     add("--spnorm-gamma", type=float, help="also score spatially normalised tokens (0.6, 0.8)")
@@ -271,8 +264,7 @@ def main(argv=None):
              f"--save {args.save}: must end in .csv or .json"),
             (args.fid_table and len(in_table) < 3, "--fid-table: need >= 3 of the scored encoders"),
             *[(w not in (None, "random") and not Path(w).is_file(),
-               f"--encoder-weights {w} (for {name}): no such file")
-              for name, w in zip(names, weights)],
+               f"--encoder-weights {w}: no such file") for w in weights],
         ]:
             if bad:
                 p.error(message)
@@ -306,7 +298,7 @@ def main(argv=None):
         Path(args.save).write_text("".join(",".join(map(str, row)) + "\n" for row in table))
     if args.viz:
         gamma = 0.6 if gamma is None else gamma
-        draw_viz(args.viz, images[0], first, gamma, token_grid(len(first[names[0]]), args.grid))
+        draw_viz(args.viz, images[0], first, gamma, grid_side(len(first[names[0]])))
     if args.fid_table:
         corr, gfid = fid_correlations(fid_rows, means)
         print(f"\nPearson r with gFID ({len(gfid)} encoders):",

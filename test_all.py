@@ -2556,13 +2556,11 @@ def _metrics_bruteforce(z, H, W, near, far):
 
 
 def test_metrics_match_bruteforce_loops():
-    z = torch.randn(2, 30, 8) + _metrics_smooth(2, 6, 8)[:, :30]  # a 5x6 grid, not square
+    z = torch.randn(2, 36, 8) + _metrics_smooth(2, 6, 8)  # a 6x6 grid
     for b in range(2):
-        want_lds, want_cds = _metrics_bruteforce(z[b], 5, 6, near=1, far=6)
-        assert (metrics.spatial_metrics(z, grid=(5, 6))["lds"][b].item()
-                == pytest.approx(want_lds, abs=1e-6))
-        assert (metrics.spatial_metrics(z, grid=(5, 6))["cds"][b].item()
-                == pytest.approx(want_cds, abs=1e-6))
+        want_lds, want_cds = _metrics_bruteforce(z[b], 6, 6, near=1, far=6)
+        assert metrics.spatial_metrics(z)["lds"][b].item() == pytest.approx(want_lds, abs=1e-6)
+        assert metrics.spatial_metrics(z)["cds"][b].item() == pytest.approx(want_cds, abs=1e-6)
     z = _metrics_smooth(2, 8, 16) + 0.5 * torch.randn(2, 64, 16)
     # appendix B: 0 < d < H/2 vs d >= H/2
     want_paper, _ = _metrics_bruteforce(z[0], 8, 8, near=3, far=4)
@@ -2571,9 +2569,8 @@ def test_metrics_match_bruteforce_loops():
 
 
 def test_metrics_srss_matches_bruteforce_loop():
-    H, W = 5, 6
-    z, fg = (torch.randn(1, H * W, 8) + _metrics_smooth(1, 6, 8)[:, :H * W],
-             torch.rand(1, H * W) > 0.4)
+    H = W = 6
+    z, fg = torch.randn(1, H * W, 8) + _metrics_smooth(1, 6, 8), torch.rand(1, H * W) > 0.4
     deltas = []
     for t in range(H * W):
         if not fg[0, t]:
@@ -2585,8 +2582,7 @@ def test_metrics_srss_matches_bruteforce_loop():
         if pos and neg:
             deltas.append(np.mean(pos) - np.mean(neg))
     assert len(deltas) > 3
-    assert (metrics.spatial_metrics(z, fg, grid=(H, W))["srss"].item()
-            == pytest.approx(np.mean(deltas), abs=1e-6))
+    assert metrics.spatial_metrics(z, fg)["srss"].item() == pytest.approx(np.mean(deltas), abs=1e-6)
 
 
 def test_metrics_smooth_field_is_structured():
@@ -2655,13 +2651,10 @@ def test_metrics_masks_only_add_srss():
         torch.testing.assert_close(out[k], v)
 
 
-def test_metrics_grid_must_be_square_or_given():
-    z = torch.randn(2, 12, 8)
-    with pytest.raises(ValueError, match="not a square grid.*--grid"):
-        metrics.spatial_metrics(z)
-    with pytest.raises(ValueError, match="do not form a 5x3 grid"):
-        metrics.spatial_metrics(z, grid=(5, 3))
-    assert metrics.spatial_metrics(z, grid=(3, 4))["lds"].shape == (2,)
+def test_metrics_grid_must_be_square():
+    # every encoder, fed square images, gives a square grid
+    with pytest.raises(ValueError, match="12 tokens are not a square grid"):
+        metrics.spatial_metrics(torch.randn(2, 12, 8))
 
 
 def test_metrics_pearson_with_gfid(tmp_path):
@@ -2787,7 +2780,6 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--encoder", name, "--images", str(tmp_path / "empty")], "no readable image in")
     fails(["--encoder", name, "--masks", str(tmp_path / "mask")], "--masks needs --images")
     fails(["--encoder", name, "--encoder-weights", "a", "b"], "one value or one per encoder")
-    fails(["--encoder", name, "--grid", "16"], "argument --grid: invalid HxW value: '16'")
     fails(["--encoder", name, "--batch-size", "0"], "must be at least 1")
     (tmp_path / "mask" / "im1.png").rename(tmp_path / "mask" / "other.png")
     fails(["--encoder", name, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask")],
@@ -2800,8 +2792,6 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(metrics, "load_encoder", lambda *a, **k: enc)
     fails(["--encoder", name, "--images", str(tmp_path / "img")],
           "200 tokens are not a square grid")
-    fails(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "8x8"],
-          "200 tokens do not form a 8x8 grid")
     fails(["--encoder", name, "--viz", str(tmp_path / "no" / "v.png")], "--viz")
     (tmp_path / "bad.csv").write_text("encoder,gfid\nx,abc\n")
     fails(["--fid-table", str(tmp_path / "bad.csv")],
@@ -2811,8 +2801,6 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "two.csv").write_text("encoder,gfid\n" + "".join(
         f"{n},{i}\n" for i, n in enumerate(metrics.ENCODERS) if i < 2))
     fails(["--fid-table", str(tmp_path / "two.csv")], "need >= 3 of the scored encoders")
-    metrics.main(["--encoder", name, "--images", str(tmp_path / "img"), "--grid", "10x20"])
-    assert "LDS" in capsys.readouterr().out
 
 
 def _metrics_error_line(err):
@@ -2830,7 +2818,7 @@ def test_metrics_missing_encoder_weights_is_one_line(tmp_path, monkeypatch, caps
     _metrics_write_images(tmp_path / "img", tmp_path / "mask", n=2)
     images = ["--images", str(tmp_path / "img")]
     two = ["dino-vit-s", "dinov2-vit-b", "--encoder-weights", "random", "/nonexistent.pth", *images]
-    path = "--encoder-weights /nonexistent.pth (for dinov2-vit-b): no such file"
+    path = "--encoder-weights /nonexistent.pth: no such file"
     hub = ("encoder dinov2-vit-b: weights "
            "timm/vit_base_patch14_dinov2.lvd142m/model.safetensors are not")
     # hub weights: missing as the encoder loads
