@@ -1,5 +1,4 @@
-"""Images, generated shapes, prepared data, checkpoints, sample shards and flags for the scripts
-(train.py, sample.py, metrics.py): nothing here is iREPA."""
+"""Images, generated shapes, prepared data, checkpoints, sample shards, flags: none of it iREPA."""
 import argparse
 import contextlib
 import glob
@@ -44,9 +43,8 @@ def center_crop(pil, size):
 
 
 def save_grid(images, path):
-    """uint8 images (N, H, W, 3) or (N, 3, H, W) as one PNG of ceil(sqrt(N)) columns."""
+    """uint8 images (N, H, W, 3) as one PNG of ceil(sqrt(N)) columns."""
     x = torch.as_tensor(images)
-    x = x if x.shape[3] == 3 else x.permute(0, 2, 3, 1)
     n, h, w, _ = x.shape
     cols = math.ceil(math.sqrt(n))
     grid = x.new_zeros(math.ceil(n / cols) * h, cols * w, 3)  # other dtypes: PIL refuses

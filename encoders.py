@@ -250,7 +250,7 @@ class _Mid(nn.Module):  # diffusers' UNetMidBlock2D
 
 
 class _Level(nn.Module):  # diffusers' DownEncoderBlock2D / UpDecoderBlock2D
-    def __init__(self, cin, c, n, groups, sampler=None):
+    def __init__(self, cin, c, n, groups, sampler):
         super().__init__()
         self.resnets = nn.Sequential(*[_Resnet(cin if i == 0 else c, c, groups) for i in range(n)])
         self.sampler = sampler

@@ -2192,8 +2192,8 @@ def test_sample_sde_of_the_exact_model_reproduces_the_data():
 
 def test_sample_save_grid_layout(tmp_path):
     imgs = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 4, 3).contiguous() * 40
-    for layout in (imgs, imgs.permute(0, 3, 1, 2).numpy()):
-        data.save_grid(layout, tmp_path / "g.png")
+    for images in (imgs, imgs.numpy()):  # train.py's grid passes a tensor, sample.py's an array
+        data.save_grid(images, tmp_path / "g.png")
         g = np.asarray(Image.open(tmp_path / "g.png"))
         assert g.shape == (4, 12, 3)  # 5 images -> 3 columns, 2 rows of 2x4 tiles
         assert g[2, 4, 0] == 4 * 40 and g[0, 8, 0] == 2 * 40 and g[3, 11, 0] == 0
