@@ -2,11 +2,8 @@
 REPA-E (Leng et al. 2025, arXiv 2504.10483): the SD-VAE trains end to end with the SiT.
 The diffusion loss alone would collapse the latents, so only the alignment loss (REPA or
 iREPA, through the frozen SiT) reaches the VAE, beside its reconstruction losses. A
-BatchNorm on the latents replaces the fixed scale and shift. One step, four phases:
-  1. VAE forward: posterior, sampled latents z, reconstruction;
-  2. VAE update: L1 + LPIPS + KL + GAN + alignment through the frozen SiT (via z);
-  3. discriminator update: hinge loss on the detached reconstruction;
-  4. SiT update: denoising + alignment on z.detach() through the latent BatchNorm.
+BatchNorm on the latents replaces the fixed scale and shift. Stage.step's four phases:
+VAE forward, VAE update, discriminator update, SiT update (on the detached latents).
 
     torchrun --nproc_per_node=8 train.py --repae --encoder dinov2-vit-b --irepa ...  # README
     python repae.py export --ckpt out/RUN --out e2e-vae.pt  # the tuned VAE, for train.py
@@ -15,6 +12,7 @@ import contextlib
 import copy
 import os
 import warnings
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -25,9 +23,8 @@ import align
 import encoders
 from data import Parser, fitting, read_weights, readable_checkpoint
 
-# The official loss configuration (l1_lpips_kl_gan.yaml): L1 weight 1, the GAN on from
-# step 0 with a constant weight (no adaptive weight), no LeCam term.
-PERCEPTUAL_WEIGHT = 1.0
+# The official loss configuration (l1_lpips_kl_gan.yaml): L1 and LPIPS weight 1, the GAN on
+# from step 0 with a constant weight (no adaptive weight), no LeCam term.
 KL_WEIGHT = 1e-6
 GAN_WEIGHT = 0.1
 
@@ -36,32 +33,27 @@ GAN_WEIGHT = 0.1
 
 
 class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018): five VGG16 ReLU outputs, unit-normalised per position;
-    their squared differences weighted per channel (1x1 conv), averaged over positions,
-    summed. VGG16's names (features.N.*) as torchvision's and timm's: their files load."""
+    """LPIPS (Zhang et al. 2018) on five VGG16 ReLU outputs. VGG16's names (features.N.*) as
+    torchvision's and timm's: their files load."""
 
     def __init__(self, widths=(64, 128, 256, 512, 512)):
         super().__init__()
         layers, c = [], 3
-        for i, (w, convs) in enumerate(zip(widths, (2, 2, 3, 3, 3))):
-            if i > 0:
-                layers.append(nn.MaxPool2d(2, 2))
+        for w, convs in zip(widths, (2, 2, 3, 3, 3)):
+            layers.append(nn.MaxPool2d(2, 2))
             for _ in range(convs):
                 layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True)]
                 c = w
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers[1:])  # a pool between blocks, none before
         self.lins = nn.ModuleList([nn.Conv2d(w, 1, 1, bias=False) for w in widths])
         # LPIPS's ScalingLayer: ImageNet's mean and std in [-1, 1] units
-        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
-        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
-        self.register_buffer("shift", shift, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        for name, v in (("shift", [-0.030, -0.088, -0.188]), ("scale", [0.458, 0.448, 0.450])):
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
 
     def forward(self, a, b):
-        # a, b: images (B, 3, H, W) in [-1, 1] -> distances (B,)
-        a, b = 2 * a - 1, 2 * b - 1  # as REPA-E, which meant it for images in [0, 1]
-        h = (torch.cat([a, b]) - self.shift) / self.scale  # one VGG pass for both
+        # a, b: images (B, 3, H, W) in [-1, 1] -> distances (B,); 2x - 1 as REPA-E (for [0, 1])
+        h = (2 * torch.cat([a, b]) - 1 - self.shift) / self.scale  # one VGG pass for both
         taps = []
         for layer in self.features:
             if isinstance(layer, nn.MaxPool2d):  # relu1_2 ... relu4_3
@@ -83,7 +75,7 @@ def load_lpips(vgg, lin):
         warnings.warn("REPA-E's LPIPS has RANDOM weights (tests only)")
     if vgg != "random":
         sd = read_weights(vgg, "--repae-vgg")
-        with fitting(vgg, "--repae-vgg"):  # a key or shape that does not fit: one line
+        with fitting(vgg, "--repae-vgg"):
             lpips.features.load_state_dict(
                 {k[9:]: v for k, v in sd.items() if k.startswith("features.")})
     if lin != "random":
@@ -98,15 +90,13 @@ class PatchGAN(nn.Module):
     """taming-transformers' NLayerDiscriminator (pix2pix's PatchGAN, BatchNorm): a logit
     per overlapping patch, (B, 3, H, W) -> (B, 1, H/8 - 2, W/8 - 2). Official names."""
 
-    def __init__(self, ndf=64, n_layers=3):
+    def __init__(self, ndf=64):
         super().__init__()
-        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
-        for n in range(1, n_layers + 1):  # widths x2 up to 8 ndf; the last: stride 1
-            w = ndf * min(2 ** n, 8)
-            conv = nn.Conv2d(c, w, 4, 2 if n < n_layers else 1, 1, bias=False)
-            layers += [conv, nn.BatchNorm2d(w), nn.LeakyReLU(0.2, True)]
-            c = w
-        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for c, w, stride in ((1, 2, 2), (2, 4, 2), (4, 8, 1)):  # widths in ndf; n_layers 3
+            layers += [nn.Conv2d(c * ndf, w * ndf, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(w * ndf), nn.LeakyReLU(0.2, True)]
+        self.main = nn.Sequential(*layers, nn.Conv2d(8 * ndf, 1, 4, 1, 1))
         for m in self.modules():  # the official init (conv biases keep PyTorch's)
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -118,7 +108,7 @@ class PatchGAN(nn.Module):
         return self.main(x)
 
 
-def load_discriminator(path=None):
+def load_discriminator(path):
     """The official random init, or a file of main.N.* tensors (the official
     sdvae-f8d4-discriminator-ckpt.pt, or a REPA-E checkpoint's "discriminator")."""
     disc = PatchGAN()
@@ -132,11 +122,9 @@ def load_discriminator(path=None):
 
 
 def latent_stats(bn_state):
-    """A latent BatchNorm's statistics as a --vae-stats file, each (1, 4, 1, 1):
-    scale = 1 / sqrt(var) (no eps, as the official export), bias = mean."""
-    var, mean = bn_state["running_var"], bn_state["running_mean"]
-    return dict(latents_scale=var.rsqrt().view(1, -1, 1, 1),
-                latents_bias=mean.view(1, -1, 1, 1))
+    """A latent BatchNorm's statistics as a --vae-stats file (no eps, as the official export)."""
+    return dict(latents_scale=bn_state["running_var"].rsqrt().view(1, -1, 1, 1),
+                latents_bias=bn_state["running_mean"].view(1, -1, 1, 1))
 
 
 def sampling_vae(vae, bn_state):
@@ -178,10 +166,8 @@ LOGGED = ("loss", "denoise", "repa", "grad_norm", "vae_loss", "rec", "lpips", "k
 
 
 class Stage:
-    """REPA-E's training state: SiT and projector, the SD-VAE (trained now), the latent
-    BatchNorm, LPIPS, the discriminator, three AdamW optimisers, the EMA of the SiT and
-    of its BatchNorm (for sampling and the export: the VAE's scale and shift follow it).
-    step() trains; parts() are what a checkpoint holds."""
+    """REPA-E's training state; step() trains, parts() are what a checkpoint holds. The VAE's
+    scale and shift follow the EMA of the latent BatchNorm (for sampling and the export)."""
 
     def __init__(self, net, proj, vae, lpips, disc, *, align_depth, gamma, coeff,
                  vae_coeff=1.5, lr=1e-4, vae_lr=1e-4, disc_lr=1e-4, ema_decay=0.9999,
@@ -201,17 +187,14 @@ class Stage:
         self.ema_net = copy.deepcopy(net).requires_grad_(False)
         self.ema_bn = copy.deepcopy(self.bn)
         # AdamW for all three: betas (0.9, 0.999), no weight decay (official)
-        fused = vae.latent_scale.is_cuda
-        params = [*net.parameters(), *proj.parameters()]
-        self.opt = torch.optim.AdamW(params, lr, weight_decay=0.0, fused=fused)
-        self.opt_vae = torch.optim.AdamW(vae.parameters(), vae_lr, weight_decay=0.0, fused=fused)
-        self.opt_disc = torch.optim.AdamW(disc.parameters(), disc_lr, weight_decay=0.0,
-                                          fused=fused)
+        adamw = partial(torch.optim.AdamW, weight_decay=0.0, fused=vae.latent_scale.is_cuda)
+        self.opt = adamw([*net.parameters(), *proj.parameters()], lr)
+        self.opt_vae = adamw(vae.parameters(), vae_lr)
+        self.opt_disc = adamw(disc.parameters(), disc_lr)
 
     def update(self, opt, loss):
-        """Backward, clip opt's gradients, step; returns their norm before clipping."""
         loss.backward()
-        params = [p for group in opt.param_groups for p in group["params"]]
+        params = opt.param_groups[0]["params"]
         average([p.grad for p in params if p.grad is not None])  # torchrun: as DDP
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # official max_grad_norm
         opt.step()
@@ -219,8 +202,7 @@ class Stage:
         return norm
 
     def step(self, x, y, target):
-        """x: uint8 images (B, 3, R, R), y: labels (B,), dropped here for the SiT pass
-        only, target: encoder tokens (B, T, Dz). Returns {LOGGED name: value}, detached."""
+        """x: uint8 images (B, 3, R, R), y: labels (B,), target: encoder tokens (B, T, Dz)."""
         img = x.float() / 127.5 - 1                          # (B, 3, R, R) in [-1, 1]
         B = img.shape[0]
 
@@ -247,8 +229,8 @@ class Stage:
         perceptual = self.lpips(img, recon).mean()
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum() / B  # per image
         gan = -self.disc(recon).mean()  # train mode: batch statistics
-        vae_loss = (rec + PERCEPTUAL_WEIGHT * perceptual + KL_WEIGHT * kl
-                    + GAN_WEIGHT * gan + self.vae_coeff * vae_align)
+        vae_loss = (rec + perceptual + KL_WEIGHT * kl + GAN_WEIGHT * gan
+                    + self.vae_coeff * vae_align)
         norm_vae = self.update(self.opt_vae, vae_loss)
 
         # 3. Discriminator update, hinge loss; real and fake in separate calls, each with
@@ -262,9 +244,8 @@ class Stage:
         # the BatchNorm uses batch statistics and updates its running ones
         self.net.requires_grad_(True)
         self.proj.requires_grad_(True)
-        with torch.no_grad():
-            zn = batch_norm(self.bn, z.detach())
-        drop = torch.rand(B, device=y.device) < 0.1  # label dropout for CFG
+        zn = batch_norm(self.bn, z.detach())
+        drop = torch.rand(B, device=y.device) < 0.1  # label dropout for CFG, SiT pass only
         y = torch.where(drop, self.net.num_classes, y)
         with self.amp:
             out, h = self.net((1 - tt) * zn + tt * noise, t, y, self.depth)
@@ -285,12 +266,11 @@ class Stage:
     @torch.no_grad()
     def update_ema(self):
         # every SiT parameter and the BatchNorm's statistics (official update_ema)
-        bn, ema_bn = self.bn, self.ema_bn
-        live = [*self.net.parameters(), bn.running_mean, bn.running_var]
-        ema = [*self.ema_net.parameters(), ema_bn.running_mean, ema_bn.running_var]
+        live = [*self.net.parameters(), self.bn.running_mean, self.bn.running_var]
+        ema = [*self.ema_net.parameters(), self.ema_bn.running_mean, self.ema_bn.running_var]
         torch._foreach_lerp_(ema, live, 1 - self.decay)
-        ema_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
-        sampling_vae(self.vae, ema_bn.state_dict())
+        self.ema_bn.num_batches_tracked.copy_(self.bn.num_batches_tracked)
+        sampling_vae(self.vae, self.ema_bn.state_dict())
 
     def parameters(self):  # train.py's check that the replicas agree
         return [p for m in (self.net, self.proj, self.vae, self.disc) for p in m.parameters()]
@@ -307,7 +287,6 @@ class Stage:
 
 
 def add_args(p):
-    """REPA-E's flags, for train.py's parser."""
     p.add_argument("--repae", action="store_true",
                    help="REPA-E: tune the SD-VAE end to end (repae.py)")
     p.add_argument("--repae-vgg", help="LPIPS's VGG16 file (timm's vgg16.tv_in1k or "
@@ -322,7 +301,6 @@ def add_args(p):
 
 
 def build(args, net, projector, vae):
-    """The stage from train.py's flags, network, projector and VAE (on their device)."""
     if vae.encoder is None:
         raise RuntimeError(f"REPA-E trains the VAE's encoder: --vae-weights "
                            f"{args.vae_weights} is a decoder-only file")
