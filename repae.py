@@ -33,8 +33,9 @@ GAN_WEIGHT = 0.1
 
 
 class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018) on five VGG16 ReLU outputs. VGG16's names (features.N.*) as
-    torchvision's and timm's: their files load."""
+    """LPIPS (Zhang et al. 2018): five VGG16 ReLU outputs, unit-normalised per position; their
+    squared differences weighted per channel (1x1 conv), averaged over positions, summed.
+    VGG16's names (features.N.*) as torchvision's and timm's: their files load."""
 
     def __init__(self, widths=(64, 128, 256, 512, 512)):
         super().__init__()
