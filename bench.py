@@ -46,7 +46,7 @@ def bench_train(argv):
     device, rank, world = setup_device()
     train.check_run(args, world)
     objective, encoder, vae, emas, opt = train.build(args, device)
-    loader = train.load_data(args, None if args.repae else vae, device, rank, world, 0)
+    loader = train.load_data(args, vae, device, rank, world, 0)
     if device.type == "cuda":  # the peak of training, not of encoding the generated images
         torch.cuda.reset_peak_memory_stats()
     # FLOPs per image (network forward and backward, encoder forward), before --recompute is on

@@ -33,7 +33,7 @@ def check_run(args, world):
     grid, want, align_to = args.image_size // token_px, args.image_size // 16, args.encoder
     with torch.device("meta"):  # the network's depth, without its weights
         blocks = len(build_model(args.model).blocks)
-    run = [f for f in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
+    run = any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("checkpoints", "log.jsonl"))
     mf = args.objective == "meanflow"
     eager_bf16 = args.precision == "bf16" and not args.compile and torch.cuda.is_available()
     if args.data_path and os.path.isdir(args.data_path):  # labels 0..C-1: the class folders
@@ -56,7 +56,6 @@ def check_run(args, world):
         (mf and eager_bf16, "--objective meanflow: eager bf16 attention fails under jvp on a GPU: "
          "keep --compile or pass --precision fp32"),
         (mf and args.recompute, "--objective meanflow: --recompute cannot replay jvp tangents"),
-        (mf and not 0 <= args.mf_ratio <= 1, "--mf-ratio: give a fraction in [0, 1]"),
         (mf and args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
         (args.repae and (mf or align_to == "none" or not in_latent_space(args.model)),
          "--repae trains SiT-*/N (flow) with an --encoder"),
@@ -103,15 +102,16 @@ def resumed(p, argv, path):
     return args
 
 
-def open_run(args, num_params, step, world, device):
+def open_run(args, opt, step, world, device):
     """Says what runs in a few lines, readies the run folder (--start-over moves an old run
-    aside) and writes every setting into its args.json."""
+    aside), writes every setting into its args.json; --wandb's run, or None."""
     method, gamma = "none", args.spnorm_gamma
     if args.encoder != "none":
         method = (f"{'iREPA' if args.irepa else 'REPA'} to {args.encoder} after block "
                   f"{args.encoder_depth}: {args.proj} projector, coeff {args.proj_coeff}, "
                   f"spatial norm {'off' if gamma is None else f'gamma {gamma}'}")
     method += ", REPA-E" * args.repae
+    num_params = sum(p.numel() for p in opt.param_groups[0]["params"])
     print(f"model: {args.model} ({args.objective}), {num_params:,} trainable parameters")
     print(f"data: {args.data_path} (prepared in {args.prepared_dir})" if args.data_path else
           f"data: {args.num_generated} generated shapes, the offline demo's data (no "
@@ -130,6 +130,10 @@ def open_run(args, num_params, step, world, device):
     with open(path + ".tmp", "w") as f:  # whole or absent, as the checkpoints
         json.dump(vars(args), f, indent=1, default=str)
     os.replace(path + ".tmp", path)
+    if args.wandb:
+        import wandb  # optional: check_run refused --wandb without it
+        return wandb.init(project=args.wandb, dir=args.out_dir, config=vars(args),
+                          name=os.path.basename(os.path.abspath(args.out_dir)))
 
 
 def catch_interrupt(world):

@@ -161,6 +161,13 @@ def decays(text):
     return values
 
 
+def fraction(text):
+    """--mf-ratio's type: a number in [0, 1]."""
+    if not 0 <= float(text) <= 1:
+        raise argparse.ArgumentTypeError(f"give a fraction in [0, 1], got {text}")
+    return float(text)
+
+
 def gamma(text):
     """--spnorm-gamma's type: a negative value switches the spatial norm off."""
     return None if float(text) < 0 else float(text)
@@ -202,7 +209,7 @@ def get_args(argv=None):
         "loss; meanflow: MeanFlow's average velocity (SiT), sampled in one step")
     add("--mf-time", type=float, nargs=2, default=MeanFlow.time, metavar=("MEAN", "STD"),
         help="MeanFlow: t, r ~ logit-normal(MEAN, STD)")
-    add("--mf-ratio", type=float, default=MeanFlow.ratio, help="MeanFlow: the share of r != t")
+    add("--mf-ratio", type=fraction, default=MeanFlow.ratio, help="MeanFlow: the share of r != t")
     add("--mf-omega", type=float, default=MeanFlow.omega, help="MeanFlow guidance: omega")
     add("--mf-kappa", type=float, default=MeanFlow.kappa, help="MeanFlow guidance: kappa")
     add("--mf-interval", type=float, nargs=2, default=MeanFlow.interval, metavar=("LOW", "HIGH"),
@@ -219,8 +226,7 @@ def get_args(argv=None):
     add("--spnorm-gamma", type=gamma, help="spatial norm (default: align.py's; negative: off)")
     add("--proj-coeff", type=float, help="weight of the alignment loss (default: align.py's)")
     add("--encoder-depth", type=at_least(1), help="align after block N (default: 4 S/B, else 8)")
-    add("--data-path", help=f"class folders (default: {IMAGENET} if it exists and --model or "
-        "--encoder is given; the demos: generated shapes)")
+    add("--data-path", help=f"class folders (default for paper runs: {IMAGENET}, if there)")
     add("--prepared-dir", help="prepared arrays (default: beside the run folder)")
     add("--num-classes", type=at_least(1), help="default: 1000 with --data-path, else 10")
     add("--num-generated", type=at_least(1), help="generated images (default: 2000 in the demos)")
@@ -233,10 +239,9 @@ def get_args(argv=None):
     add("--ckpt-every", type=at_least(1), default=50_000, help="checkpoint every N steps")
     add("--sample-every", type=at_least(0), default=10_000, help="sample grid every N (0: never)")
     add("--out-dir", help="run folder (default: out/MODEL-ENCODER[-METHOD][-repae][-meanflow])")
-    new_or_old = p.add_mutually_exclusive_group()  # one line, not two runs' settings mixed
-    new_or_old.add_argument("--start-over", action="store_true",
-                            help="move a run in --out-dir aside first")
-    new_or_old.add_argument("--resume", help="a run folder (its newest checkpoint) or a checkpoint")
+    new_or_old = p.add_mutually_exclusive_group().add_argument  # not two runs' settings mixed
+    new_or_old("--start-over", action="store_true", help="move a run in --out-dir aside first")
+    new_or_old("--resume", help="a run folder (its newest checkpoint) or a checkpoint")
     add("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     cuda = torch.cuda.is_available()
     add("--compile", action=argparse.BooleanOptionalAction, default=cuda,
@@ -299,7 +304,8 @@ def build(args, device):
 
 def load_data(args, vae, device, rank, world, start):
     """This rank's batches of steps start..--steps: --data-path's arrays (prepared on first
-    use) or generated shapes (SiT: with their VAE posterior; REPA-E passes no VAE)."""
+    use) or generated shapes (SiT: with their VAE posterior; REPA-E: none)."""
+    vae = None if args.repae else vae
     if args.data_path:
         images, labels, latents = prepared_arrays(args.data_path, args.prepared_dir,
                                                   args.image_size, vae, vae_name(args), device,
@@ -325,10 +331,10 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     net.recompute = args.recompute  # activation checkpoints in the first N blocks
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
     graphs = args.cuda_graphs and device.type == "cuda"
-    if graphs and (world > 1 or args.recompute or args.repae):  # not checked on a GPU yet:
-        graphs = False  # the plain step, said once
-        if os.environ.get("RANK", "0") == "0":
-            print("--cuda-graphs: off under DDP, --recompute and --repae for now: the plain step")
+    if graphs and (world > 1 or args.recompute or args.repae):  # not checked on a GPU yet
+        graphs = False
+        if os.environ.get("RANK", "0") == "0":  # said once
+            print("--cuda-graphs: off under DDP, --recompute and --repae for now")
     if args.repae:  # REPA-E: the stage's four phases on the images
         if args.compile:  # its networks in place (repae.py)
             objective.compile()
@@ -339,14 +345,13 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
             return torch.stack(list(objective.step(x, y, target).values())).float()
         return repae_step
     model = objective
-    if world > 1:
+    if world > 1:  # compiled: one graph, as overlapping NCCL with the backward costs more
+        torch._dynamo.config.optimize_ddp = False
         model = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-    if world > 1 and args.compile:  # one graph: overlapping NCCL with the backward costs more
-        torch._dynamo.config.optimize_ddp = False
     model = torch.compile(model) if args.compile else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     trainable = [p for p in net.parameters() if p.requires_grad]  # frozen pos-embed: no EMA
     ema_params = [[e for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad]
                   for ema in emas]
@@ -390,9 +395,8 @@ def sample_grid(ema, vae, args, step, device):
         mode, steps = "meanflow", 1
     tqdm.write(f"sampling {len(y)} images from the EMA for {path} ({steps} steps)")
     gen = torch.Generator(device).manual_seed(args.seed)
-    images = generate(ema.eval(), y, family, vae, mode=mode, num_steps=steps,
-                      noise_scale=noise_std(family, args.image_size), generator=gen,
-                      progress=True)
+    images = generate(ema.eval(), y, family, vae, mode=mode, num_steps=steps, generator=gen,
+                      noise_scale=noise_std(family, args.image_size), progress=True)
     save_grid(images, path)
 
 # -----------------------------------------------------------------------------
@@ -404,31 +408,22 @@ def main(argv=None):
     device, rank, world = setup_device()
     check_run(args, world)
     objective, encoder, vae, emas, opt = build(args, device)
-    net, step = objective.net, 0
-    log = os.path.join(args.out_dir, "log.jsonl")
-    # what a checkpoint holds, by key (REPA-E: its VAE, BatchNorms, discriminator and AdamWs too)
-    parts = dict(model=net, opt=opt, proj=objective.proj, **dict(zip(("ema", "ema2"), emas)))
-    parts = objective.parts() if args.repae else parts
+    step, log = 0, os.path.join(args.out_dir, "log.jsonl")
+    # what a checkpoint holds, by key (no projector without an encoder; REPA-E: repae.py)
+    parts = dict(zip(("ema", "ema2"), emas), model=objective.net, opt=opt, proj=objective.proj)
+    parts = objective.parts() if args.repae else {k: v for k, v in parts.items() if v is not None}
     if args.resume:  # the run's weights and optimiser; its log cut back to the checkpoint
         ck = read_weights(args.resume, "--resume")
         for key, part in parts.items():
-            if part is not None:  # no projector without an encoder
-                part.load_state_dict(ck[key])
+            part.load_state_dict(ck[key])
         step = ck["step"]
         if rank == 0 and os.path.exists(log):
             trim_log(log, step)
-    loader = load_data(args, None if args.repae else vae, device, rank, world, step)
+    loader = load_data(args, vae, device, rank, world, step)
     train_step = make_step(args, objective, encoder, vae, emas, opt, device, world)
     warmup = args.warmup_steps
-    if warmup is None:  # 5 epochs
-        warmup = 5 * (loader.dataset.n // args.batch_size)
-    if rank == 0:  # the one process that writes log, samples and checkpoints
-        open_run(args, sum(p.numel() for p in opt.param_groups[0]["params"]), step, world, device)
-    board = None  # --wandb: the log's records go to Weights & Biases too
-    if rank == 0 and args.wandb:
-        import wandb  # optional; check_run refused --wandb without it
-        board = wandb.init(project=args.wandb, dir=args.out_dir, config=vars(args),
-                           name=os.path.basename(os.path.abspath(args.out_dir)))
+    warmup = 5 * (loader.dataset.n // args.batch_size) if warmup is None else warmup  # JiT's
+    board = open_run(args, opt, step, world, device) if rank == 0 else None  # --wandb's run
     mf = args.objective == "meanflow"  # its loss is weighted to ~1: its error tells progress
     curves = ("denoise",) if mf else ("loss", "denoise")
     curves += ("repa",) if args.encoder != "none" else ()
@@ -474,8 +469,7 @@ def main(argv=None):
             save_curves(log, os.path.join(args.out_dir, "curves.png"), curves)
         if step % args.ckpt_every == 0 or last:
             if rank == 0:
-                state = {k: None if part is None else part.state_dict()
-                         for k, part in parts.items()}
+                state = {k: part.state_dict() for k, part in parts.items()}
                 state.update(args=vars(args), step=step)
                 save_checkpoint(state, os.path.join(args.out_dir, "checkpoints", f"{step:07d}.pt"))
             if world > 1:
