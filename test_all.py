@@ -1118,6 +1118,13 @@ def test_train_builds_the_objective_with_gamma_and_coeff_where_the_flags_say(tmp
     assert (objective.gamma, objective.coeff, objective.align_depth) == (0.3, 2.5, 2)
 
 
+def test_train_jit_noise_std_from_512_px_is_the_one_sampling_uses(tmp_path):
+    # the JiT recipe's noise std 2 from 512 px, in training as in sample.py and the grids
+    for size, std in ((256, 1.0), (512, 2.0)):
+        args, objective, *_ = _built(tmp_path, "--image-size", str(size), "--num-generated", "8")
+        assert objective.noise_scale == std == model.noise_std("jit", size)
+
+
 def test_train_jit_loss_is_the_velocity_error_clamped_near_t_one(monkeypatch):
     # t = sigmoid(0.8 n - 0.8) for chosen n: 1 - t is 0.057 for n 4.5, under 0.05 for n 6 and 8
     torch.manual_seed(0)
