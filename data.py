@@ -404,7 +404,10 @@ def at_least(least, kind=int):
 
 
 def check_writable(parser, outputs):
-    """argparse error unless the folder of every given output (flag, path) is writable."""
+    """argparse error unless every given output (flag, path) is new and its folder writable: a
+    file a user made is never overwritten."""
     for flag, path in outputs:
+        if path and os.path.exists(path):
+            parser.error(f"{path} exists already: pass another {flag} (or move it away)")
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             parser.error(f"{flag} {path}: its folder does not exist or is not writable")

@@ -361,8 +361,10 @@ def main(argv=None):
     add("--batch-size", type=int, default=250, help="images per forward (per GPU)")
     args = p.parse_args(argv)
     outputs = {"--json": args.json, "--save-stats": args.save_stats}
-    why = [f"{flag} {path}: its folder is not writable" for flag, path in outputs.items()
-           if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)]
+    taken = [f"{path} exists already: pass another {flag}" for flag, path in outputs.items()
+             if path and os.path.exists(path)]  # a file a user made is never overwritten
+    why = taken + [f"{flag} {path}: its folder is not writable" for flag, path in outputs.items()
+                   if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)]
     if why or args.batch_size < 1:
         p.error(why[0] if why else "--batch-size must be at least 1")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun: one process per GPU

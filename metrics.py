@@ -245,7 +245,8 @@ def main(argv=None):
     add("--viz", help="PNG of the first image's cosine maps")
     add("--fid-table", help="CSV encoder,gfid[,linear_probe]: Pearson r with gFID, and a plot")
     args = p.parse_args(argv)
-    check_writable(p, [("--save", args.save), ("--viz", args.viz)])
+    scatter = args.fid_table and Path(args.fid_table).with_suffix(".pearson.png")
+    check_writable(p, [("--save", args.save), ("--viz", args.viz), ("--fid-table", scatter)])
     gamma, device = args.spnorm_gamma, "cuda" if torch.cuda.is_available() else "cpu"
     try:  # bad files or weights, a token grid that does not fit: one line
         fid_rows = read_fid_table(args.fid_table) if args.fid_table else []
@@ -303,7 +304,7 @@ def main(argv=None):
         corr, gfid = fid_correlations(fid_rows, means)
         print(f"\nPearson r with gFID ({len(gfid)} encoders):",
               *(f"{c} {r:+.3f}" for c, (r, _) in corr.items()))
-        draw_scatter(Path(args.fid_table).with_suffix(".pearson.png"), corr, gfid)
+        draw_scatter(scatter, corr, gfid)
 
 
 if __name__ == "__main__":

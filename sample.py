@@ -202,10 +202,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if not args.out.endswith((".npz", ".png")):
         parser.error(f"--out {args.out} must end in .npz or .png")
-    check_writable(parser, [("--out", args.out)])
-    made = [f for f in (args.out, args.grid and args.out[:-4] + ".png") if f and os.path.exists(f)]
-    if made and not os.path.isdir(args.out + ".shards"):  # a finished output stays as it is
-        parser.error(f"{made[0]} exists already: pass another --out (or move it away)")
+    check_writable(parser, [("--out", args.out), ("--out", args.grid and args.out[:-4] + ".png")])
     try:
         model = build_model(args.model, args.image_size, args.num_classes, mean_flow)
         with fitting(args.ckpt, "--ckpt"):

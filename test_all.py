@@ -2800,6 +2800,10 @@ def test_metrics_cli_bad_input(tmp_path, monkeypatch, capsys):
     fails(["--encoder", name, "--images", str(tmp_path / "img")],
           "200 tokens are not a square grid")
     fails(["--encoder", name, "--viz", str(tmp_path / "no" / "v.png")], "--viz")
+    (tmp_path / "mine.csv").write_text("made by the user")  # never overwritten
+    fails(["--encoder", name, "--save", str(tmp_path / "mine.csv")],
+          f"{tmp_path / 'mine.csv'} exists already: pass another --save")
+    assert (tmp_path / "mine.csv").read_text() == "made by the user"
     (tmp_path / "bad.csv").write_text("encoder,gfid\nx,abc\n")
     fails(["--fid-table", str(tmp_path / "bad.csv")],
           "need header encoder,gfid[,linear_probe] and numbers")
@@ -2861,6 +2865,7 @@ def _metrics_class_tree(root, per_class=3):
 
 
 def _metrics_means(folder, out, *flags):
+    out.unlink(missing_ok=True)  # metrics.py never overwrites a file
     metrics.main(["--encoder", "toy-a", "--images", str(folder), "--save", str(out), *flags])
     return json.loads(out.read_text())
 
@@ -3144,6 +3149,11 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "one.npz"), "--save-stats", str(tmp_path / "no" / "s.npz")])
     assert "--save-stats" in capsys.readouterr().err
+    (tmp_path / "mine.json").write_text("made by the user")  # never overwritten
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "one.npz"), "--json", str(tmp_path / "mine.json")])
+    assert "mine.json exists already: pass another --json" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == "made by the user"
     torch.save(fid.FIDInception().state_dict(), tmp_path / "w.pth")
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "one.npz"),
