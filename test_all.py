@@ -4034,9 +4034,11 @@ def test_progress_moves_each_sampling_step_and_while_preparing(tmp_path, monkeyp
         os.makedirs(tmp_path / "data" / f"c{i}")
         Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(
             tmp_path / "data" / f"c{i}" / "a.png")
+    (tmp_path / "data" / "c2" / "b.png").write_bytes(b"not an image")  # skipped: a copy
     data.prepare(str(tmp_path / "data"), str(tmp_path / "prep"), 32, None, None, "cpu")
     assert "writing images.npy" in capsys.readouterr().err
     assert np.load(tmp_path / "prep" / "images.npy").shape == (3, 3, 32, 32)
+    assert sorted(os.listdir(tmp_path / "prep")) == ["images.npy", "labels.npy", "meta.json"]
 
 
 def _repae_ddp_worker(rank, port, out):
