@@ -160,14 +160,15 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
     if vae is not None:
         latents = np.lib.format.open_memmap(at("latents.npy"), "w+", np.float32, (n, 8, r, r))
         posterior(vae, imgs[:n], latents, device).flush()
-    if n < len(files):  # a copy without the skipped slots at the end (ImageNet: minutes)
-        kept = np.lib.format.open_memmap(at("images.kept.npy"), "w+", np.uint8, (n, *shape[1:]))
+    if n == len(files):  # nothing skipped: the written file is the array (meta.json marks done)
+        os.replace(at("images.tmp.npy"), at("images.npy"))
+    else:  # a copy without the skipped slots at the end (ImageNet: minutes)
+        kept = np.lib.format.open_memmap(at("images.npy"), "w+", np.uint8, (n, *shape[1:]))
         for i in tqdm(range(0, n, 4096), "writing images.npy"):
             kept[i:i + 4096] = imgs[i:min(i + 4096, n)]
         del kept
-        os.replace(at("images.kept.npy"), at("images.tmp.npy"))
+        os.remove(at("images.tmp.npy"))
     del imgs
-    os.replace(at("images.tmp.npy"), at("images.npy"))
     with open(at("meta.tmp.json"), "w") as f:
         json.dump({"source": os.path.abspath(data_path), "image_size": image_size,
                    "vae": vae_name, "classes": classes}, f)

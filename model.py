@@ -321,8 +321,8 @@ def in_latent_space(name):
 
 
 def noise_std(family, image_size):
-    """JiT's noise std: 1 at 256 px, 2 from 512 px (the JiT paper's recipe); SiT always 1."""
-    return 2.0 if family == "jit" and image_size >= 512 else 1.0
+    """JiT's noise std (family "JiT" or "jit"): 1 at 256 px, 2 from 512 px; SiT always 1."""
+    return 2.0 if family.lower() == "jit" and image_size >= 512 else 1.0
 
 
 def build_model(name, image_size=256, num_classes=1000, mean_flow=False):

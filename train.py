@@ -294,7 +294,7 @@ def build(args, device):
     family = args.model[:3]
     objective = Objective(net, projector, family=family, align_depth=args.encoder_depth,
                           gamma=args.spnorm_gamma, coeff=args.proj_coeff, mean_flow=mean_flow,
-                          noise_scale=noise_std(family.lower(), args.image_size))
+                          noise_scale=noise_std(family, args.image_size))
     emas = [copy.deepcopy(net).requires_grad_(False) for _ in args.ema]
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=recipe_of(args)["betas"], weight_decay=0.0,
