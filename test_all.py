@@ -3666,12 +3666,17 @@ def test_repae_resume_is_exact(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_repae_compiled_stage_repeats_the_eager_one_on_gpu(monkeypatch):
     """train.py --repae --compile compiles the stage's networks in place: over three steps the
-    outputs, parameters and checkpoint keys stay those of the eager stage (fp32, no TF32)."""
+    outputs, checkpoint keys and each network's parameter updates stay those of the eager stage
+    (fp32, no TF32). Updates, not values: AdamW turns a near-zero gradient's rounding into a
+    whole step, so one zero-initialised bias differs by 1.6e-3 of itself between the two."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     results = []
     for compiled in (False, True):
         stage = _repae_stage()
+        nets = dict(vae=stage.vae, sit=stage.net, disc=stage.disc)
+        before = {n: {k: v.clone() for k, v in m.state_dict().items() if v.is_floating_point()}
+                  for n, m in nets.items()}  # BatchNorm's step counters apart
         for part in stage.parts().values():
             if isinstance(part, nn.Module):
                 part.cuda()
@@ -3683,15 +3688,21 @@ def test_repae_compiled_stage_repeats_the_eager_one_on_gpu(monkeypatch):
             torch.manual_seed(s)
             out = stage.step(*(t.cuda() for t in _repae_batch(s)))
             logs.append(torch.stack(list(out.values())))
-        params = {k: v.float().cpu() for k, v in stage.vae.state_dict().items()}
-        params.update(("sit." + k, v.float().cpu()) for k, v in stage.net.state_dict().items())
-        results.append((torch.stack(logs).cpu(), params))
-    (eager, p_eager), (compiled, p_compiled) = results
-    assert p_eager.keys() == p_compiled.keys()  # in place: the state_dict keys stay
+        updates = {}
+        for name, m in nets.items():
+            after = m.state_dict()
+            assert before[name].keys() <= after.keys()  # compiled in place: the keys stay
+            updates[name] = {k: after[k].double().cpu() - v.double()
+                             for k, v in before[name].items()}
+        results.append((torch.stack(logs).cpu(), updates))
+    (eager, u_eager), (compiled, u_compiled) = results
     assert torch.allclose(compiled, eager, rtol=1e-3, atol=1e-4)  # losses, norms, logits
-    for k in p_eager:
-        rel = (p_compiled[k] - p_eager[k]).norm() / p_eager[k].norm().clamp_min(1e-12)
-        assert rel < 1e-3, k
+    for net in u_eager:
+        diff = sum((u_compiled[net][k] - u_eager[net][k]).square().sum() for k in u_eager[net])
+        size = sum(u.square().sum() for u in u_eager[net].values())
+        worst = sorted(((u_compiled[net][k] - u_eager[net][k]).norm() / u.norm().clamp_min(1e-30),
+                        k) for k, u in u_eager[net].items() if u.norm() > 0)[-3:]
+        assert size > 0 and (diff / size).sqrt() < 1e-2, (net, worst)  # a frozen net: size 0
 
 
 def test_repae_demo_reconstruction_and_alignment_improve():
