@@ -6,7 +6,6 @@ a random SD-VAE, unless flags say otherwise).
     python bench.py train --model SiT-B/2 --batch-size 32 --repae --repae-vgg random \
         --repae-lpips random
     python bench.py sample --model SiT-B/2 --batch-size 256 [--compile] [--num-steps N]
-    python bench.py metrics --num-images 1000
     torchrun --nproc_per_node=8 bench.py train --model SiT-B/2 --batch-size 2048
 """
 import argparse
@@ -18,16 +17,15 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
-import metrics
 import sample
 import train
 from data import Parser, at_least, setup_device
 from model import build_model, models, noise_std
 
 PEAK_FLOPS = 800e12  # MFU's denominator: a practical H100 bf16 rate (dense datasheet: 989e12)
-RANDOM_DINO = ["--encoder", "dinov2-vit-b", "--encoder-weights", "random"]  # before the flags:
-TRAIN = [*RANDOM_DINO, "--irepa", "--vae-weights", "random", "--num-generated", "1024",
-         "--image-size", "256"]  # argparse keeps a flag's last value
+# these go before the flags given: argparse keeps a flag's last value
+TRAIN = ["--encoder", "dinov2-vit-b", "--encoder-weights", "random", "--irepa", "--vae-weights",
+         "random", "--num-generated", "1024", "--image-size", "256"]
 
 
 def clock(device):  # the time once the GPU's queued work is done
@@ -49,7 +47,7 @@ def bench_train(argv):
     loader = train.load_data(args, vae, device, rank, world, 0)
     if device.type == "cuda":  # the peak of training, not of encoding the generated images
         torch.cuda.reset_peak_memory_stats()
-    # FLOPs per image (network forward and backward, encoder forward), before --recompute is on
+    # FLOPs per image (network forward and backward, encoder forward)
     x, y, lat = (t[:2].to(device) if t is not None else None for t in loader.dataset[0])
     with FlopCounterMode(display=False) as counter:
         target = encoder(x) if encoder is not None else None  # fp32: bf16's fused GELU is missed
@@ -118,18 +116,12 @@ def bench_sample(argv):
     print(f"bf16 vs fp32 relative L2 of the samples: {rel:.3e}")
 
 
-def bench_metrics(argv):  # metrics.py's main, feature extraction included
-    t0 = time.time()
-    metrics.main([*RANDOM_DINO, *argv])
-    print(f"BENCH metrics {' '.join(argv)}: {time.time() - t0:.1f} s wall")
-
-
 def main(argv=None):
     p = Parser(__doc__)
-    p.add_argument("what", choices=["train", "sample", "metrics"])
+    p.add_argument("what", choices=["train", "sample"])
     p.add_argument("flags", nargs=argparse.REMAINDER, help="the mode's flags (bench.py MODE -h)")
     a = p.parse_args(argv)
-    dict(train=bench_train, sample=bench_sample, metrics=bench_metrics)[a.what](a.flags)
+    dict(train=bench_train, sample=bench_sample)[a.what](a.flags)
 
 
 if __name__ == "__main__":

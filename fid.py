@@ -3,7 +3,6 @@
 
   python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--json metrics.json]
   python fid.py samples.npz --save-stats s.npz  # no --ref: IS; a stats-only --ref (mu, sigma): FID
-  torchrun --nproc_per_node=8 fid.py samples.npz --ref REF.npz  # features sharded over GPUs
 """
 import argparse
 import json
@@ -15,7 +14,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from numpy.lib import format as npy
@@ -281,31 +279,22 @@ def open_images(path, flag=""):
 
 @torch.no_grad()
 def features(model, path, batch_size=250, device="cpu"):
-    """pool3 (N, 2048), sFID (N, 2023) features, shape; under torchrun, rank 0's in order."""
+    """pool3 (N, 2048), sFID (N, 2023) features, shape."""
     shape, read = open_images(path)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n, per = shape[0], -(-shape[0] // world)
-    start, end = min(rank * per, n), min(rank * per + per, n)
-    out = torch.zeros(per, 2048 + 2023, device=device)  # one size on every rank, to gather
+    n = shape[0]
+    out = torch.zeros(n, 2048 + 2023, device=device)
     top = torch.zeros((), dtype=torch.int64, device=device)  # the brightest pixel seen
-    bar = tqdm(read(start, end, batch_size), total=-(-(end - start) // batch_size),
-               desc=os.path.basename(path), disable=rank != 0)
+    bar = tqdm(read(0, n, batch_size), total=-(-n // batch_size),
+               desc=os.path.basename(path))
     for i, batch in enumerate(bar):
         x = torch.from_numpy(batch.copy()).to(device)
         top = torch.maximum(top, x.max())
-        if world == 1 and i == 0 and top == 1:  # [0, 1] images: refused below
+        if i == 0 and top == 1:  # [0, 1] images: refused below
             break
         out[i * batch_size:i * batch_size + len(x)] = torch.cat(model(x)[:2], 1)
-    if world > 1:
-        dist.all_reduce(top, dist.ReduceOp.MAX)
-        parts = [torch.empty_like(out) for _ in range(world)] if rank == 0 else None
-        dist.gather(out, parts, dst=0)
-        out = torch.cat(parts) if rank == 0 else None  # only the last shard may be partial
     if top <= 1:  # all-black first images are legal: this waits for the brightest pixel
         raise ValueError(f"{path}: pixels all 0 or 1; need uint8 in 0..255, not [0,1]")
-    if rank != 0:
-        return None, None, shape
-    out = out[:n].cpu().numpy()
+    out = out.cpu().numpy()
     return out[:, :2048], out[:, 2048:], shape
 
 
@@ -327,12 +316,10 @@ def read_ref(ref):
 
 
 def evaluate(model, samples, ref=None, batch_size=250, device="cpu"):
-    """(metrics, the samples' statistics) on rank 0, else (None, None)."""
+    """(metrics, the samples' statistics)."""
     r_stats, r_imgs = read_ref(ref) if ref else ({}, False)
     pool, spatial, shape = features(model, samples, batch_size, device)
     r_pool, r_spatial, r_shape = features(model, ref, batch_size, device) if r_imgs else [None] * 3
-    if pool is None:
-        return None, None
     if r_shape is not None and r_shape[1:3] != shape[1:3]:
         warnings.warn(f"resolution mismatch: samples {shape[1:3]}, reference {r_shape[1:3]}")
     stats = statistics(pool, spatial)
@@ -358,7 +345,7 @@ def main(argv=None):
     add("--save-stats", help="write the samples' statistics to this .npz")
     add("--inception", help="Inception weights file (default: torch hub cache)")
     add("--download", action="store_true", help="download the weights if not cached")
-    add("--batch-size", type=int, default=250, help="images per forward (per GPU)")
+    add("--batch-size", type=int, default=250, help="images per forward")
     args = p.parse_args(argv)
     outputs = {"--json": args.json, "--save-stats": args.save_stats}
     taken = [f"{path} exists already: pass another {flag}" for flag, path in outputs.items()
@@ -367,14 +354,8 @@ def main(argv=None):
                    if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)]
     if why or args.batch_size < 1:
         p.error(why[0] if why else "--batch-size must be at least 1")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun: one process per GPU
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
     try:  # bad inputs or weights: one line, no traceback
         n = open_images(args.samples)[0][0]  # checked before the weights load
         if args.ref:
@@ -385,15 +366,12 @@ def main(argv=None):
         metrics, stats = evaluate(model, args.samples, args.ref, args.batch_size, device)
     except (ValueError, OSError) as e:
         p.error(str(e))
-    if metrics is not None:
-        if args.save_stats:
-            np.savez(args.save_stats, **stats)
-        print("\n".join(f"{name}: {value}" for name, value in metrics.items()))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({**metrics, "samples": args.samples, "ref": args.ref}, f, indent=2)
-    if world > 1:
-        dist.destroy_process_group()
+    if args.save_stats:
+        np.savez(args.save_stats, **stats)
+    print("\n".join(f"{name}: {value}" for name, value in metrics.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**metrics, "samples": args.samples, "ref": args.ref}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 # Layers: SiT's are DiT's; JiT's add a bottleneck patch embedding, SwiGLU, RMSNorm, q/k-norm, RoPE
@@ -208,7 +207,6 @@ class SiT(nn.Module):
         self.hidden_size = hidden_size
         self.input_size = image_size // vae_factor   # latent side: 32 at 256 px
         self.grid = self.input_size // patch_size    # token grid side
-        self.recompute = 0      # blocks recomputed in backward (train.py)
         self.x_embedder = PatchEmbed(OrderedDict(
             proj=nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)))
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -232,10 +230,7 @@ class SiT(nn.Module):
         c = c + self.y_embedder(y)
         hidden = None
         for i, block in enumerate(self.blocks):
-            if i < self.recompute and self.training:
-                x = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
+            x = block(x, c)
             if i + 1 == align_depth:
                 hidden = x                           # (B, T, D) what REPA aligns
         x = self.final_layer(x, c)                   # (B, T, p*p*C)
@@ -251,7 +246,6 @@ class JiT(nn.Module):
         self.hidden_size = hidden_size
         self.input_size = image_size                # pixels per side
         self.grid = image_size // patch_size        # tokens per side
-        self.recompute = 0
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = named(embedding_table=nn.Embedding(num_classes + 1, hidden_size))
@@ -281,10 +275,7 @@ class JiT(nn.Module):
                 ctx = y_emb.unsqueeze(1) + self.in_context_posemb  # (B, in_context_len, D)
                 x, n_ctx = torch.cat([ctx, x], dim=1), self.in_context_len
             rope = (self.rope_cos[-x.shape[1]:], self.rope_sin[-x.shape[1]:])  # (T, 1, hd) each
-            if i < self.recompute and self.training:
-                x = checkpoint(block, x, c, *rope, use_reentrant=False)
-            else:
-                x = block(x, c, *rope)
+            x = block(x, c, *rope)
             if i + 1 == align_depth:
                 hidden = x[:, n_ctx:]                 # (B, T, D) patch tokens only
         x = self.final_layer(x[:, n_ctx:], c)         # class tokens never reach the output

@@ -55,7 +55,6 @@ def check_run(args, world):
         (mf and args.model[:3] != "SiT", f"--objective meanflow trains SiT, not {args.model}"),
         (mf and eager_bf16, "--objective meanflow: eager bf16 attention fails under jvp on a GPU: "
          "keep --compile or pass --precision fp32"),
-        (mf and args.recompute, "--objective meanflow: --recompute cannot replay jvp tangents"),
         (mf and args.mf_interval[0] > args.mf_interval[1], "--mf-interval: LOW is above HIGH"),
         (args.repae and (mf or align_to == "none" or not in_latent_space(args.model)),
          "--repae trains SiT-*/N (flow) with an --encoder"),

@@ -253,7 +253,6 @@ def get_args(argv=None):
     add("--image-size", type=at_least(1), help="image side in pixels")
     add("--seed", type=int, default=0, help="global seed")
     add("--num-workers", type=at_least(0), default=4, help="data loader processes per rank")
-    add("--recompute", type=at_least(0), default=0, help="activation checkpoints, N blocks")
     repae.add_args(p)
     args = p.parse_args(argv)
     if args.resume:
@@ -328,13 +327,12 @@ def make_step(args, objective, encoder, vae, emas, opt, device, world):
     """train_step(x, y, lat): one optimisation step on a loader batch; it returns (loss,
     denoise, repa, grad norm) as one tensor (REPA-E: repae.LOGGED), without a host sync."""
     net, params = objective.net, opt.param_groups[0]["params"]
-    net.recompute = args.recompute  # activation checkpoints in the first N blocks
     encode = torch.compile(encoder) if args.compile and encoder is not None else encoder
     graphs = args.cuda_graphs and device.type == "cuda"
-    if graphs and (world > 1 or args.recompute or args.repae):  # not checked on a GPU yet
+    if graphs and (world > 1 or args.repae):  # not checked on a GPU yet
         graphs = False
         if os.environ.get("RANK", "0") == "0":  # said once
-            print("--cuda-graphs: off under DDP, --recompute and --repae for now")
+            print("--cuda-graphs: off under DDP and --repae for now")
     if args.repae:  # REPA-E: the stage's four phases on the images
         if args.compile:  # its networks in place (repae.py)
             objective.compile()
