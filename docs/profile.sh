@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Profiling behind docs/PERFORMANCE.md, on top of `python bench.py train` (one GPU, generated data,
-# random weights). usage, from anywhere: bash docs/profile.sh [bytes|graphs|fastpaths] ... (default: all)
+# random weights). usage, from anywhere: bash docs/profile.sh [bytes|graphs|fastpaths] ... (default: all);
+# PROFILE_ARGS="bench.py train flags" profiles that one configuration instead of the two below
 #   bytes      GB that each compiled graph's Inductor kernels read and write per step (TORCHINDUCTOR_PROFILE;
 #              the ms beside them time each kernel alone, not the step; stops after 200 s)
 #   graphs     ms of GPU kernels per step, grouped by the graph that launched them, and the largest kernels
@@ -9,6 +10,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 MODELS=("--model SiT-B/2 --batch-size 256" "--model JiT-B/16 --batch-size 128")
+[ -n "${PROFILE_ARGS:-}" ] && MODELS=("$PROFILE_ARGS")  # e.g. "--model SiT-B/2 --batch-size 32"
 for w in ${@:-bytes graphs fastpaths}; do case $w in
   bytes) for m in "${MODELS[@]}"; do
       rm -f /tmp/bw.txt; echo "+ $m"
