@@ -171,6 +171,82 @@ def test_model_sincos_pos_embed_matches_formula():
     assert torch.allclose(row, expect, atol=1e-6)
 
 
+def _model_official_forward(m, x, t, y):
+    """SiT's or JiT's forward retyped from the official codes on m's weights, functional ops
+    only: DiT's timestep embedding, modulate and adaLN-Zero blocks, timm's attention and MLP,
+    JiT's SwiGLU, RMSNorm, in-context tokens and EVA's RoPE (rotate_half), the einsum unpatchify."""
+    jit, P = isinstance(m, model.JiT), dict(m.named_parameters())
+    lin = lambda a, name: F.linear(a, P[name + ".weight"], P.get(name + ".bias"))
+    mod = lambda a, shift, scale: a * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    D, heads, g = m.hidden_size, m.blocks[0].attn.num_heads, m.grid
+    hd = D // heads
+
+    def norm(a, name):  # JiT: RMSNorm; SiT: LayerNorm without affine, eps 1e-6
+        if not jit:
+            return F.layer_norm(a, a.shape[-1:], eps=1e-6)
+        return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6) * P[name + ".weight"]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    y_emb = P["y_embedder.embedding_table.weight"][y]
+    c = lin(F.silu(lin(emb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + y_emb
+    if jit:
+        h = F.conv2d(x, P["x_embedder.proj1.weight"], stride=m.patch_size)
+        h = F.conv2d(h, P["x_embedder.proj2.weight"], P["x_embedder.proj2.bias"])
+    else:
+        h = F.conv2d(x, P["x_embedder.proj.weight"], P["x_embedder.proj.bias"], stride=m.patch_size)
+    h = h.flatten(2).transpose(1, 2) + P["pos_embed"]  # the table: its own test below
+    dim = hd // 2  # EVA: per axis, frequencies repeated in pairs; rows, then columns
+    fr = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    fr = torch.einsum("i,f->if", torch.arange(g).float(), fr).repeat_interleave(2, dim=-1)
+    fr = torch.cat([fr[:, None].expand(g, g, dim), fr[None].expand(g, g, dim)], -1).flatten(0, 1)
+
+    def rope(q, n_cls):  # q (B, heads, T, hd); class tokens are not rotated
+        cos = torch.cat([torch.ones(n_cls, hd), fr.cos()])
+        sin = torch.cat([torch.zeros(n_cls, hd), fr.sin()])
+        q1, q2 = q.unflatten(-1, (-1, 2)).unbind(-1)
+        return q * cos + torch.stack([-q2, q1], -1).flatten(-2) * sin
+    n_ctx = 0
+    for i in range(len(m.blocks)):
+        b = f"blocks.{i}."
+        if jit and i == m.in_context_start:
+            ctx = y_emb.unsqueeze(1).repeat(1, m.in_context_len, 1) + P["in_context_posemb"]
+            h, n_ctx = torch.cat([ctx, h], dim=1), m.in_context_len
+        s1, c1, g1, s2, c2, g2 = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, dim=-1)
+        a = mod(norm(h, b + "norm1"), s1, c1)
+        B, T, _ = a.shape
+        q, k, v = lin(a, b + "attn.qkv").reshape(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        if jit:
+            q, k = rope(norm(q, b + "attn.q_norm"), n_ctx), rope(norm(k, b + "attn.k_norm"), n_ctx)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        h = h + g1.unsqueeze(1) * lin(o, b + "attn.proj")
+        a = mod(norm(h, b + "norm2"), s2, c2)
+        if jit:
+            a1, a2 = lin(a, b + "mlp.w12").chunk(2, dim=-1)
+            f = lin(F.silu(a1) * a2, b + "mlp.w3")
+        else:
+            f = lin(F.gelu(lin(a, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
+        h = h + g2.unsqueeze(1) * f
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=-1)
+    out = lin(mod(norm(h[:, n_ctx:], "final_layer.norm_final"), shift, scale), "final_layer.linear")
+    p, C = m.patch_size, m.in_channels
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(len(x), g, g, p, p, C))
+    return out.reshape(len(x), C, g * p, g * p)
+
+
+@pytest.mark.parametrize("build", [_tiny_sit, _tiny_jit])
+def test_model_forward_matches_the_official_formulas(build):
+    # every trainable weight random (adaLN-Zero would hide the blocks); std 0.1 keeps GELU off
+    # its linear and saturated ranges, where the tanh approximation would not show
+    m = _randomize(build(), std=0.1).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g)
+    t, y = torch.tensor([0.3, 0.8]), torch.tensor([1, 10])
+    with torch.no_grad():
+        got, want = m(x, t, y)[0], _model_official_forward(m, x, t, y)
+    assert (got - want).norm() / want.norm() < 2e-6
+
+
 def test_model_unknown_name_lists_valid():
     with pytest.raises(ValueError, match="SiT-B/2.*JiT-B/16"):
         model.build_model("SiT-Q/2")
@@ -303,6 +379,35 @@ def test_align_gamma_zero_still_divides_by_the_std_and_none_is_repa():
     assert torch.allclose(loss, align.repa_loss(h, scaled), atol=1e-6)
     assert not torch.allclose(loss, align.repa_loss(h, z), atol=1e-3)
     assert torch.equal(align.alignment_loss(nn.Identity(), h, z, None), align.repa_loss(h, z))
+
+
+def test_align_spatial_norm_matches_a_loop_and_stays_finite_on_a_constant_channel():
+    # per image and channel over the tokens, by loops: (z - gamma mean) / (unbiased std + 1e-6);
+    # a channel constant over the tokens has std 0, and the 1e-6 keeps it finite
+    torch.manual_seed(0)
+    z, gamma = torch.randn(2, 9, 3) * 2 + 1, 0.6
+    z[1, :, 2] = 2.0
+    got = align.spatial_norm(z, gamma)
+    for b in range(2):
+        for c in range(3):
+            v = z[b, :, c].tolist()
+            mean = sum(v) / len(v)
+            std = math.sqrt(sum((a - mean) ** 2 for a in v) / (len(v) - 1))
+            want = torch.tensor([(a - gamma * mean) / (std + 1e-6) for a in v])
+            torch.testing.assert_close(got[b, :, c], want, rtol=1e-5, atol=1e-5)
+    assert got[1, 0, 2].item() == pytest.approx(0.8e6, rel=1e-6)
+
+
+def test_align_mlp_projector_starts_xavier_uniform_with_zero_biases():
+    # REPA's init: U(-a, a) weights, a = sqrt(6 / (fan_in + fan_out)), so mean |w| = a / 2
+    torch.manual_seed(0)
+    layers = [m for m in align.MLPProjector(64, 32, width=256).modules()
+              if isinstance(m, nn.Linear)]
+    for m in layers:
+        a = math.sqrt(6 / (m.in_features + m.out_features))
+        w = m.weight.abs()
+        assert 0.97 * a < w.max() <= a and w.mean().item() == pytest.approx(a / 2, rel=0.03)
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
 
 
 def test_align_spatial_norm_is_fp32():
@@ -469,6 +574,17 @@ def test_train_lr_warms_up_linearly_from_its_first_step(tmp_path):
                 "--out-dir", str(tmp_path)])
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # step s of 2 warm-up steps: lr min(1, s / 2)
+
+
+def test_train_jit_recipe_scales_the_lr_by_the_batch_and_warms_up_for_five_epochs(tmp_path):
+    # JiT's recipe: lr 5e-5 * batch / 256; warm-up 5 epochs, here of 64 images in batches of 8
+    assert train.get_args(["--model", "JiT-B/16", "--batch-size", "512"]).lr == 1e-4
+    i = _TINY.index("--warmup-steps")
+    tiny = _TINY[:i] + _TINY[i + 2:]
+    train.main([*tiny, "--steps", "2", "--log-every", "1", "--ckpt-every", "2",
+                "--out-dir", str(tmp_path)])
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
+    assert lrs == pytest.approx([1e-3 / 40, 2e-3 / 40])
 
 
 def test_train_resume_after_sigkill_is_bitwise_identical(tmp_path):
@@ -1203,6 +1319,23 @@ def test_meanflow_loss_and_target_match_the_official_jax_code(case):
     assert torch.allclose(mse * x[0].numel(), err.mean(), rtol=1e-5)
     assert torch.allclose(loss.double(),
                           torch.tensor(float(c("loss")), dtype=torch.float64), rtol=1e-5)
+
+
+def test_meanflow_guidance_covers_both_ends_of_its_interval():
+    # guidance where low <= t <= high (--mf-interval): with r = t the target is the guided
+    # velocity omega v + (1 - omega - kappa) v_null + kappa v_cond, elsewhere v
+    f = np.load(_MF_FIXTURE)
+    net = _MeanFlowFixtureNet(f)
+    obj = _mf_objective(net, omega=2.0, kappa=0.5, interval=(0.25, 0.75))
+    x, e, y = (torch.from_numpy(f[k])[:5] for k in ("x", "e", "labels"))
+    t = torch.tensor([0.25, 0.75, 0.5, 0.125, 0.875], dtype=torch.float64)
+    target = obj.mean_flow_loss(x, y, t, t, e)[3]
+    tt = t.view(-1, 1, 1, 1)
+    z, v = (1 - tt) * x + tt * e, e - x
+    v_null, v_cond = net(z, t, torch.full_like(y, net.num_classes))[0], net(z, t, y)[0]
+    guided = 2.0 * v - 1.5 * v_null + 0.5 * v_cond
+    torch.testing.assert_close(target[:3], guided[:3], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(target[3:], v[3:])
 
 
 def test_meanflow_sampler_matches_the_official_jax_code():
@@ -2173,6 +2306,47 @@ def test_sample_sde_of_the_exact_model_reproduces_the_data():
     assert torch.equal(g.get_state(), ref.get_state())
 
 
+def test_sample_sde_steps_are_reps_euler_maruyama_by_formula():
+    # REPA's euler_maruyama_sampler retyped: w(t) = 2t on linspace(1, 0.04, N) then 0, the score
+    # from the velocity s = -(x + (1 - t) v) / t, x += dt (v - w s / 2) + sqrt(w) sqrt(|dt|) eps,
+    # the last step drift only; CFG on the velocity
+    noise, y = _sample_inputs()
+    net = _sample_Toy()
+    got = _sample_run("sde", net, noise, y, 4, 2.0)
+    g = torch.Generator().manual_seed(2)
+    ts = torch.linspace(1, 0.04, 4, dtype=torch.float64).tolist() + [0.0]
+    x = noise.double()
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        v = [net(x.float(), torch.full((3,), t), c)[0].double()
+             for c in (y, torch.full_like(y, net.num_classes))]
+        v = v[1] + 2.0 * (v[0] - v[1])
+        x = x + (t_next - t) * (v - 0.5 * (2 * t) * -(x + (1 - t) * v) / t)
+        if i < 3:
+            eps = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            x = x + math.sqrt(2 * t) * math.sqrt(abs(t_next - t)) * eps
+    torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_generate_maps_to_uint8_as_official_jit_rounds_and_sit_truncates(monkeypatch):
+    # [-1, 1] -> 255 (x + 1) / 2, clamped to [0, 255]; JiT's code rounds, REPA's SiT casts
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.5, 0.999, 1.5]).view(1, 1, 2, 3).expand(1, 3, 2, 3)
+    monkeypatch.setattr(sample, "sample_latents", lambda *a: x)
+    y = torch.zeros(1, dtype=torch.long)
+    for family, want in (("jit", [0, 0, 64, 191, 255, 255]), ("sit", [0, 0, 63, 191, 254, 255])):
+        got = sample.generate(None, y, family)
+        assert got.shape == (1, 2, 3, 3) and got.dtype == torch.uint8
+        assert got[0, ..., 0].flatten().tolist() == want
+
+
+def test_sample_generate_runs_jit_ode_as_euler_and_heun_as_heun():
+    # N steps: Euler evaluates N times, Heun 2N - 1 (none after the last step)
+    y = torch.tensor([0, 4, 9])
+    for mode, calls in (("ode", 5), ("heun", 9)):
+        net = _sample_Toy(channels=3)
+        sample.generate(net, y, "jit", mode=mode, num_steps=5)
+        assert len(net.calls) == calls, mode
+
+
 def test_sample_save_grid_layout(tmp_path):
     imgs = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 4, 3).contiguous() * 40
     for images in (imgs, imgs.numpy()):  # train.py's grid passes a tensor, sample.py's an array
@@ -2967,6 +3141,18 @@ def test_fid_inception_score_synthetic():
     assert np.isclose(fid.inception_score(two, split_size=50), (1 + k) / 2, rtol=1e-6)
 
 
+def test_fid_inception_score_matches_a_loop():
+    # per split, exp of the mean over images of KL(p(y|x) || p(y)), p(y) the split's mean
+    logits = np.random.default_rng(5).standard_normal((12, 7)) * 2
+    want = []
+    for part in (logits[:8], logits[8:]):
+        p = [np.exp(row) / np.exp(row).sum() for row in part]
+        marginal = sum(p) / len(p)
+        kl = [sum(a * math.log(a / b) for a, b in zip(q, marginal)) for q in p]
+        want.append(math.exp(sum(kl) / len(kl)))
+    assert fid.inception_score(logits, split_size=8) == pytest.approx(np.mean(want), rel=1e-12)
+
+
 def _fid_oracle_pr(ref, smp, k):
     d = lambda a, b: ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
     # self excluded
@@ -3532,6 +3718,19 @@ def test_repae_two_steps_match_the_official_step_by_formula(conv):
                  (stage.ema_bn.running_var, r["ema_var"]),
                  *zip(stage.ema_net.parameters(), r["ema"].parameters())):
         assert _repae_rel(a, b) < 1e-5
+
+
+def test_repae_drops_a_tenth_of_the_labels_in_the_sit_pass_only(monkeypatch):
+    # the official drops labels (p 0.1) to the null class in the SiT's update, not in the VAE's
+    stage = _repae_stage()
+    x, y, target = _repae_batch(0)
+    seen, forward = [], stage.net.forward
+    monkeypatch.setattr(stage.net, "forward",
+                        lambda x, t, y, *a: seen.append(y.clone()) or forward(x, t, y, *a))
+    u, rand = torch.tensor([0.05, 0.15, 0.5, 0.95]), torch.rand  # t and the dropout's draw
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: u.clone() if a == (4,) else rand(*a, **k))
+    stage.step(x, y, target)
+    assert torch.equal(seen[0], y) and torch.equal(seen[-1], torch.where(u < 0.1, 10, y))
 
 
 def test_repae_each_loss_reaches_only_its_own_networks():
