@@ -177,6 +177,7 @@ class Stage:
         self.vae = vae.requires_grad_(True).train()
         self.depth, self.gamma, self.coeff, self.vae_coeff = align_depth, gamma, coeff, vae_coeff
         self.decay, self.amp = ema_decay, amp or contextlib.nullcontext()
+        self.hidden = lambda x, t, y: net(x, t, y, align_depth)[1]  # (B, T, D) after the block
         # the latent BatchNorm starts from the VAE's statistics (official init_bn)
         # (eval: the VAE's update reads the running statistics; batch_norm() trains them)
         self.bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False).eval()
@@ -224,7 +225,7 @@ class Stage:
         tt = t.view(-1, 1, 1, 1)
         with self.amp:
             xt = (1 - tt) * self.bn(z) + tt * noise
-            h = self.net(xt, t, y, self.depth)[1]  # (B, T, D); the official stops there
+            h = self.hidden(xt, t, y)  # compiled: the blocks after it dropped, as the official
             vae_align = align.alignment_loss(self.proj, h, target, self.gamma)
         rec = (img - recon).abs().mean()                     # the losses in fp32
         perceptual = self.lpips(img, recon).mean()
@@ -263,6 +264,7 @@ class Stage:
         # as the official compiles its SiT, VAE and losses; in place: the same state_dict keys
         for m in (self.net, self.vae.encoder, self.vae.decoder, self.lpips, self.disc):
             m.compile(dynamic=False)
+        self.hidden = torch.compile(self.hidden, dynamic=False)  # a graph that outputs h alone
 
     @torch.no_grad()
     def update_ema(self):
