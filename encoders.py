@@ -290,6 +290,24 @@ class _Coder(nn.Module):  # diffusers' Encoder (down: levels, then mid block) or
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+def ldm_to_diffusers(sd, levels=4):
+    """CompVis/LDM names (the official iREPA and REPA-E files: sdvae-ft-mse-f8d4.pt, E2E-VAEs)
+    -> diffusers' names: the decoder's levels count the other way; attention's 1x1 convs, Linear."""
+    attn = dict(norm="group_norm", q="to_q", k="to_k", v="to_v", proj_out="to_out.0")
+    flip = lambda m: levels - 1 - int(m[1])  # decoder.up.3 is up_blocks.0, the lowest resolution
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"down\.(\d+)\.block\.", r"down_blocks.\1.resnets.", k)
+        k = re.sub(r"down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", k)
+        k = re.sub(r"up\.(\d+)\.block\.", lambda m: f"up_blocks.{flip(m)}.resnets.", k)
+        k = re.sub(r"up\.(\d+)\.upsample\.", lambda m: f"up_blocks.{flip(m)}.upsamplers.0.", k)
+        k = re.sub(r"mid\.block_(\d)\.", lambda m: f"mid_block.resnets.{int(m[1]) - 1}.", k)
+        k = re.sub(r"mid\.attn_1\.(\w+)\.", lambda m: f"mid_block.attentions.0.{attn[m[1]]}.", k)
+        k = k.replace("nin_shortcut", "conv_shortcut").replace("norm_out", "conv_norm_out")
+        out[k] = v.flatten(1) if ".attentions." in k and v.ndim == 4 else v  # (C, C, 1, 1)
+    return out
+
+
 class VAE(nn.Module):
     """AutoencoderKL, f8, 4 latent channels. Defaults = sd-vae-ft-mse (83,653,863 parameters)."""
     def __init__(self, widths=(128, 256, 512, 512), layers=2, groups=32):
@@ -316,7 +334,10 @@ class VAE(nn.Module):
         return z / self.latent_scale + self.latent_shift
 
     def load_diffusers(self, sd):
-        """Strict load of a diffusers AutoencoderKL state dict (decoder-only: no encode)."""
+        """Strict load of a diffusers or CompVis/LDM AutoencoderKL state dict (decoder-only: no
+        encode)."""
+        if any(".mid.attn_1." in k for k in sd):  # the official iREPA / REPA-E files
+            sd = ldm_to_diffusers(sd, len(self.decoder.up_blocks))
         old = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # < 2023
         old_key = r"attentions\.0\.(query|key|value|proj_attn)\."
         sd = {re.sub(old_key, lambda m: f"attentions.0.{old[m[1]]}.", k): v for k, v in sd.items()}

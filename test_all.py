@@ -1889,6 +1889,26 @@ def test_encoders_vae_matches_diffusers_fixture():
                                                     if "mid_block" not in k})
 
 
+def test_encoders_vae_loads_the_official_ldm_layout():
+    # the official iREPA / REPA-E VAE files (CompVis/LDM names, attention as 1x1 convs): a narrow
+    # VAE of the official autoencoder.py (fixtures/make_ldm_vae_fixture.py) gives its outputs, and
+    # the full-size VAE_F8D4's names and shapes all land on ours
+    f = torch.load(os.path.join(_ENCODERS_REPO, "fixtures", "ldm_vae_fixture.pt"),
+                   weights_only=True)
+    sd = {k: v.float() for k, v in f["state_dict"].items()}
+    assert "decoder.up.3.upsample.conv.weight" in sd and sd["encoder.mid.attn_1.q.weight"].ndim == 4
+    small = encoders.VAE(widths=(32,) * 4, layers=1).load_diffusers(sd).eval()  # load_vae's load
+    mean, std = small.encode(f["x"].float())
+    assert _encoders_rel(mean, f["mean"]) <= 1e-5 and _encoders_rel(std, f["std"]) <= 1e-5
+    assert _encoders_rel(small.decode(f["z"].float()), f["decoded"]) <= 1e-5
+    with torch.device("meta"):
+        full = encoders.VAE()
+    official = {k: torch.empty(s, device="meta") for k, s in f["full_size_shapes"].items()}
+    converted = encoders.ldm_to_diffusers(official)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in
+                                                          full.state_dict().items()}
+
+
 def test_encoders_vae_full_size_layout_and_parameter_count():
     f, _ = _encoders_fixture()
     with torch.device("meta"):
