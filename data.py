@@ -316,9 +316,12 @@ def sampling_weights(path, ema):
     saved["image_size"] = a.get("image_size") or a.get("resolution") or a.get("img_size") or 256
     saved["num_classes"] = a.get("num_classes") or a.get("class_num") or 1000
     if "vae" in ckpt:  # REPA-E: the run's tuned VAE and EMA BatchNorm (--vae-weights overrides)
-        saved.update(vae_weights=None, vae_stats=None, tuned_vae=(ckpt["vae"], ckpt["ema_bn"]))
+        official_bn = {k[3:]: v for k, v in ckpt["ema"].items() if k.startswith("bn.")}
+        saved.update(vae_weights=None, vae_stats=None,
+                     tuned_vae=(ckpt["vae"], ckpt.get("ema_bn", official_bn)))
     weights = {k.removeprefix("net."): v for k, v in ckpt.get(key, {}).items()}
-    unused = lambda k: k.startswith("projectors.") or k.endswith(("freqs_cos", "freqs_sin"))
+    unused = lambda k: (k.startswith(("projectors.", "bn."))  # bn.*: official REPA-E's latent BN
+                        or k.endswith(("freqs_cos", "freqs_sin")))
     return {k: v for k, v in weights.items() if not unused(k)}, saved
 
 

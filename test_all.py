@@ -4069,6 +4069,14 @@ def test_repae_sample_decodes_with_the_runs_own_vae(tmp_path, monkeypatch, cpu_o
     sample.main(["--ckpt", str(run), "--num-steps", "2", "--num-samples", "4", "--out",
                  str(tmp_path / "t.npz"), "--vae-weights", "random"])  # a flag wins, as always
     assert not _repae_differ(used[1].state_dict(), fresh)[0]
+    # an official REPA-E checkpoint keeps the latent BatchNorm inside the SiT, as bn.*
+    bn = {f"bn.{k}": v for k, v in ck["ema_bn"].items()}
+    official = dict(ema={**ck["ema"], **bn}, model=ck["model"], vae=ck["vae"], args=ck["args"])
+    torch.save(official, tmp_path / "official.pt")
+    sample.main(["--ckpt", str(tmp_path / "official.pt"), "--num-steps", "2", "--num-samples",
+                 "4", "--out", str(tmp_path / "u.npz")])
+    assert torch.equal(used[2].latent_scale, vae.latent_scale)
+    assert np.array_equal(np.load(tmp_path / "u.npz")["arr_0"], np.load(tmp_path / "s.npz")["arr_0"])
 
 
 def test_repae_exported_vae_trains_a_plain_run(tmp_path, monkeypatch, cpu_only, capsys):
