@@ -4,12 +4,12 @@ REPA and iREPA side by side: the whole method on one screen.
 REPA (Yu et al. 2024): hidden tokens h (B, T, D) of the diffusion transformer after block
 `encoder_depth` go through a projector and are pulled towards the frozen encoder's patch tokens
 z (B, T, Dz) of the clean image by maximising their per-token cosine similarity.
-iREPA (Singh et al. 2025, arXiv 2512.10794, Sec. 4) changes two lines, because what transfers is the
-encoder's *spatial structure* (how patch similarity falls with distance), not its global semantics:
+iREPA (Singh et al. 2025, arXiv 2512.10794, Sec. 4) changes two things, because what transfers is
+the encoder's *spatial structure* (how patch similarity falls with distance), not global semantics:
   1. a 3x3 convolution over the token grid replaces the per-token MLP projector;
   2. the target tokens are spatially normalised per image and channel, removing most of the
      component shared by all tokens (which carries global information, not structure).
-Everything else is REPA. `grep -n iREPA align.py` prints exactly the change.
+Everything else is REPA. `grep -n iREPA align.py` prints every line of the change.
 
     python align.py      # prints both methods' defaults and projector sizes
 """

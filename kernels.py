@@ -1,7 +1,7 @@
-"""GPU fast paths, each a subclass of a plain module (torch, timm, model.py) computing the same
-function faster (only the GELU epilogue rounds once where bf16 autocast rounds twice); the tests
-compare each with its plain twin. kernels.enable(module) swaps them in, in place (train.py,
-sample.py, bench.py: on a GPU). An iREPA reader can skip it."""
+"""GPU fast paths, each a subclass of a plain module (torch, timm, model.py) computing its function
+faster, up to the README's two deviations (q and k rounded once to bf16; the encoders' GELU, tanh
+in the matmul epilogue); the tests compare each with its plain twin. kernels.enable(module) swaps
+them in, in place (train.py, sample.py, bench.py: on a GPU). An iREPA reader can skip it."""
 from contextlib import nullcontext
 
 import torch

@@ -319,7 +319,7 @@ def noise_std(family, image_size):
 def build_model(name, image_size=256, num_classes=1000, mean_flow=False):
     if name not in models:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(models)}")
-    kw = dict(mean_flow=True) if mean_flow else {}  # SiT only (train.py checks)
+    kw = dict(mean_flow=True) if mean_flow else {}  # SiT only (runs.check_run refuses JiT)
     return models[name](image_size=image_size, num_classes=num_classes, **kw)
 
 

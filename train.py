@@ -219,7 +219,8 @@ def get_args(argv=None):
     add("--encoder", default="none", choices=["none", *encoders.ENCODERS], metavar="NAME",
         help="target encoder (encoders.py), or none: no alignment")
     add("--encoder-weights", help="a file, 'random' (tests) or, by default, timm's download")
-    add("--vae-weights", help="SiT: a diffusers SD-VAE file or 'random' (default: the hub's)")
+    add("--vae-weights", help="SiT: an SD-VAE file (diffusers' or official) or 'random' "
+        "(default: the hub's)")
     add("--vae-stats", help="SiT: a per-channel latent statistics file (default: 0.18215)")
     add("--irepa", action="store_true", help="iREPA: conv projector and spatial norm (align.py)")
     add("--proj", choices=["mlp", "conv"], help="projector (default: mlp; conv with --irepa)")
