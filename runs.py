@@ -2,15 +2,17 @@
 The run folder around train.py's loop, which an iREPA reader can skip: the refusals made before
 any work, a resumed run's settings, the console's opening lines and args.json, Ctrl-C.
 """
+import glob
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import time
 
 import torch
 
-from data import NUM_GENERATED_CLASSES, prepared_folder, readable_checkpoint
+from data import NUM_GENERATED_CLASSES, prepared_folder, readable_checkpoint, trim_log
 from model import build_model, in_latent_space
 
 IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout
@@ -99,6 +101,25 @@ def resumed(p, argv, path):
         p.error(f"--resume {path} is at step {ck['step']} already: pass --steps above it to go on")
     args.resume = path
     return args
+
+
+def rewind(run, step):
+    """A resume at `step`: the log cut back to it (a killed run logs past its checkpoint). Later
+    checkpoints (the run went on from here once) would be overwritten or mixed with the new ones:
+    they move aside, beside a copy of the whole log."""
+    log = os.path.join(run, "log.jsonl")
+    later = [f for f in glob.glob(os.path.join(run, "checkpoints", "*.pt"))
+             if os.path.basename(f) > f"{step:07d}.pt"]
+    if later:
+        aside = os.path.join(run, f"after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(aside)
+        for f in later:
+            os.replace(f, os.path.join(aside, os.path.basename(f)))
+        if os.path.exists(log):
+            shutil.copy(log, aside)
+        print(f"resuming at step {step}: the later checkpoints and the log are kept in {aside}")
+    if os.path.exists(log):
+        trim_log(log, step)
 
 
 def open_run(args, opt, step, world, device):

@@ -3,6 +3,7 @@ The whole test suite, grouped by file. CPU, fixed seeds, small shapes; GPU-only 
 
     python -m pytest -q test_all.py
 """
+import glob
 import json
 import math
 import os
@@ -620,8 +621,13 @@ def test_train_resume_from_an_older_checkpoint_of_a_moved_run(tmp_path, capsys, 
     os.rename(run, moved)
     with open(moved / "log.jsonl", "a") as f:
         f.write('{"step": 8, "lo')  # a record cut by a kill
+    later = {n: (moved / "checkpoints" / n).read_bytes() for n in ("0000004.pt", "0000006.pt")}
     train.main(["--resume", str(moved / "checkpoints" / "0000002.pt")])
     assert not run.exists()  # the run goes on in the folder its checkpoint is in
+    # the checkpoints past step 2 and the whole log are kept aside, byte for byte
+    aside, = glob.glob(str(moved / "after-step-2-*"))
+    assert {n: open(os.path.join(aside, n), "rb").read() for n in later} == later
+    assert open(os.path.join(aside, "log.jsonl")).read().endswith('{"step": 8, "lo')
     # steps 2, 4, 6 once
     assert [(r["step"], r["loss"]) for r in map(json.loads, open(moved / "log.jsonl"))] == before
     with pytest.raises(SystemExit):

@@ -37,9 +37,9 @@ import kernels
 import repae
 from data import (NUM_GENERATED_CLASSES, Batches, Parser, at_least, generated_images,
                   posterior, prepared_arrays, read_weights, save_checkpoint, save_curves,
-                  save_grid, setup_device, trim_log)
+                  save_grid, setup_device)
 from model import build_model, in_latent_space, models, noise_std
-from runs import IMAGENET, catch_interrupt, check_run, open_run, resumed, vae_name
+from runs import IMAGENET, catch_interrupt, check_run, open_run, resumed, rewind, vae_name
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -416,8 +416,8 @@ def main(argv=None):
         for key, part in parts.items():
             part.load_state_dict(ck[key])
         step = ck["step"]
-        if rank == 0 and os.path.exists(log):
-            trim_log(log, step)
+        if rank == 0:
+            rewind(args.out_dir, step)
     loader = load_data(args, vae, device, rank, world, step)
     train_step = make_step(args, objective, encoder, vae, emas, opt, device, world)
     warmup = args.warmup_steps
