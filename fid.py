@@ -342,7 +342,8 @@ def main(argv=None):
     add("samples", help=".npz with arr_0 uint8 [N,H,W,3]")
     add("--ref", help=".npz with arr_0 images and/or mu, sigma (mu_s, sigma_s)")
     add("--json", help="also write the metrics to this file")
-    add("--save-stats", help="write the samples' statistics to this .npz")
+    add("--save-stats", type=lambda f: f if f.endswith(".npz") else f + ".npz",  # as np.savez
+        help="write the samples' statistics to this .npz")
     add("--inception", help="Inception weights file (default: torch hub cache)")
     add("--download", action="store_true", help="download the weights if not cached")
     add("--batch-size", type=int, default=250, help="images per forward")

@@ -3345,6 +3345,9 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
         fid.main([str(tmp_path / "one.npz"), "--json", str(tmp_path / "mine.json")])
     assert "mine.json exists already: pass another --json" in capsys.readouterr().err
     assert (tmp_path / "mine.json").read_text() == "made by the user"
+    with pytest.raises(SystemExit):  # np.savez writes stats.npz for "stats": it exists
+        fid.main([str(tmp_path / "one.npz"), "--save-stats", str(tmp_path / "one")])
+    assert "one.npz exists already: pass another --save-stats" in capsys.readouterr().err
     torch.save(fid.FIDInception().state_dict(), tmp_path / "w.pth")
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "one.npz"),
