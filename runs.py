@@ -35,7 +35,8 @@ def check_run(args, world):
     grid, want, align_to = args.image_size // token_px, args.image_size // 16, args.encoder
     with torch.device("meta"):  # the network's depth, without its weights
         blocks = len(build_model(args.model).blocks)
-    run = any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("checkpoints", "log.jsonl"))
+    ours = ("checkpoints", "log.jsonl", "args.json", "curves.png", "samples")  # what a run writes
+    run = any(os.path.exists(os.path.join(args.out_dir, f)) for f in ours)
     mf = args.objective == "meanflow"
     eager_bf16 = args.precision == "bf16" and not args.compile and torch.cuda.is_available()
     if args.data_path and os.path.isdir(args.data_path):  # labels 0..C-1: the class folders
@@ -46,6 +47,8 @@ def check_run(args, world):
         (args.batch_size % world,
          f"--batch-size {args.batch_size} is not divisible by the world size {world}"),
         (args.data_path and not os.path.isdir(args.data_path), f"no --data-path {args.data_path}"),
+        ((args.num_generated or args.batch_size) < args.batch_size, f"--num-generated "
+         f"{args.num_generated} is below --batch-size {args.batch_size}: a step takes a batch"),
         (args.image_size % token_px, f"--image-size {args.image_size}: {args.model} needs a "
          f"multiple of {token_px}"),
         (align_to != "none" and grid != want, f"{args.model} has a {grid}x{grid} token grid, "

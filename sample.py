@@ -177,7 +177,7 @@ add("--num-samples", type=at_least(1), default=64, help="number of images")
 add("--out", help=".npz for fid.py or .png grid (default: RUN/samples/ or beside the file)")
 add("--grid", type=at_least(0), default=0, help="also a .png grid of the first N")
 add("--batch-size", type=at_least(1), default=256, help="images per forward and per shard")
-add("--seed", type=int, default=0, help="shard s draws from (seed, s)")
+add("--seed", type=at_least(0), default=0, help="shard s draws from (seed, s)")
 add("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
 add("--compile", action="store_true", help="torch.compile the model")
 
@@ -213,6 +213,8 @@ def main(argv=None):
     fill(args, PROTOCOLS["meanflow" if mean_flow else family])
     fill(args, dict(cfg_scale=JIT_CFG.get(args.model[4], 1.0),
                     noise_scale=noise_std(family, args.image_size)))
+    if args.guidance_low > args.guidance_high:  # else no step would be guided, unsaid
+        parser.error(f"--guidance-low {args.guidance_low} is above --guidance-high")
     modes = {"sit": ["sde", "ode", "heun"], "jit": ["heun", "ode"]}[family]
     modes += ["meanflow"] if mean_flow and args.cfg_scale == 1 else []
     if args.mode not in modes:  # a MeanFlow model learnt its guidance in training

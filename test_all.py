@@ -854,6 +854,12 @@ def test_train_fresh_run_into_a_run_folder_is_refused_and_start_over_moves_it_as
     assert f"moved the old run in {run} to {aside[0]}" in capsys.readouterr().out
     assert (len(open(run / "log.jsonl").readlines()) == 1
             and (run / "checkpoints" / "0000002.pt").exists())
+    mine = tmp_path / "mine"  # a folder of the user's with a file named as a run's
+    mine.mkdir()
+    (mine / "curves.png").write_text("the user's")
+    with pytest.raises(SystemExit, match="holds a run"):
+        train.main([*_TINY, "--steps", "2", "--out-dir", str(mine)])
+    assert os.listdir(mine) == ["curves.png"]
 
 
 def test_train_default_run_folders_of_repa_and_irepa_differ():
@@ -970,6 +976,9 @@ def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, m
     (["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--encoder-depth", "99"],
      "has 6 blocks"),
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--seed", "-1"], "--seed: must be at least 0"),
+    (["--lr", "-1"], "--lr: must be at least 0.0"),
+    (["--num-generated", "3"], "--num-generated 3 is below --batch-size 64"),
     (["--ema", "0.9,abc"], "--ema: invalid decays value"),
     (["--ema", "0.9,0.99,0.999"], "give one or two decays"),
     (["--objective", "meanflow", "--mf-ratio", "1.5"], "--mf-ratio: give a fraction in [0, 1]"),
@@ -2516,7 +2525,10 @@ def test_sample_bad_input_is_named(tmp_path, capsys):
                       (["--mode", "sde"], "does not fit this checkpoint: use --mode heun or ode"),
                       (["--num-samples", "0"], "--num-samples: must be at least 1"),
                       (["--grid", "-1"], "--grid: must be at least 0"),
-                      (["--batch-size", "0"], "--batch-size: must be at least 1")]:
+                      (["--batch-size", "0"], "--batch-size: must be at least 1"),
+                      (["--seed", "-1"], "--seed: must be at least 0"),
+                      (["--guidance-low", "0.9", "--guidance-high", "0.1"],
+                       "--guidance-low 0.9 is above --guidance-high")]:
         with pytest.raises(SystemExit):
             sample.main(["--ckpt", ckpt, "--num-steps", "1", *argv])
         assert msg in capsys.readouterr().err

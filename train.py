@@ -232,7 +232,7 @@ def get_args(argv=None):
     add("--num-classes", type=at_least(1), help="default: 1000 with --data-path, else 10")
     add("--num-generated", type=at_least(1), help="generated images (default: 2000 in the demos)")
     add("--batch-size", type=at_least(1), help="global batch size, split over ranks")
-    add("--lr", type=float, help="learning rate (JiT's default: 5e-5 * batch / 256)")
+    add("--lr", type=at_least(0.0, float), help="learning rate (JiT's default: 5e-5 * batch / 256)")
     add("--warmup-steps", type=at_least(0), help="linear warm-up (JiT's default: 5 epochs)")
     add("--ema", type=decays, help="one or two EMA decays, comma-separated")
     add("--steps", type=at_least(1), help="total optimisation steps")
@@ -252,7 +252,7 @@ def get_args(argv=None):
     add("--precision", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32",
         help="autocast dtype (default: bf16 on a GPU)")
     add("--image-size", type=at_least(1), help="image side in pixels")
-    add("--seed", type=int, default=0, help="global seed")
+    add("--seed", type=at_least(0), default=0, help="global seed")
     add("--num-workers", type=at_least(0), default=4, help="data loader processes per rank")
     repae.add_args(p)
     args = p.parse_args(argv)
