@@ -176,14 +176,12 @@ def prepare(data_path, out, image_size, vae, vae_name, device):
 
 
 def prepared_folder(data_path, image_size, vae_name, run_dir, prepared_dir):
-    """The prepared folder (a moved run finds its arrays beside it); other data there: refused."""
+    """--prepared-dir, else a folder beside the run folder's; one holding other data: refused."""
     tag = "" if vae_name is None else "-" + os.path.splitext(os.path.basename(vae_name))[0]
     tag += "-vae" if vae_name == "random" else ""
     name = f"prepared-{os.path.basename(os.path.normpath(data_path))}-{image_size}{tag}"
-    beside = os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)
-    done = lambda d: d and os.path.exists(os.path.join(d, "meta.json"))  # a finished one
-    folder = next((d for d in (prepared_dir, beside) if done(d)), prepared_dir or beside)
-    if not done(folder):
+    folder = prepared_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)
+    if not os.path.exists(os.path.join(folder, "meta.json")):  # not prepared (to the end) yet
         return folder
     meta = json.load(open(os.path.join(folder, "meta.json")))
     held = f"{meta['source']} at {meta['image_size']} px"

@@ -90,6 +90,8 @@ def resumed(p, argv, path):
     p.set_defaults(**{k: v for k, v in ck["args"].items() if k in flags})
     if os.path.basename(os.path.dirname(path)) == "checkpoints":
         p.set_defaults(out_dir=os.path.dirname(os.path.dirname(path)))
+    if not os.path.isdir(ck["args"].get("prepared_dir") or ""):  # moved: the one beside the run
+        p.set_defaults(prepared_dir=None)
     run, args = p.parse_args([]), p.parse_args(argv)
     for k in vars(args):
         old, new, flag = getattr(run, k), getattr(args, k), "--" + k.replace("_", "-")

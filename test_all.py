@@ -834,6 +834,22 @@ def test_train_image_folder_with_corrupt_file(tmp_path, capsys, monkeypatch):
                     "--vae-weights", "random", "--steps", "4"])
     assert "--model SiT-S/2 differs from the run's JiT-demo/16" in capsys.readouterr().err
     assert kept == {f: (tmp_path / "prep" / f).read_bytes() for f in os.listdir(tmp_path / "prep")}
+    # a run moved with the prepared folder beside it resumes on those arrays, preparing nothing
+    json.dump(meta, open(own / "meta.json", "w"))
+    os.makedirs(tmp_path / "moved")
+    for name in ("r3", own.name):
+        os.rename(tmp_path / name, tmp_path / "moved" / name)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        train.main(["--resume", str(tmp_path / "moved" / "r3"), "--steps", "4"])
+    assert os.path.exists(tmp_path / "moved" / "r3" / "checkpoints" / "0000004.pt")
+    # beside it, other latents: a given --prepared-dir is used, not refused
+    monkeypatch.undo()
+    os.rename(tmp_path / "moved" / own.name, own)
+    json.dump({**meta, "vae": "/elsewhere/vae.safetensors"}, open(own / "meta.json", "w"))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        train.main([*sit, "--out-dir", str(tmp_path / "r5"), "--prepared-dir",
+                    str(tmp_path / "prep5")])
+    assert json.load(open(tmp_path / "prep5" / "meta.json"))["vae"] == "random"
 
 
 def test_train_fresh_run_into_a_run_folder_is_refused_and_start_over_moves_it_aside(tmp_path,
