@@ -359,15 +359,18 @@ def write_shards(out, n, shard_size, settings, make_shard, grid, rank, world):
     """n samples of make_shard(s) -> (uint8 (b, H, W, 3), (b,)) into out, via out.shards/."""
     folder, num_shards = out + ".shards", math.ceil(n / shard_size)
     at = lambda s: os.path.join(folder, f"{s:06d}.npz")
-    settings = json.dumps(settings, sort_keys=True)
+    settings = json.loads(json.dumps(settings))  # as read back: lists, not tuples
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "settings.json")
-        old = open(path).read() if os.path.exists(path) else settings
-        if old != settings:
-            raise SystemExit(f"{folder} holds shards made with other flags: rerun with {old}")
+        old = json.load(open(path)) if os.path.exists(path) else settings
+        if old != settings:  # the flags that differ, as --flag value (the shards') pairs
+            differ = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}"
+                               for k in sorted(old | settings) if old.get(k) != settings.get(k))
+            raise SystemExit(f"{folder} holds shards made with {differ}: rerun with those, or "
+                             "pass another --out")
         with open(path, "w") as f:
-            f.write(settings)
+            json.dump(settings, f, sort_keys=True)
     todo = [s for s in range(num_shards) if not os.path.exists(at(s))]
     if world > 1:  # every rank lists the same missing shards before any is written
         dist.barrier()

@@ -53,6 +53,7 @@ def check_run(args, world):
          f"multiple of {token_px}"),
         (align_to != "none" and grid != want, f"{args.model} has a {grid}x{grid} token grid, "
          f"{align_to} {want}x{want}: use SiT-*/2, JiT-*/16 or --encoder none"),
+        (args.irepa and align_to == "none", "--irepa aligns to an encoder: pass --encoder NAME"),
         (align_to != "none" and args.encoder_depth > blocks,
          f"--encoder-depth {args.encoder_depth}: {args.model} has {blocks} blocks"),
         (run and not args.resume and not args.start_over, f"--out-dir {args.out_dir} holds a "

@@ -993,6 +993,7 @@ def test_train_used_by_command_finds_imagenet_in_the_official_layout(tmp_path, m
      "has 6 blocks"),
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
     (["--seed", "-1"], "--seed: must be at least 0"),
+    (["--irepa"], "--irepa aligns to an encoder: pass --encoder NAME"),
     (["--lr", "-1"], "--lr: must be at least 0.0"),
     (["--num-generated", "3"], "--num-generated 3 is below --batch-size 64"),
     (["--ema", "0.9,abc"], "--ema: invalid decays value"),
@@ -2453,7 +2454,7 @@ def test_sample_interrupted_run_resumes(tmp_path):
         sample.sample_to_file(_sample_Toy(3, 8, fail_after=7), None, args)
     assert sorted(os.listdir(tmp_path / "cut.npz.shards")) == ["000000.npz", "000001.npz",
                                                                "settings.json"]
-    with pytest.raises(SystemExit, match="other flags"):
+    with pytest.raises(SystemExit, match="holds shards made with --seed 0: rerun with those"):
         sample.sample_to_file(_sample_Toy(3, 8), None,
                               _sample_args(tmp_path / "cut.npz", 10, extra=["--seed", "1"]))
     net = _sample_Toy(3, 8)
@@ -2578,7 +2579,7 @@ def test_sample_run_folder_resumes_only_with_the_same_checkpoint(tmp_path, monke
         sample.main(flags)
     monkeypatch.setattr(sample, "generate", real)
     shutil.copy(run / "checkpoints" / "0000002.pt", run / "checkpoints" / "0000004.pt")
-    with pytest.raises(SystemExit, match="holds shards made with other flags"):
+    with pytest.raises(SystemExit, match="holds shards made with --ckpt .*0000002.pt: rerun"):
         sample.main(flags)
 
 
