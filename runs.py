@@ -53,7 +53,6 @@ def check_run(args, world):
          f"multiple of {token_px}"),
         (align_to != "none" and grid != want, f"{args.model} has a {grid}x{grid} token grid, "
          f"{align_to} {want}x{want}: use SiT-*/2, JiT-*/16 or --encoder none"),
-        (args.irepa and align_to == "none", "--irepa aligns to an encoder: pass --encoder NAME"),
         (align_to != "none" and args.encoder_depth > blocks,
          f"--encoder-depth {args.encoder_depth}: {args.model} has {blocks} blocks"),
         (run and not args.resume and not args.start_over, f"--out-dir {args.out_dir} holds a "
@@ -66,6 +65,7 @@ def check_run(args, world):
          "--repae trains SiT-*/N (flow) with an --encoder"),
         (args.repae and not (args.repae_vgg and args.repae_lpips),
          "--repae needs LPIPS's files: --repae-vgg and --repae-lpips"),
+        (args.irepa and align_to == "none", "--irepa aligns to an encoder: pass --encoder NAME"),
         (not args.data_path and args.num_generated is None, f"no data for the paper's "
          f"{args.model} run with encoder {args.encoder}: pass --data-path (class folders; "
          f"default {IMAGENET}) or --num-generated N; the offline demo is: python train.py"),

@@ -1067,7 +1067,7 @@ def test_train_paper_run_without_data_is_refused_and_the_demos_go(tmp_path, monk
     assert not os.listdir(tmp_path)  # refused before any work
     # first row: the README's; second row: shapes, asked for
     for argv in ([], ["--encoder", "dinov2-vit-s", "--encoder-weights", "random", "--irepa"],
-                 ["--objective", "meanflow"], ["--model", "SiT-B/2", "--num-generated", "64"]):
+                 ["--objective", "meanflow"], ["--model", "SiT-B/2", "--num-generated", "256"]):
         train.check_run(train.get_args(argv), 1)
 
 
