@@ -273,9 +273,10 @@ def read_weights(path, flag, mmap=False):
         mmap = mmap and zipfile.is_zipfile(path)  # files of torch < 1.6: read whole
         with torch.serialization.safe_globals([argparse.Namespace]):  # official files' args
             w = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        saved = w.pop("checksum", None) if isinstance(w, dict) else None
-        if saved is None or saved == checksum(w):  # None: older runs and official files
-            return w
+        if not isinstance(w, dict):  # a bare tensor or list: no names to load by
+            why = f"holds a {type(w).__name__}, not named tensors"
+        elif (saved := w.pop("checksum", None)) is None or saved == checksum(w):  # None: old
+            return w  # runs' and official files
     except Exception as e:  # truncated, not a torch file, or a pickle that is more than data
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file would call on loading
         why = ("no such file" if not os.path.isfile(path) else
@@ -306,7 +307,6 @@ def fitting(path, flag):
 def sampling_weights(path, ema):
     """(weights, settings) of ours or an official SiT/REPA/iREPA/JiT file (EMA: 'model_ema1')."""
     ckpt = read_weights(path, "--ckpt")
-    ckpt = ckpt if isinstance(ckpt, dict) else {}  # not a checkpoint: refused in one line
     key = ("ema" if "ema" in ckpt else "model_ema1") if ema else "model"
     a = ckpt.get("args") or {}
     a = a if isinstance(a, dict) else vars(a)

@@ -175,6 +175,7 @@ def load_inception(path=None, download=False, device="cpu"):
     counters = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" in k}
     try:  # as data, never as code
         sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd if isinstance(sd, dict) else {}  # a bare tensor or list: every key is missing
         model.load_state_dict({**counters, **sd})  # older files lack BN's counters
     except Exception as e:  # one line: missing, unreadable, or its misfits
         why = "; ".join(say.format(*m.groups()) for pattern, say in MISFITS.items()
