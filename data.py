@@ -417,5 +417,6 @@ def check_writable(parser, outputs):
     for flag, path in outputs:
         if path and os.path.exists(path):
             parser.error(f"{path} exists already: pass another {flag} (or move it away)")
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        folder = os.path.dirname(os.path.abspath(path or "."))
+        if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             parser.error(f"{flag} {path}: its folder does not exist or is not writable")

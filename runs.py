@@ -47,6 +47,7 @@ def check_run(args, world):
         (args.batch_size % world,
          f"--batch-size {args.batch_size} is not divisible by the world size {world}"),
         (args.data_path and not os.path.isdir(args.data_path), f"no --data-path {args.data_path}"),
+        (os.path.isfile(args.out_dir), f"--out-dir {args.out_dir} is a file, not a folder"),
         ((args.num_generated or args.batch_size) < args.batch_size, f"--num-generated "
          f"{args.num_generated} is below --batch-size {args.batch_size}: a step takes a batch"),
         (args.image_size % token_px, f"--image-size {args.image_size}: {args.model} needs a "
