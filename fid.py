@@ -310,6 +310,9 @@ def read_ref(ref):
     if zipfile.is_zipfile(ref):
         with np.load(ref) as z:
             names, stats = z.files, {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z}
+    for k, v in stats.items():  # checked before the samples' features, not after
+        if v.shape[-1] != (2023 if k.endswith("_s") else 2048):
+            raise ValueError(f"--ref {ref}: its {k} is {v.shape}, not of ADM's Inception features")
     images = "arr_0" in names or not {"mu", "sigma"} <= set(stats)
     if images:
         open_images(ref, "--ref")  # refused here if it holds none

@@ -3377,6 +3377,10 @@ def test_fid_bad_inputs(tmp_path, monkeypatch, capsys, cpu_only):
         fid.main([str(tmp_path / "one.npz"), "--json", str(tmp_path / "mine.json")])
     assert "mine.json exists already: pass another --json" in capsys.readouterr().err
     assert (tmp_path / "mine.json").read_text() == "made by the user"
+    np.savez(tmp_path / "narrow.npz", mu=np.zeros(10), sigma=np.eye(10))  # not Inception's
+    with pytest.raises(SystemExit):  # before the samples' features and the weights
+        fid.main([str(tmp_path / "dark.npz"), "--ref", str(tmp_path / "narrow.npz")])
+    assert "narrow.npz: its mu is (10,), not of ADM's Inception" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # np.savez writes stats.npz for "stats": it exists
         fid.main([str(tmp_path / "one.npz"), "--save-stats", str(tmp_path / "one")])
     assert "one.npz exists already: pass another --save-stats" in capsys.readouterr().err
