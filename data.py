@@ -314,9 +314,9 @@ def sampling_weights(path, ema):
     saved["image_size"] = a.get("image_size") or a.get("resolution") or a.get("img_size") or 256
     saved["num_classes"] = a.get("num_classes") or a.get("class_num") or 1000
     if "vae" in ckpt:  # REPA-E: the run's tuned VAE and EMA BatchNorm (--vae-weights overrides)
-        official_bn = {k[3:]: v for k, v in ckpt["ema"].items() if k.startswith("bn.")}
-        saved.update(vae_weights=None, vae_stats=None,
-                     tuned_vae=(ckpt["vae"], ckpt.get("ema_bn", official_bn)))
+        bn = ckpt.get("ema_bn") or {k[3:]: v for k, v in ckpt["ema"].items()
+                                    if k.startswith("bn.")}  # official: inside the EMA SiT
+        saved.update(vae_weights=None, vae_stats=None, tuned_vae=(ckpt["vae"], bn))
     weights = {k.removeprefix("net."): v for k, v in ckpt.get(key, {}).items()}
     unused = lambda k: (k.startswith(("projectors.", "bn."))  # bn.*: official REPA-E's latent BN
                         or k.endswith(("freqs_cos", "freqs_sin")))
@@ -344,14 +344,6 @@ def save_checkpoint(state, path):
     """Atomic (a killed write leaves the previous one), with a checksum checked on loading."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({**state, "checksum": checksum(state)}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def trim_log(path, step):
-    """On resume: drop the records a killed run logged past its checkpoint step."""
-    whole = [line for line in open(path) if line.endswith("\n")]  # a kill may cut the last one
-    with open(path + ".tmp", "w") as f:
-        f.writelines(line for line in whole if json.loads(line)["step"] <= step)
     os.replace(path + ".tmp", path)
 
 
@@ -415,8 +407,10 @@ def check_writable(parser, outputs):
     """argparse error unless every given output (flag, path) is new and its folder writable: a
     file a user made is never overwritten."""
     for flag, path in outputs:
-        if path and os.path.exists(path):
+        if not path:  # not asked for
+            continue
+        if os.path.exists(path):
             parser.error(f"{path} exists already: pass another {flag} (or move it away)")
-        folder = os.path.dirname(os.path.abspath(path or "."))
-        if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             parser.error(f"{flag} {path}: its folder does not exist or is not writable")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from data import NUM_GENERATED_CLASSES, prepared_folder, readable_checkpoint, trim_log
+from data import NUM_GENERATED_CLASSES, prepared_folder, readable_checkpoint
 from model import build_model, in_latent_space
 
 IMAGENET = os.path.join("data", "imagenet", "train")  # the official repositories' layout
@@ -48,7 +48,7 @@ def check_run(args, world):
          f"--batch-size {args.batch_size} is not divisible by the world size {world}"),
         (args.data_path and not os.path.isdir(args.data_path), f"no --data-path {args.data_path}"),
         (os.path.isfile(args.out_dir), f"--out-dir {args.out_dir} is a file, not a folder"),
-        ((args.num_generated or args.batch_size) < args.batch_size, f"--num-generated "
+        (args.num_generated and args.num_generated < args.batch_size, f"--num-generated "
          f"{args.num_generated} is below --batch-size {args.batch_size}: a step takes a batch"),
         (args.image_size % token_px, f"--image-size {args.image_size}: {args.model} needs a "
          f"multiple of {token_px}"),
@@ -111,9 +111,9 @@ def resumed(p, argv, path):
 
 
 def rewind(run, step):
-    """A resume at `step`: the log cut back to it (a killed run logs past its checkpoint). Later
-    checkpoints (the run went on from here once) would be overwritten or mixed with the new ones:
-    they move aside, beside a copy of the whole log."""
+    """A resume at `step`: the log's records past it dropped (a killed run logs past its
+    checkpoint). Later checkpoints (the run went on from here once) would be overwritten or mixed
+    with the new ones: they move aside, beside a copy of the whole log."""
     log = os.path.join(run, "log.jsonl")
     later = [f for f in glob.glob(os.path.join(run, "checkpoints", "*.pt"))
              if os.path.basename(f) > f"{step:07d}.pt"]
@@ -126,7 +126,10 @@ def rewind(run, step):
             shutil.copy(log, aside)
         print(f"resuming at step {step}: the later checkpoints and the log are kept in {aside}")
     if os.path.exists(log):
-        trim_log(log, step)
+        whole = [line for line in open(log) if line.endswith("\n")]  # a kill may cut the last
+        with open(log + ".tmp", "w") as f:
+            f.writelines(line for line in whole if json.loads(line)["step"] <= step)
+        os.replace(log + ".tmp", log)
 
 
 def open_run(args, opt, step, world, device):
